@@ -1,0 +1,1 @@
+//! Helpers for kmount integration tests.
