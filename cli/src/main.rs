@@ -1,1 +1,279 @@
-fn main() {}
+//! `kmount`: mount a directory of a container, a host or this machine through FUSE.
+
+mod control;
+mod daemon;
+mod preflight;
+mod run;
+mod state;
+mod target;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::daemon::Ready;
+use crate::state::{StateDirs, mount_id, pid_alive};
+use crate::target::Target;
+
+const EXAMPLES: &str = "\
+Examples:
+  kmount ./src ./mnt           mount ./src at ./mnt (in the background)
+  kmount -f ~/project /tmp/p   the same in the foreground; Ctrl-C unmounts
+  kmount list                  show the active mounts
+  kmount unmount ./mnt         flush and unmount
+  kmount unmount --all         unmount every kmount mount";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kmount",
+    version,
+    about = "Mount a directory of a container, a host or this machine, and edit it as a local disk",
+    after_help = EXAMPLES,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    mount: MountArgs,
+}
+
+#[derive(Args, Debug)]
+struct MountArgs {
+    /// Stay in the foreground; Ctrl-C unmounts.
+    #[arg(short, long)]
+    foreground: bool,
+    /// What to mount: a local directory (starting with '/', '.' or '~').
+    #[arg(required = true)]
+    target: Option<String>,
+    /// An empty directory to mount on.
+    #[arg(required = true)]
+    mountpoint: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Flush pending changes and unmount.
+    #[command(visible_alias = "umount", after_help = "Examples:\n  kmount unmount ./mnt\n  kmount unmount --all")]
+    Unmount {
+        /// The mountpoint to unmount.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        mountpoint: Option<PathBuf>,
+        /// Unmount every kmount mount of this user.
+        #[arg(long)]
+        all: bool,
+    },
+    /// List the active mounts: target, mountpoint, state and daemon pid.
+    #[command(visible_alias = "ls", after_help = "Example:\n  kmount list")]
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Unmount { mountpoint, all }) => unmount(mountpoint.as_deref(), all),
+        Some(Command::List) => list(),
+        None => mount(cli.mount),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kmount: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KMOUNT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
+fn mount(args: MountArgs) -> Result<()> {
+    let (Some(target_arg), Some(mountpoint_arg)) = (args.target, args.mountpoint) else {
+        bail!("usage: kmount [-f] TARGET MOUNTPOINT (see kmount --help)");
+    };
+    let ready = Ready::from_env();
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let checked = preflight_mount(&target_arg, &mountpoint_arg, &cwd);
+    let (target, root, mountpoint) = match checked {
+        Ok(v) => v,
+        Err(e) => {
+            let mut ready = ready;
+            ready.fail(&e);
+            return Err(e);
+        }
+    };
+    if args.foreground || ready.is_daemon() {
+        if ready.is_daemon() || std::env::var_os("KMOUNT_LOG").is_some() {
+            init_logging();
+        }
+        return run::run(&target, &root, &mountpoint, ready);
+    }
+    let dirs = StateDirs::for_current_user()?;
+    dirs.create()?;
+    let log = dirs.log_path(&mount_id(&mountpoint));
+    let line = daemon::spawn_background(&[root.as_os_str(), mountpoint.as_os_str()], &log)?;
+    println!("{line}");
+    Ok(())
+}
+
+/// Every check that can fail before anything is mounted.
+fn preflight_mount(target_arg: &str, mountpoint: &Path, cwd: &Path) -> Result<(Target, PathBuf, PathBuf)> {
+    let target = Target::parse(target_arg, cwd)?;
+    preflight::check_fuse()?;
+    let Target::Local { root } = &target;
+    let root = preflight::check_local_root(root)?;
+    let mountpoint = preflight::check_mountpoint(mountpoint)?;
+    preflight::check_no_nesting(&root, &mountpoint)?;
+    Ok((Target::Local { root: root.clone() }, root, mountpoint))
+}
+
+/// The absolute form of a mountpoint argument without touching the mount itself (a dead FUSE
+/// mount cannot be canonicalized: stat fails with ENOTCONN).
+fn absolute_mountpoint(p: &Path) -> Result<PathBuf> {
+    if let Ok(c) = p.canonicalize() {
+        return Ok(c);
+    }
+    let abs = std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))?;
+    if let (Some(parent), Some(name)) = (abs.parent(), abs.file_name())
+        && let Ok(parent) = parent.canonicalize()
+    {
+        return Ok(parent.join(name));
+    }
+    Ok(abs)
+}
+
+fn unmount(mountpoint: Option<&Path>, all: bool) -> Result<()> {
+    let dirs = StateDirs::for_current_user()?;
+    if all {
+        let records = dirs.records();
+        if records.is_empty() {
+            println!("kmount: nothing is mounted");
+            return Ok(());
+        }
+        let mut failed = 0;
+        for rec in records {
+            if let Err(e) = unmount_one(&dirs, &rec.mountpoint) {
+                eprintln!("kmount: error: {e:#}");
+                failed += 1;
+            }
+        }
+        if failed > 0 {
+            bail!("{failed} mount(s) could not be unmounted (see above)");
+        }
+        return Ok(());
+    }
+    let Some(mountpoint) = mountpoint else {
+        bail!("give a mountpoint or --all");
+    };
+    unmount_one(&dirs, &absolute_mountpoint(mountpoint)?)
+}
+
+fn unmount_one(dirs: &StateDirs, mountpoint: &Path) -> Result<()> {
+    let id = mount_id(mountpoint);
+    let record = dirs.record_for(mountpoint);
+    let mounted = preflight::mounted_fs_type(mountpoint)?;
+    match record {
+        Some(rec) if pid_alive(rec.pid) => {
+            control::request(&dirs.socket_path(&id), "unmount", Duration::from_secs(120))
+                .with_context(|| format!("cannot unmount {}", mountpoint.display()))?;
+            // The daemon exits once the kernel has ended the session.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while pid_alive(rec.pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if pid_alive(rec.pid) {
+                bail!(
+                    "{} was unmounted but its kmount process (pid {}) has not exited yet; see its log {}",
+                    mountpoint.display(),
+                    rec.pid,
+                    dirs.log_path(&id).display()
+                );
+            }
+            println!("kmount: unmounted {}", mountpoint.display());
+            Ok(())
+        }
+        rec => {
+            let is_kmount = mounted.as_deref().is_some_and(|t| t.starts_with("fuse"));
+            if !is_kmount {
+                dirs.remove_record(mountpoint);
+                if rec.is_some() {
+                    println!(
+                        "kmount: {} was no longer mounted; removed its stale record",
+                        mountpoint.display()
+                    );
+                    return Ok(());
+                }
+                bail!(
+                    "{} is not a kmount mount (see `kmount list`)",
+                    mountpoint.display()
+                );
+            }
+            // The daemon is gone (killed, crashed): detach the dead mount.
+            run::unmount_path(mountpoint, true)?;
+            dirs.remove_record(mountpoint);
+            println!(
+                "kmount: unmounted {} (its kmount process was gone)",
+                mountpoint.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn list() -> Result<()> {
+    let dirs = StateDirs::for_current_user()?;
+    let mut rows = Vec::new();
+    for rec in dirs.records() {
+        let alive = pid_alive(rec.pid);
+        let mounted = preflight::mounted_fs_type(&rec.mountpoint)
+            .ok()
+            .flatten()
+            .is_some();
+        let state = match (alive, mounted) {
+            (true, true) => "mounted",
+            (true, false) => "starting",
+            (false, true) => "stale: process gone, run `kmount unmount` on it",
+            (false, false) => {
+                dirs.remove_record(&rec.mountpoint);
+                continue;
+            }
+        };
+        rows.push([
+            rec.target.clone(),
+            rec.mountpoint.display().to_string(),
+            state.to_string(),
+            rec.pid.to_string(),
+        ]);
+    }
+    if rows.is_empty() {
+        println!("no kmount mounts");
+        return Ok(());
+    }
+    let header = ["TARGET", "MOUNTPOINT", "STATE", "PID"].map(String::from);
+    let mut widths = [0usize; 4];
+    for row in std::iter::once(&header).chain(rows.iter()) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(rows.iter()) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! The mount itself, in the foreground: connect to the agent, mount, then serve until the
+//! mount is unmounted (by `kmount unmount`, a signal, or `fusermount3 -u`).
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use kmount_mount::{Client, LocalConnector, MountOptions};
+
+use crate::control::{self, ControlRequest};
+use crate::daemon::Ready;
+use crate::state::{MountRecord, StateDirs, mount_id};
+use crate::target::Target;
+
+/// What the main loop of a running mount reacts to.
+enum Event {
+    Signal(&'static str),
+    Control(ControlRequest),
+    SessionEnded(std::io::Result<()>),
+}
+
+/// Where `kmount-agent` is: `KMOUNT_AGENT`, else next to this executable.
+pub fn agent_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("KMOUNT_AGENT") {
+        let p = PathBuf::from(p);
+        if !p.is_file() {
+            bail!("KMOUNT_AGENT points to {}, which is not a file", p.display());
+        }
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().context("cannot find the kmount executable")?;
+    let p = exe.with_file_name("kmount-agent");
+    if !p.is_file() {
+        bail!(
+            "kmount-agent was not found next to {} ; install both binaries together \
+             (./install.sh does) or set KMOUNT_AGENT=/path/to/kmount-agent",
+            exe.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Mounts `target` (already checked) at `mountpoint` (canonical, empty) and serves it until it
+/// is unmounted. Reports readiness or failure through `ready`.
+pub fn run(target: &Target, root: &Path, mountpoint: &Path, mut ready: Ready) -> Result<()> {
+    match mount_and_serve(target, root, mountpoint, &mut ready) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            ready.fail(&e);
+            Err(e)
+        }
+    }
+}
+
+fn mount_and_serve(target: &Target, root: &Path, mountpoint: &Path, ready: &mut Ready) -> Result<()> {
+    let started = Instant::now();
+    let dirs = StateDirs::for_current_user()?;
+    dirs.create()?;
+    let id = mount_id(mountpoint);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .thread_name("kmount-io")
+        .enable_all()
+        .build()
+        .context("cannot start the I/O runtime")?;
+
+    let is_root = nix::unistd::geteuid().is_root();
+    let mut agent_args: Vec<OsString> = Vec::new();
+    if is_root {
+        agent_args.push("--identity".into());
+    }
+    agent_args.push("--mountpoint".into());
+    agent_args.push(mountpoint.as_os_str().to_owned());
+    let connector = LocalConnector::new(agent_binary()?, root.to_path_buf(), agent_args);
+    let client = runtime
+        .block_on(Client::connect(&connector))
+        .with_context(|| format!("cannot start serving {}", target.display()))?;
+
+    let opts = MountOptions {
+        fsname: format!("kmount:{}", target.display()),
+        allow_other: is_root,
+        default_permissions: is_root,
+        identity: is_root,
+        ..MountOptions::default()
+    };
+    let handle = kmount_mount::mount(runtime.handle().clone(), client, mountpoint, &opts)
+        .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+
+    let (events_tx, events_rx) = mpsc::channel::<Event>();
+    // session thread --ended--> main loop
+    {
+        let events_tx = events_tx.clone();
+        std::thread::Builder::new()
+            .name("session-join".into())
+            .spawn(move || {
+                let _ = events_tx.send(Event::SessionEnded(handle.join()));
+            })?;
+    }
+    // control socket --requests--> main loop
+    {
+        let (control_tx, control_rx) = mpsc::channel::<ControlRequest>();
+        control::serve(&dirs.socket_path(&id), control_tx)?;
+        let events_tx = events_tx.clone();
+        std::thread::spawn(move || {
+            for req in control_rx {
+                if events_tx.send(Event::Control(req)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    // signals --> main loop
+    {
+        let events_tx = events_tx.clone();
+        runtime.spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+                signal(SignalKind::hangup()),
+            ) else {
+                return;
+            };
+            loop {
+                let name = tokio::select! {
+                    _ = int.recv() => "SIGINT",
+                    _ = term.recv() => "SIGTERM",
+                    _ = hup.recv() => "SIGHUP",
+                };
+                if events_tx.send(Event::Signal(name)).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    dirs.write_record(&MountRecord {
+        target: target.display(),
+        mountpoint: mountpoint.to_path_buf(),
+        pid: std::process::id(),
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    })?;
+    let line = format!(
+        "kmount: mounted {} at {} in {:.2}s (pid {}; `kmount unmount {}` to stop)",
+        target.display(),
+        mountpoint.display(),
+        started.elapsed().as_secs_f64(),
+        std::process::id(),
+        mountpoint.display()
+    );
+    tracing::info!("{line}");
+    ready.ok(&line);
+
+    let result = serve_until_unmounted(mountpoint, &events_rx);
+    dirs.remove_record(mountpoint);
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    result
+}
+
+fn serve_until_unmounted(mountpoint: &Path, events_rx: &mpsc::Receiver<Event>) -> Result<()> {
+    let mut interrupts = 0;
+    loop {
+        let Ok(event) = events_rx.recv() else {
+            bail!("internal error: every event source of the mount is gone");
+        };
+        match event {
+            Event::SessionEnded(res) => {
+                tracing::info!("{} was unmounted", mountpoint.display());
+                return res.context("the FUSE session ended with an error");
+            }
+            Event::Control(req) => {
+                let answer = match req.command.as_str() {
+                    "ping" => format!("ok {}", std::process::id()),
+                    "unmount" => match unmount_path(mountpoint, false) {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => format!("error: {e:#}"),
+                    },
+                    other => format!("error: unknown command '{other}'"),
+                };
+                let _ = req.answer_tx.send(answer);
+            }
+            Event::Signal(name) => {
+                interrupts += 1;
+                // A second interrupt gives up waiting for busy users of the mount.
+                let lazy = interrupts > 1;
+                tracing::info!("{name}: unmounting {}", mountpoint.display());
+                if let Err(e) = unmount_path(mountpoint, lazy) {
+                    tracing::error!("{e:#}");
+                    eprintln!("kmount: {e:#}\nkmount: press Ctrl-C again to detach it anyway");
+                }
+            }
+        }
+    }
+}
+
+/// Unmounts `mountpoint` with fusermount3 (`lazy`: detach even while busy).
+pub fn unmount_path(mountpoint: &Path, lazy: bool) -> Result<()> {
+    let mut cmd = std::process::Command::new("fusermount3");
+    cmd.arg("-u");
+    if lazy {
+        cmd.arg("-z");
+    }
+    let out = cmd
+        .arg("--")
+        .arg(mountpoint)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("cannot run fusermount3; install it with `sudo apt-get install fuse3`")?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if stderr.contains("busy") {
+        bail!(
+            "{} is busy: a process is still using it (find it with `fuser -vm {}`); close it \
+             and try again",
+            mountpoint.display(),
+            mountpoint.display()
+        );
+    }
+    bail!("cannot unmount {}: {stderr}", mountpoint.display())
+}

@@ -1,0 +1,114 @@
+//! What the user asked to mount: parsing of the TARGET argument.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+
+/// A parsed TARGET.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A directory on this machine, served by a local `kmount-agent` child process.
+    Local { root: PathBuf },
+}
+
+impl Target {
+    /// Parses TARGET as the user typed it. Relative local paths are resolved against `cwd`.
+    pub fn parse(arg: &str, cwd: &Path) -> Result<Target> {
+        if arg.is_empty() {
+            bail!("the target is empty; give a directory such as ./src or /srv/app");
+        }
+        if arg.starts_with('/') || arg.starts_with('.') || arg.starts_with('~') {
+            let expanded = expand_tilde(arg)?;
+            let root = if expanded.is_absolute() {
+                expanded
+            } else {
+                cwd.join(expanded)
+            };
+            return Ok(Target::Local { root });
+        }
+        if arg.contains(':') {
+            bail!(
+                "'{arg}' looks like a Kubernetes or ssh target; this build of kmount mounts local \
+                 directories only (a path starting with '/', '.' or '~'), remote targets come in a \
+                 later release"
+            );
+        }
+        bail!(
+            "cannot tell what '{arg}' is: a local directory must start with '/', '.' or '~' \
+             (for example ./{arg})"
+        )
+    }
+
+    /// How the target is shown to the user and recorded in `kmount list`.
+    pub fn display(&self) -> String {
+        match self {
+            Target::Local { root } => root.display().to_string(),
+        }
+    }
+}
+
+fn expand_tilde(arg: &str) -> Result<PathBuf> {
+    let Some(rest) = arg.strip_prefix('~') else {
+        return Ok(PathBuf::from(arg));
+    };
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        bail!("'{arg}': only '~' and '~/…' are understood, not '~user'; write the full path");
+    }
+    let home = std::env::var_os("HOME").context("'~' was used but $HOME is not set")?;
+    Ok(PathBuf::from(home).join(rest.trim_start_matches('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_forms() {
+        let cwd = Path::new("/work");
+        assert_eq!(
+            Target::parse("./src", cwd).unwrap(),
+            Target::Local {
+                root: "/work/./src".into()
+            }
+        );
+        assert_eq!(
+            Target::parse("/srv/app", cwd).unwrap(),
+            Target::Local {
+                root: "/srv/app".into()
+            }
+        );
+        assert_eq!(
+            Target::parse("..", cwd).unwrap(),
+            Target::Local {
+                root: "/work/..".into()
+            }
+        );
+    }
+
+    #[test]
+    fn tilde_uses_home() {
+        let home = std::env::var("HOME").unwrap_or_default();
+        if home.is_empty() {
+            return;
+        }
+        let t = Target::parse("~/x", Path::new("/")).unwrap();
+        assert_eq!(
+            t,
+            Target::Local {
+                root: Path::new(&home).join("x")
+            }
+        );
+        assert!(Target::parse("~bob/x", Path::new("/")).is_err());
+    }
+
+    #[test]
+    fn unclear_targets_are_explained() {
+        let e = Target::parse("src", Path::new("/")).unwrap_err().to_string();
+        assert!(e.contains("./src"), "{e}");
+        let e = Target::parse("deploy/app:/app", Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("local directories only"), "{e}");
+        assert!(Target::parse("", Path::new("/")).is_err());
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what kmount needs to build and run (Debian/Ubuntu): FUSE 3 and a C toolchain for
+# crates that build C. With --test, also what the test tiers use: git, sqlite3, vim, tar, attr,
+# psmisc, and the POSIX suites (pjdfstest, fsx) from crates.io.
+# Idempotent and non-interactive; fails loudly.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+pkgs="fuse3 gcc libc6-dev pkg-config"
+[ $want_test = 1 ] && pkgs="$pkgs git sqlite3 vim-nox tar attr psmisc procps coreutils util-linux"
+
+missing=""
+for p in $pkgs; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+  echo "kmount: installing Debian packages:$missing" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "kmount: cargo (Rust) is not installed: install it from your distribution (apt-get install cargo) or with rustup, then run this again" >&2
+  exit 1
+fi
+
+if [ $want_test = 1 ] && [ -x scripts/posix/install.sh ]; then
+  scripts/posix/install.sh
+fi
