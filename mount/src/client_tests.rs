@@ -1,0 +1,379 @@
+//! Client tests against a scripted fake agent over an in-memory duplex stream.
+
+use std::time::Duration;
+
+use kmount_proto::{MAGIC, PROTOCOL_VERSION, RelPath};
+use tokio::io::{DuplexStream, ReadHalf, WriteHalf, duplex, split};
+use tokio::time::timeout;
+
+use super::*;
+use crate::error::FsError;
+
+fn pair() -> (BoxedStream, DuplexStream) {
+    let (ours, theirs) = duplex(1 << 20);
+    let (r, w) = split(ours);
+    let stream = BoxedStream {
+        reader: Box::new(r),
+        writer: Box::new(w),
+        child: None,
+        stderr: None,
+    };
+    (stream, theirs)
+}
+
+struct FakeAgent {
+    r: ReadHalf<DuplexStream>,
+    w: WriteHalf<DuplexStream>,
+}
+
+impl FakeAgent {
+    fn new(stream: DuplexStream) -> Self {
+        let (r, w) = split(stream);
+        Self { r, w }
+    }
+
+    async fn send(&mut self, msg: &FromAgent) {
+        self.w.write_all(&encode(msg).unwrap()).await.unwrap();
+        self.w.flush().await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Option<ToAgent> {
+        read_frame_async(&mut self.r)
+            .await
+            .unwrap()
+            .map(|p| decode(&p).unwrap())
+    }
+
+    async fn recv_request(&mut self) -> Request {
+        match self.recv().await {
+            Some(ToAgent::Request(r)) => r,
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
+    async fn reply(&mut self, id: u64, result: Result<Done, WireError>) {
+        self.send(&FromAgent::Reply(Reply { id, result })).await;
+    }
+
+    /// Hello both ways and the client's ping, as a healthy agent does them.
+    async fn accept(stream: DuplexStream, features: u64) -> Self {
+        let mut a = Self::new(stream);
+        a.send(&FromAgent::Hello(Hello::new(features, "fake-agent 0")))
+            .await;
+        match a.recv().await {
+            Some(ToAgent::Hello(h)) => assert_eq!(h.magic, MAGIC),
+            other => panic!("expected the client's hello, got {other:?}"),
+        }
+        let ping = a.recv_request().await;
+        assert_eq!(ping.op, Op::Ping);
+        a.reply(ping.id, Ok(Done::Ok)).await;
+        a
+    }
+}
+
+async fn connected(features: u64) -> (Client, FakeAgent) {
+    let (stream, theirs) = pair();
+    let agent = tokio::spawn(FakeAgent::accept(theirs, features));
+    let client = Client::from_stream(stream, "the fake agent").await.unwrap();
+    (client, agent.await.unwrap())
+}
+
+fn read_op(handle: u64) -> Op {
+    Op::Read {
+        handle,
+        offset: 0,
+        len: 8,
+    }
+}
+
+fn handle_of(op: &Op) -> u64 {
+    match op {
+        Op::Read { handle, .. } => *handle,
+        other => panic!("unexpected op {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn replies_out_of_order_reach_their_callers() {
+    let (client, mut agent) = connected(0).await;
+    let calls: Vec<_> = (0..50u64)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { (i, c.call(read_op(i), None).await) })
+        })
+        .collect();
+    let mut requests = Vec::new();
+    for _ in 0..50 {
+        requests.push(agent.recv_request().await);
+    }
+    for req in requests.iter().rev() {
+        let h = handle_of(&req.op);
+        agent
+            .reply(req.id, Ok(Done::Data(h.to_le_bytes().to_vec())))
+            .await;
+    }
+    for call in calls {
+        let (i, result) = call.await.unwrap();
+        assert_eq!(result.unwrap(), Done::Data(i.to_le_bytes().to_vec()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_in_flight_at_once() {
+    const N: u64 = 2000;
+    let (client, mut agent) = connected(0).await;
+    let calls: Vec<_> = (0..N)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { (i, c.call(read_op(i), None).await) })
+        })
+        .collect();
+    // Every request arrives before any reply is sent: no call waits for another's reply.
+    let mut requests = Vec::new();
+    for _ in 0..N {
+        requests.push(agent.recv_request().await);
+    }
+    let mut ids: Vec<u64> = requests.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len() as u64, N, "request ids are unique");
+    // Answer in a scrambled order.
+    let mut order: Vec<usize> = (0..requests.len()).collect();
+    order.sort_by_key(|&i| (i * 7919) % requests.len());
+    for i in order {
+        let req = &requests[i];
+        agent
+            .reply(
+                req.id,
+                Ok(Done::Data(handle_of(&req.op).to_le_bytes().to_vec())),
+            )
+            .await;
+    }
+    for call in calls {
+        let (i, result) = timeout(Duration::from_secs(10), call)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(result.unwrap(), Done::Data(i.to_le_bytes().to_vec()));
+    }
+}
+
+#[tokio::test]
+async fn a_cut_stream_fails_pending_and_later_calls_at_once() {
+    let (client, mut agent) = connected(0).await;
+    let calls: Vec<_> = (0..10u64)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { c.call(read_op(i), None).await })
+        })
+        .collect();
+    for _ in 0..10 {
+        agent.recv_request().await;
+    }
+    drop(agent);
+    for call in calls {
+        let err = timeout(Duration::from_secs(2), call)
+            .await
+            .expect("a pending call hangs after the stream was cut")
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, CallError::Disconnected(_)), "{err:?}");
+        assert_eq!(FsError::from(err).errno, libc::EIO);
+    }
+    assert!(!client.is_connected());
+    let later = timeout(Duration::from_secs(2), client.call(Op::Ping, None))
+        .await
+        .expect("a call after the cut hangs")
+        .unwrap_err();
+    assert_eq!(FsError::from(later).errno, libc::EIO);
+}
+
+#[tokio::test]
+async fn a_stream_cut_mid_frame_fails_pending_calls() {
+    let (client, mut agent) = connected(0).await;
+    let call = tokio::spawn({
+        let c = client.clone();
+        async move { c.call(Op::Ping, None).await }
+    });
+    let req = agent.recv_request().await;
+    let frame = encode(&FromAgent::Reply(Reply {
+        id: req.id,
+        result: Ok(Done::Ok),
+    }))
+    .unwrap();
+    agent.w.write_all(&frame[..frame.len() - 1]).await.unwrap();
+    agent.w.flush().await.unwrap();
+    drop(agent);
+    let err = timeout(Duration::from_secs(2), call)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, CallError::Disconnected(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn remote_errors_keep_their_errno() {
+    let (client, mut agent) = connected(0).await;
+    let call = tokio::spawn({
+        let c = client.clone();
+        async move {
+            c.call(
+                Op::Lookup {
+                    path: RelPath::new(b"x".to_vec()).unwrap(),
+                },
+                None,
+            )
+            .await
+        }
+    });
+    let req = agent.recv_request().await;
+    agent
+        .reply(req.id, Err(WireError::new(libc::EACCES, "denied")))
+        .await;
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(
+        err,
+        CallError::Remote(WireError::new(libc::EACCES, "denied"))
+    );
+    assert_eq!(FsError::from(err).errno, libc::EACCES);
+    assert!(client.is_connected());
+}
+
+#[tokio::test]
+async fn the_caller_travels_with_the_request() {
+    let (client, mut agent) = connected(features::IDENTITY).await;
+    assert_eq!(client.features(), features::IDENTITY);
+    assert_eq!(client.peer().software, "fake-agent 0");
+    let caller = Caller {
+        uid: 1000,
+        gid: 100,
+        groups: vec![4, 27],
+    };
+    let call = tokio::spawn({
+        let (c, caller) = (client.clone(), caller.clone());
+        async move { c.call(Op::Statfs, Some(caller)).await }
+    });
+    let req = agent.recv_request().await;
+    assert_eq!(req.caller, Some(caller));
+    agent.reply(req.id, Ok(Done::Ok)).await;
+    call.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn features_are_those_both_ends_have() {
+    let (client, _agent) = connected(0).await;
+    assert_eq!(client.features(), 0);
+    let (client, _agent) = connected(features::IDENTITY | (1 << 40)).await;
+    assert_eq!(client.features(), features::IDENTITY);
+}
+
+#[tokio::test]
+async fn dropping_every_client_closes_the_stream() {
+    let (client, mut agent) = connected(0).await;
+    let other = client.clone();
+    drop(client);
+    drop(other);
+    let end = timeout(Duration::from_secs(2), agent.recv()).await.unwrap();
+    assert!(end.is_none(), "expected end of stream, got {end:?}");
+}
+
+#[tokio::test]
+async fn version_mismatch_names_both_versions() {
+    let (stream, theirs) = pair();
+    tokio::spawn(async move {
+        let mut a = FakeAgent::new(theirs);
+        let mut hello = Hello::new(0, "kmount-agent 9.9");
+        hello.version = PROTOCOL_VERSION + 1;
+        a.send(&FromAgent::Hello(hello)).await;
+        while a.recv().await.is_some() {}
+    });
+    let err = Client::from_stream(stream, "the fake agent")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Version { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&format!("version {PROTOCOL_VERSION}")),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("version {}", PROTOCOL_VERSION + 1)),
+        "{msg}"
+    );
+    assert!(msg.contains("kmount-agent 9.9"), "{msg}");
+}
+
+#[tokio::test]
+async fn fatal_after_hello_is_shown_verbatim() {
+    const WHY: &str = "kmount-agent: /srv/app does not exist";
+    let (stream, theirs) = pair();
+    tokio::spawn(async move {
+        let mut a = FakeAgent::new(theirs);
+        a.send(&FromAgent::Hello(Hello::new(0, "fake"))).await;
+        a.send(&FromAgent::Fatal(WHY.to_string())).await;
+    });
+    let err = Client::from_stream(stream, "the fake agent")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Agent(_)), "{err:?}");
+    assert_eq!(err.to_string(), WHY);
+}
+
+#[tokio::test]
+async fn text_instead_of_a_hello_is_shown() {
+    let (stream, theirs) = pair();
+    tokio::spawn(async move {
+        let mut a = FakeAgent::new(theirs);
+        a.w.write_all(b"sh: 1: kmount-agent: not found\n")
+            .await
+            .unwrap();
+        a.w.flush().await.unwrap();
+        while a.recv().await.is_some() {}
+    });
+    let err = Client::from_stream(stream, "the fake agent")
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ClientError::NoSession { .. }), "{err:?}");
+    assert!(msg.contains("kmount-agent: not found"), "{msg}");
+    assert!(msg.starts_with("the fake agent did not start"), "{msg}");
+}
+
+#[tokio::test]
+async fn an_empty_stream_is_reported() {
+    let (stream, theirs) = pair();
+    drop(theirs);
+    let err = Client::from_stream(stream, "the fake agent")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("closed the stream"), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_agent_binary_is_named() {
+    let connector = LocalConnector::new(
+        "/nonexistent/kmount-agent".into(),
+        "/tmp".into(),
+        Vec::new(),
+    );
+    let err = Client::connect(&connector).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ClientError::Spawn { .. }), "{err:?}");
+    assert!(msg.contains("/nonexistent/kmount-agent"), "{msg}");
+}
+
+#[tokio::test]
+async fn the_stderr_of_a_failing_command_is_shown() {
+    // `sh -c SCRIPT ROOT`: the root becomes $0 of the script.
+    let connector = LocalConnector::new(
+        "/bin/sh".into(),
+        "/srv/x".into(),
+        vec!["-c".into(), "echo \"cannot serve $0\" >&2; exit 3".into()],
+    );
+    let err = Client::connect(&connector).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ClientError::NoSession { .. }), "{err:?}");
+    assert!(msg.contains("cannot serve /srv/x"), "{msg}");
+    assert!(msg.contains("exit status: 3"), "{msg}");
+}
