@@ -245,7 +245,9 @@ pub fn force_unmount(mnt: &Path) -> String {
     log
 }
 
-/// A live kmount mount of a fresh temp directory: `<tmp>/backing` served at `<tmp>/mnt`.
+/// A live kmount mount of a fresh temp directory: `<tmp>/backing` served at `<tmp>/mnt`, with
+/// kmount's state (records, control sockets, logs) in `<tmp>/state` (`KMOUNT_STATE_DIR`), so
+/// that mounts of parallel tests, and of the user, never see each other.
 ///
 /// Dropping it runs `kmount unmount MNT` (falling back to `fusermount3 -u` / `umount -l` on
 /// that exact mountpoint); if kmount fails to unmount, the drop panics after cleaning up, so the
@@ -255,6 +257,8 @@ pub struct Mounted {
     pub backing: PathBuf,
     /// `<tmp>/mnt`: the mountpoint.
     pub mnt: PathBuf,
+    /// `<tmp>/state`: `KMOUNT_STATE_DIR` of every kmount command of this mount.
+    pub state: PathBuf,
     /// What `kmount` printed when the mount was ready.
     pub ready_output: CmdOutput,
     mounted: bool,
@@ -275,32 +279,54 @@ impl Mounted {
         let root = dir.path().to_path_buf();
         let backing = root.join("backing");
         let mnt = root.join("mnt");
+        let state = root.join("state");
         fs::create_dir(&backing).expect("create backing dir");
         fs::create_dir(&mnt).expect("create mountpoint");
         setup(&backing);
-        let out = run_timeout(kmount_cmd().arg(&backing).arg(&mnt), MOUNT_TIMEOUT);
+        let out = run_timeout(
+            kmount_cmd()
+                .env("KMOUNT_STATE_DIR", &state)
+                .arg(&backing)
+                .arg(&mnt),
+            MOUNT_TIMEOUT,
+        );
         if !out.success() {
             let cleanup = force_unmount(&mnt);
             panic!(
-                "`kmount {} {}` failed: {out}\n{cleanup}",
+                "`kmount {} {}` failed: {out}\n{cleanup}{}",
                 backing.display(),
-                mnt.display()
+                mnt.display(),
+                logs_in(&state)
             );
         }
         if !is_mounted(&mnt) {
             panic!(
-                "`kmount {} {}` exited 0 but nothing is mounted at the mountpoint: {out}",
+                "`kmount {} {}` exited 0 but nothing is mounted at the mountpoint: {out}{}",
                 backing.display(),
-                mnt.display()
+                mnt.display(),
+                logs_in(&state)
             );
         }
         Mounted {
             backing,
             mnt,
+            state,
             ready_output: out,
             mounted: true,
             dir,
         }
+    }
+
+    /// A `kmount` command using this mount's state directory.
+    pub fn kmount(&self) -> Command {
+        let mut cmd = kmount_cmd();
+        cmd.env("KMOUNT_STATE_DIR", &self.state);
+        cmd
+    }
+
+    /// The daemon logs of this mount, for failure messages.
+    pub fn logs(&self) -> String {
+        logs_in(&self.state)
     }
 
     /// The temp directory holding `backing/` and `mnt/`; tests may add siblings.
@@ -366,6 +392,27 @@ impl Drop for Mounted {
             }
         }
     }
+}
+
+/// The kmount daemon logs under a `KMOUNT_STATE_DIR`, each headed by its name (empty if none).
+pub fn logs_in(state: &Path) -> String {
+    let mut out = String::new();
+    let Ok(dir) = fs::read_dir(state.join("logs")) else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let text = fs::read_to_string(entry.path()).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(40).collect();
+        out.push_str(&format!(
+            "\n--- daemon log {} (last lines) ---\n",
+            entry.path().display()
+        ));
+        for line in tail.into_iter().rev() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// A fresh temp directory, world-traversable (0755) so tests can act as other users in it.
@@ -741,11 +788,11 @@ fn diff_nodes(a: &NodeInfo, b: &NodeInfo) -> String {
     field!(content, "{:?}");
     field!(target, "{:?}");
     field!(xattrs, "{:?}");
-    if let (Some(ca), Some(cb)) = (&a.content, &b.content) {
-        if ca != cb {
-            let first = ca.0.iter().zip(&cb.0).position(|(x, y)| x != y);
-            out.push_str(&format!("  first differing byte: {first:?}\n"));
-        }
+    if let (Some(ca), Some(cb)) = (&a.content, &b.content)
+        && ca != cb
+    {
+        let first = ca.0.iter().zip(&cb.0).position(|(x, y)| x != y);
+        out.push_str(&format!("  first differing byte: {first:?}\n"));
     }
     out
 }

@@ -87,6 +87,7 @@ fn create_excl() {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
+        .truncate(false)
         .mode(0o777)
         .open(&p)
         .unwrap();

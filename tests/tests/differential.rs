@@ -1,0 +1,430 @@
+//! Differential test: the same random sequence of file-system operations applied to a kmount
+//! mount and to a plain reference directory must give the same result (success, the same data,
+//! or the same errno) at every step, and leave the same observable tree: names, types, modes,
+//! sizes, contents, symlink targets, link counts, hard-link groups, and mtimes where they were
+//! set explicitly. At the end of each case the mount is unmounted and the backing directory
+//! must match the reference too.
+//!
+//! `PROPTEST_CASES` sets the number of cases (default 32); failures are saved in
+//! `tests/proptest-regressions/` and replayed first on the next run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+use kmount_tests::{Content, Kind, Mounted, check, cstr, errno_name, renameat2, ts, utimensat};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, FileFailurePersistence};
+
+/// Times at or after this are "now-ish"; explicitly set times are generated well before it, so
+/// a node whose mtime is still before it must show exactly the time that was set.
+const RECENT: i64 = 1_500_000_000;
+
+#[derive(Debug, Clone, Copy)]
+enum Time {
+    Omit,
+    Now,
+    At(i64, i64),
+}
+
+impl Time {
+    fn timespec(self) -> libc::timespec {
+        match self {
+            Time::Omit => ts(0, libc::UTIME_OMIT),
+            Time::Now => ts(0, libc::UTIME_NOW),
+            Time::At(s, ns) => ts(s, ns),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create {
+        path: String,
+        excl: bool,
+        trunc: bool,
+        mode: u32,
+    },
+    Write {
+        path: String,
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    Read {
+        path: String,
+        offset: u64,
+        len: usize,
+    },
+    Truncate {
+        path: String,
+        size: u64,
+    },
+    Rename {
+        from: String,
+        to: String,
+        flags: u32,
+    },
+    Link {
+        from: String,
+        to: String,
+    },
+    Symlink {
+        target: String,
+        path: String,
+    },
+    Unlink {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        mode: u32,
+    },
+    Rmdir {
+        path: String,
+    },
+    Chmod {
+        path: String,
+        mode: u32,
+    },
+    Utimens {
+        path: String,
+        atime: Time,
+        mtime: Time,
+        nofollow: bool,
+    },
+}
+
+/// What an operation returned: data for reads, nothing for the rest, or the errno.
+#[derive(PartialEq, Eq)]
+struct Outcome(Result<Option<Vec<u8>>, i32>);
+
+impl fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Ok(None) => write!(f, "Ok"),
+            Ok(Some(d)) => write!(f, "Ok({:?})", Content(d.clone())),
+            Err(e) => write!(f, "Err({})", errno_name(*e)),
+        }
+    }
+}
+
+fn errno(e: std::io::Error) -> i32 {
+    e.raw_os_error()
+        .unwrap_or_else(|| panic!("error without errno: {e}"))
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i as u8).wrapping_mul(7)) ^ (i >> 8) as u8)
+        .collect()
+}
+
+fn apply(root: &Path, op: &Op) -> Outcome {
+    let p = |rel: &str| root.join(rel);
+    let r: std::io::Result<Option<Vec<u8>>> = (|| match op {
+        Op::Create {
+            path,
+            excl,
+            trunc,
+            mode,
+        } => {
+            let mut o = OpenOptions::new();
+            o.write(true).mode(*mode);
+            if *excl {
+                o.create_new(true);
+            } else {
+                o.create(true).truncate(*trunc);
+            }
+            o.open(p(path)).map(|_| None)
+        }
+        Op::Write {
+            path,
+            offset,
+            len,
+            seed,
+        } => {
+            let f = OpenOptions::new().write(true).open(p(path))?;
+            f.write_all_at(&data(*len, *seed), *offset)?;
+            Ok(None)
+        }
+        Op::Read { path, offset, len } => {
+            let f = OpenOptions::new().read(true).open(p(path))?;
+            let mut buf = vec![0u8; *len];
+            let mut got = 0;
+            while got < *len {
+                let n = f.read_at(&mut buf[got..], offset + got as u64)?;
+                if n == 0 {
+                    break;
+                }
+                got += n;
+            }
+            buf.truncate(got);
+            Ok(Some(buf))
+        }
+        Op::Truncate { path, size } => {
+            check(unsafe { libc::truncate(cstr(&p(path)).as_ptr(), *size as i64) })?;
+            Ok(None)
+        }
+        Op::Rename { from, to, flags } => renameat2(&p(from), &p(to), *flags).map(|_| None),
+        Op::Link { from, to } => fs::hard_link(p(from), p(to)).map(|_| None),
+        Op::Symlink { target, path } => std::os::unix::fs::symlink(target, p(path)).map(|_| None),
+        Op::Unlink { path } => fs::remove_file(p(path)).map(|_| None),
+        Op::Mkdir { path, mode } => fs::DirBuilder::new()
+            .mode(*mode)
+            .create(p(path))
+            .map(|_| None),
+        Op::Rmdir { path } => fs::remove_dir(p(path)).map(|_| None),
+        Op::Chmod { path, mode } => {
+            fs::set_permissions(p(path), fs::Permissions::from_mode(*mode)).map(|_| None)
+        }
+        Op::Utimens {
+            path,
+            atime,
+            mtime,
+            nofollow,
+        } => {
+            let flags = if *nofollow {
+                libc::AT_SYMLINK_NOFOLLOW
+            } else {
+                0
+            };
+            utimensat(&p(path), atime.timespec(), mtime.timespec(), flags).map(|_| None)
+        }
+    })();
+    Outcome(r.map_err(errno))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mtime {
+    /// Still exactly the time an explicit utimensat set.
+    Explicit(i64, i64),
+    /// Set by the file system to the current time at some point.
+    Recent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Node {
+    kind: Kind,
+    mode: u32,
+    nlink: u64,
+    /// Not for directories (file-system specific).
+    size: Option<u64>,
+    content: Option<Content>,
+    target: Option<String>,
+    mtime: Mtime,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    nodes: BTreeMap<String, Node>,
+    link_groups: BTreeSet<BTreeSet<String>>,
+}
+
+fn snapshot(root: &Path) -> Result<Snapshot, String> {
+    let mut nodes = BTreeMap::new();
+    let mut by_ino: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let path = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
+        let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", path.display());
+        let md = fs::symlink_metadata(&path).map_err(|e| err("lstat", e))?;
+        let kind = Kind::of_mode(md.mode());
+        let mut node = Node {
+            kind,
+            mode: md.mode(),
+            nlink: md.nlink(),
+            size: (kind != Kind::Dir).then_some(md.size()),
+            content: None,
+            target: None,
+            mtime: if md.mtime() < RECENT {
+                Mtime::Explicit(md.mtime(), md.mtime_nsec())
+            } else {
+                Mtime::Recent
+            },
+        };
+        match kind {
+            Kind::File => {
+                node.content = Some(Content(fs::read(&path).map_err(|e| err("read", e))?));
+            }
+            Kind::Symlink => {
+                let t = fs::read_link(&path).map_err(|e| err("readlink", e))?;
+                node.target = Some(t.to_string_lossy().into_owned());
+            }
+            Kind::Dir => {
+                for e in fs::read_dir(&path).map_err(|e| err("readdir", e))? {
+                    let name = e.map_err(|e| err("readdir", e))?.file_name();
+                    let name = name.to_string_lossy();
+                    stack.push(if rel.is_empty() {
+                        name.into_owned()
+                    } else {
+                        format!("{rel}/{name}")
+                    });
+                }
+            }
+            _ => {}
+        }
+        if kind != Kind::Dir {
+            by_ino.entry(md.ino()).or_default().insert(rel.clone());
+        }
+        nodes.insert(rel, node);
+    }
+    let link_groups = by_ino.into_values().filter(|g| g.len() > 1).collect();
+    Ok(Snapshot { nodes, link_groups })
+}
+
+fn diff(mount: &Snapshot, reference: &Snapshot) -> String {
+    let mut out = String::new();
+    let paths: BTreeSet<&String> = mount.nodes.keys().chain(reference.nodes.keys()).collect();
+    for p in paths {
+        match (mount.nodes.get(p), reference.nodes.get(p)) {
+            (Some(a), Some(b)) if a != b => out.push_str(&format!(
+                "  {p:?}:\n    mount:     {a:?}\n    reference: {b:?}\n"
+            )),
+            (Some(a), None) => out.push_str(&format!("  {p:?}: only in the mount: {a:?}\n")),
+            (None, Some(b)) => out.push_str(&format!("  {p:?}: only in the reference: {b:?}\n")),
+            _ => {}
+        }
+    }
+    if mount.link_groups != reference.link_groups {
+        out.push_str(&format!(
+            "  hard-link groups: mount {:?}, reference {:?}\n",
+            mount.link_groups, reference.link_groups
+        ));
+    }
+    out
+}
+
+fn path() -> impl Strategy<Value = String> {
+    prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 1..=3)
+        .prop_map(|v| v.join("/"))
+}
+
+fn time() -> impl Strategy<Value = Time> {
+    prop_oneof![
+        1 => Just(Time::Omit),
+        1 => Just(Time::Now),
+        3 => (1_000_000_000i64..1_100_000_000, 0i64..1_000_000_000).prop_map(|(s, ns)| Time::At(s, ns)),
+    ]
+}
+
+fn offset() -> impl Strategy<Value = u64> {
+    prop_oneof![3 => 0u64..5000, 1 => 0u64..300_000]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let file_mode = prop::sample::select(vec![0o644u32, 0o600, 0o755, 0o666, 0o400]);
+    let dir_mode = prop::sample::select(vec![0o755u32, 0o700, 0o777, 0o1777, 0o2775]);
+    let chmod_mode = prop::sample::select(vec![
+        0o644u32, 0o600, 0o755, 0o700, 0o444, 0o000, 0o777, 0o1777, 0o2755, 0o4755,
+    ]);
+    let rename_flags = prop_oneof![
+        6 => Just(0u32),
+        1 => Just(libc::RENAME_NOREPLACE),
+        1 => Just(libc::RENAME_EXCHANGE),
+    ];
+    let target = prop_oneof![4 => path(), 1 => Just("nowhere".to_string())];
+    prop_oneof![
+        4 => (path(), any::<bool>(), any::<bool>(), file_mode)
+            .prop_map(|(path, excl, trunc, mode)| Op::Create { path, excl, trunc, mode }),
+        5 => (path(), offset(), 1usize..20_000, any::<u8>())
+            .prop_map(|(path, offset, len, seed)| Op::Write { path, offset, len, seed }),
+        2 => (path(), offset(), 1usize..70_000)
+            .prop_map(|(path, offset, len)| Op::Read { path, offset, len }),
+        2 => (path(), offset()).prop_map(|(path, size)| Op::Truncate { path, size }),
+        4 => (path(), path(), rename_flags)
+            .prop_map(|(from, to, flags)| Op::Rename { from, to, flags }),
+        2 => (path(), path()).prop_map(|(from, to)| Op::Link { from, to }),
+        2 => (target, path()).prop_map(|(target, path)| Op::Symlink { target, path }),
+        2 => path().prop_map(|path| Op::Unlink { path }),
+        4 => (path(), dir_mode).prop_map(|(path, mode)| Op::Mkdir { path, mode }),
+        2 => path().prop_map(|path| Op::Rmdir { path }),
+        2 => (path(), chmod_mode).prop_map(|(path, mode)| Op::Chmod { path, mode }),
+        2 => (path(), time(), time(), any::<bool>())
+            .prop_map(|(path, atime, mtime, nofollow)| Op::Utimens { path, atime, mtime, nofollow }),
+    ]
+}
+
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32)
+}
+
+fn history(ops: &[Op], upto: usize) -> String {
+    ops[..=upto]
+        .iter()
+        .enumerate()
+        .map(|(i, op)| format!("  {i:>2}: {op:?}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut m = Mounted::new();
+    let reference = m.dir().join("reference");
+    fs::create_dir(&reference).unwrap();
+    fs::set_permissions(&reference, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).unwrap();
+
+    for (i, op) in ops.iter().enumerate() {
+        let want = apply(&reference, op);
+        let got = apply(&m.mnt, op);
+        prop_assert_eq!(
+            &got,
+            &want,
+            "step {} gave a different result through the mount than on a plain directory; \
+             operations:\n{}",
+            i,
+            history(ops, i)
+        );
+        let expected = snapshot(&reference).map_err(TestCaseError::fail)?;
+        let seen = snapshot(&m.mnt).map_err(|e| {
+            TestCaseError::fail(format!(
+                "after step {i}, walking the mount failed: {e}; operations:\n{}",
+                history(ops, i)
+            ))
+        })?;
+        if seen != expected {
+            return Err(TestCaseError::fail(format!(
+                "after step {i} the mount differs from the reference:\n{}operations:\n{}",
+                diff(&seen, &expected),
+                history(ops, i)
+            )));
+        }
+    }
+
+    // Unmounting flushes everything: the backing directory must now hold the same tree.
+    m.unmount();
+    let expected = snapshot(&reference).map_err(TestCaseError::fail)?;
+    let backing = snapshot(&m.backing).map_err(TestCaseError::fail)?;
+    if backing != expected {
+        return Err(TestCaseError::fail(format!(
+            "after unmount the backing dir differs from the reference:\n{}operations:\n{}",
+            diff(&backing, &expected),
+            history(ops, ops.len().saturating_sub(1))
+        )));
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(Config {
+        cases: cases(),
+        max_shrink_iters: 300,
+        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
+        ..Config::default()
+    })]
+
+    #[test]
+    fn mount_matches_plain_directory(ops in prop::collection::vec(op(), 1..=64)) {
+        run_case(&ops)?;
+    }
+}
