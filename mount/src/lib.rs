@@ -124,6 +124,7 @@ pub struct MountHandle {
     unmounter: Unmounter,
     notifier: Notifier,
     mountpoint: PathBuf,
+    core: Arc<Core>,
 }
 
 impl MountHandle {
@@ -160,6 +161,11 @@ impl MountHandle {
 
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// Nodes the kernel currently holds (the root included).
+    pub fn known_nodes(&self) -> usize {
+        self.core.table().len()
     }
 }
 
@@ -218,7 +224,7 @@ pub fn mount(
         );
     }
     let core = Arc::new(Core::new(client, &root, opts.identity));
-    let fs = FuseFs::new(core, runtime, opts.attr_ttl.max(MIN_ATTR_TTL));
+    let fs = FuseFs::new(core.clone(), runtime, opts.attr_ttl.max(MIN_ATTR_TTL));
 
     let mut config = Config::default();
     config.mount_options = vec![
@@ -248,6 +254,7 @@ pub fn mount(
         unmounter,
         notifier,
         mountpoint: mountpoint.to_path_buf(),
+        core,
     })
 }
 
