@@ -579,3 +579,64 @@ fn identity_creates_files_as_the_caller() {
     assert!(!out.status.success(), "an unprivileged chown must fail");
     m.unmount();
 }
+
+#[test]
+fn git_status_through_the_mount_trusts_the_index() {
+    if std::process::Command::new("git")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: git is not installed");
+        return;
+    }
+    let Some(m) = Mounted::new(MountOptions::default()) else {
+        return;
+    };
+    let git = |dir: &Path, args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@e",
+                "-c",
+                "safe.directory=*",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    for i in 0..50 {
+        let dir = m.r(&format!("src/m{}", i % 5));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(format!("f{i}.rs")), format!("fn f{i}() {{}}\n")).unwrap();
+    }
+    git(m.remote.path(), &["init", "-q"]);
+    git(m.remote.path(), &["add", "-A"]);
+    git(m.remote.path(), &["commit", "-q", "-m", "init"]);
+    // Let the index stop being "racily clean" so git trusts its stat data.
+    std::thread::sleep(Duration::from_millis(1100));
+    git(m.remote.path(), &["update-index", "--refresh"]);
+    let index = fs::read(m.r(".git/index")).unwrap();
+
+    assert_eq!(git(m.mnt.path(), &["status", "--porcelain"]), "");
+    assert!(
+        fs::read(m.r(".git/index")).unwrap() == index,
+        "git rewrote its index: the mount reports other stat data than the directory"
+    );
+
+    fs::write(m.m("src/m1/f1.rs"), b"changed\n").unwrap();
+    assert_eq!(
+        git(m.mnt.path(), &["status", "--porcelain"]),
+        " M src/m1/f1.rs\n"
+    );
+    m.unmount();
+}
