@@ -353,9 +353,15 @@ impl Core {
         }
     }
 
-    /// Records a new name from an entry reply and counts the kernel's lookup.
+    /// Records a name from an entry reply and counts the kernel's lookup.
     fn entry(&self, parent: u64, name: &[u8], attr: &Attr) -> NodeAttr {
         let id = self.table.remember(parent, name, attr);
+        NodeAttr::from_remote(id, attr)
+    }
+
+    /// [`Core::entry`] for a node the remote has just made.
+    fn new_entry(&self, parent: u64, name: &[u8], attr: &Attr) -> NodeAttr {
+        let id = self.table.remember_new(parent, name, attr);
         NodeAttr::from_remote(id, attr)
     }
 
@@ -439,7 +445,7 @@ impl Core {
             rdev: user_dev(rdev),
         };
         let attr = self.call_attr(op, &caller).await?;
-        Ok(self.entry(parent, name, &attr))
+        Ok(self.new_entry(parent, name, &attr))
     }
 
     pub async fn mkdir(
@@ -455,7 +461,7 @@ impl Core {
             mode: mode & 0o7777,
         };
         let attr = self.call_attr(op, &caller).await?;
-        Ok(self.entry(parent, name, &attr))
+        Ok(self.new_entry(parent, name, &attr))
     }
 
     pub async fn unlink(
@@ -495,7 +501,7 @@ impl Core {
             target: target.to_vec(),
         };
         let attr = self.call_attr(op, &caller).await?;
-        Ok(self.entry(parent, name, &attr))
+        Ok(self.new_entry(parent, name, &attr))
     }
 
     /// `flags`: `RENAME_NOREPLACE`, `RENAME_EXCHANGE`, as `renameat2(2)`.

@@ -96,16 +96,28 @@ impl InodeTable {
     /// Records that `name` in `parent` is the remote node `attr`, and counts one kernel lookup
     /// of it. Returns its node id.
     pub fn remember(&self, parent: u64, name: &[u8], attr: &Attr) -> u64 {
+        self.record(parent, name, attr, false)
+    }
+
+    /// Like [`InodeTable::remember`] for a node the remote has just made (mkdir, mknod,
+    /// symlink): a live node with the same remote inode number is a dead file whose number was
+    /// reused, so the new one gets a node of its own.
+    pub fn remember_new(&self, parent: u64, name: &[u8], attr: &Attr) -> u64 {
+        self.record(parent, name, attr, true)
+    }
+
+    fn record(&self, parent: u64, name: &[u8], attr: &Attr, fresh: bool) -> u64 {
         let mut t = self.lock();
         let link = (parent, name.to_vec());
         let known = t.names.get(&link).copied().filter(|id| {
-            t.nodes
-                .get(id)
-                .is_some_and(|n| n.remote == (attr.dev, attr.ino) && n.kind == attr.file_type())
+            !fresh
+                && t.nodes
+                    .get(id)
+                    .is_some_and(|n| n.remote == (attr.dev, attr.ino) && n.kind == attr.file_type())
         });
         let id = match known {
             Some(id) => id,
-            None => t.node_for(attr),
+            None => t.node_for(attr, fresh),
         };
         t.add_link(id, link);
         if let Some(node) = t.nodes.get_mut(&id) {
@@ -304,14 +316,18 @@ impl InodeTable {
 
 impl Inner {
     /// The node for remote `attr`, created (with no links, no lookups) when new.
-    fn node_for(&mut self, attr: &Attr) -> u64 {
+    fn node_for(&mut self, attr: &Attr, fresh: bool) -> u64 {
         let key = (attr.dev, attr.ino);
         let kind = attr.file_type();
         if let Some(&id) = self.by_remote.get(&key) {
             // The root is only reached by its own path; any other name for it is an alias
-            // (a bind mount) and gets a node of its own, as does an inode number the remote
-            // reused for a different file type while the kernel still holds the old node.
-            if id != ROOT_ID && self.nodes[&id].kind == kind {
+            // (a bind mount) and gets a node of its own. So does an inode number the remote
+            // reused while the kernel still holds the old node: seen for a different file
+            // type, for a node that lost all its names (unlinked, possibly still open), or
+            // for a file just made. Sharing the kernel's inode of a dead file would mix the
+            // two files' caches.
+            let node = &self.nodes[&id];
+            if id != ROOT_ID && node.kind == kind && !fresh && !node.links.is_empty() {
                 return id;
             }
         }
@@ -619,6 +635,31 @@ mod tests {
         t.remember(ROOT_ID, b"e", &attr(9, D));
         assert_eq!(path(&t, d), "e");
         assert_eq!(t.child(ROOT_ID, b"d"), None);
+    }
+
+    #[test]
+    fn a_reused_inode_number_does_not_alias_a_dead_node() {
+        let t = table();
+        // unlinked but still open (or not yet forgotten) in the kernel
+        let old = t.remember(ROOT_ID, b"old", &attr(7, F));
+        t.opened(old, Some(1)).unwrap();
+        t.unlink(ROOT_ID, b"old");
+        let new = t.remember(ROOT_ID, b"new", &attr(7, F));
+        assert_ne!(new, old);
+        assert!(new >= SYNTHETIC_BASE);
+        assert_eq!(t.handle_of(old), Some(1));
+        assert_eq!(path(&t, new), "new");
+        // a directory made where a removed one's number is still held by the kernel
+        let d = t.remember(ROOT_ID, b"d", &attr(9, D));
+        let d2 = t.remember_new(ROOT_ID, b"e", &attr(9, D));
+        assert_ne!(d, d2);
+        assert_eq!(path(&t, d), "d");
+        assert_eq!(path(&t, d2), "e");
+        // Once the old nodes are gone, the number is the node id again.
+        t.closed(old, Some(1));
+        t.forget(old, 1);
+        t.forget(new, 1);
+        assert_eq!(t.remember(ROOT_ID, b"again", &attr(7, F)), 7);
     }
 
     #[test]
