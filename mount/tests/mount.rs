@@ -640,3 +640,83 @@ fn git_status_through_the_mount_trusts_the_index() {
     );
     m.unmount();
 }
+
+#[test]
+fn big_io_sparse_files_fifos_and_rename_flags() {
+    let Some(m) = Mounted::new(MountOptions::default()) else {
+        return;
+    };
+    // 5 MiB of patterned data, written and read in odd-sized pieces
+    let data: Vec<u8> = (0..5 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let mut f = fs::File::create(m.m("big")).unwrap();
+    for chunk in data.chunks(300_001) {
+        f.write_all(chunk).unwrap();
+    }
+    drop(f);
+    assert!(fs::read(m.r("big")).unwrap() == data, "content differs");
+    assert!(fs::read(m.m("big")).unwrap() == data, "content differs");
+
+    // holes: SEEK_DATA / SEEK_HOLE are answered by the remote file
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(m.m("sparse"))
+        .unwrap();
+    nix::sys::uio::pwrite(&f, b"end", 10 << 20).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain lseek on an open descriptor.
+    let data_at = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    assert_eq!(data_at, 10 << 20, "SEEK_DATA skips the hole");
+    // SAFETY: as above.
+    let hole_at = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) };
+    assert_eq!(hole_at, 0);
+    nix::fcntl::fallocate(
+        &f,
+        nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        0,
+        1 << 20,
+    )
+    .unwrap();
+    assert!(fs::metadata(m.r("sparse")).unwrap().blocks() >= 2048);
+    drop(f);
+
+    // a FIFO made through the mount is a FIFO remotely
+    nix::unistd::mkfifo(
+        &m.m("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    use std::os::unix::fs::FileTypeExt;
+    assert!(fs::metadata(m.r("pipe")).unwrap().file_type().is_fifo());
+
+    // renameat2 flags
+    fs::write(m.m("a"), b"A").unwrap();
+    fs::write(m.m("b"), b"B").unwrap();
+    let rename2 = |from: &str, to: &str, flags: nix::fcntl::RenameFlags| {
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &m.m(from),
+            nix::fcntl::AT_FDCWD,
+            &m.m(to),
+            flags,
+        )
+    };
+    assert_eq!(
+        rename2("a", "b", nix::fcntl::RenameFlags::RENAME_NOREPLACE),
+        Err(nix::errno::Errno::EEXIST)
+    );
+    let (ino_a, ino_b) = (
+        fs::metadata(m.m("a")).unwrap().ino(),
+        fs::metadata(m.m("b")).unwrap().ino(),
+    );
+    rename2("a", "b", nix::fcntl::RenameFlags::RENAME_EXCHANGE).unwrap();
+    assert_eq!(fs::read(m.r("a")).unwrap(), b"B");
+    assert_eq!(fs::read(m.m("a")).unwrap(), b"B");
+    assert_eq!(fs::metadata(m.m("a")).unwrap().ino(), ino_b);
+    assert_eq!(fs::metadata(m.m("b")).unwrap().ino(), ino_a);
+    m.unmount();
+}
