@@ -45,7 +45,7 @@ enum Op {
         path: String,
         excl: bool,
         trunc: bool,
-        mode: u32,
+        mode: Mode,
     },
     Write {
         path: String,
@@ -80,14 +80,14 @@ enum Op {
     },
     Mkdir {
         path: String,
-        mode: u32,
+        mode: Mode,
     },
     Rmdir {
         path: String,
     },
     Chmod {
         path: String,
-        mode: u32,
+        mode: Mode,
     },
     Utimens {
         path: String,
@@ -132,7 +132,7 @@ fn apply(root: &Path, op: &Op) -> Outcome {
             mode,
         } => {
             let mut o = OpenOptions::new();
-            o.write(true).mode(*mode);
+            o.write(true).mode(mode.0);
             if *excl {
                 o.create_new(true);
             } else {
@@ -173,12 +173,12 @@ fn apply(root: &Path, op: &Op) -> Outcome {
         Op::Symlink { target, path } => std::os::unix::fs::symlink(target, p(path)).map(|_| None),
         Op::Unlink { path } => fs::remove_file(p(path)).map(|_| None),
         Op::Mkdir { path, mode } => fs::DirBuilder::new()
-            .mode(*mode)
+            .mode(mode.0)
             .create(p(path))
             .map(|_| None),
         Op::Rmdir { path } => fs::remove_dir(p(path)).map(|_| None),
         Op::Chmod { path, mode } => {
-            fs::set_permissions(p(path), fs::Permissions::from_mode(*mode)).map(|_| None)
+            fs::set_permissions(p(path), fs::Permissions::from_mode(mode.0)).map(|_| None)
         }
         Op::Utimens {
             path,
@@ -205,10 +205,20 @@ enum Mtime {
     Recent,
 }
 
+/// `st_mode`, printed in octal.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Mode(u32);
+
+impl fmt::Debug for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0o{:o}", self.0)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Node {
     kind: Kind,
-    mode: u32,
+    mode: Mode,
     nlink: u64,
     /// Not for directories (file-system specific).
     size: Option<u64>,
@@ -238,7 +248,7 @@ fn snapshot(root: &Path) -> Result<Snapshot, String> {
         let kind = Kind::of_mode(md.mode());
         let mut node = Node {
             kind,
-            mode: md.mode(),
+            mode: Mode(md.mode()),
             nlink: md.nlink(),
             size: (kind != Kind::Dir).then_some(md.size()),
             content: None,
@@ -301,9 +311,24 @@ fn diff(mount: &Snapshot, reference: &Snapshot) -> String {
     out
 }
 
+/// Names the operations pick from. `d` and `d/e` start as directories and `a`, `d/a`,
+/// `d/e/b` as files (see [`populate`]), so most operations find what they need; the rest make
+/// and remove things around them.
+const POOL: &[&str] = &[
+    "a", "b", "c", "d", "e", "d/a", "d/b", "d/c", "d/e", "d/e/a", "d/e/b", "e/a", "e/b",
+];
+
+/// The starting tree of every case, made in the backing dir (before mounting) and in the
+/// reference dir alike.
+fn populate(root: &Path) {
+    fs::create_dir_all(root.join("d/e")).unwrap();
+    fs::write(root.join("a"), data(100, 1)).unwrap();
+    fs::write(root.join("d/a"), data(5000, 2)).unwrap();
+    fs::write(root.join("d/e/b"), b"").unwrap();
+}
+
 fn path() -> impl Strategy<Value = String> {
-    prop::collection::vec(prop::sample::select(vec!["a", "b", "c"]), 1..=3)
-        .prop_map(|v| v.join("/"))
+    prop::sample::select(POOL).prop_map(str::to_string)
 }
 
 fn time() -> impl Strategy<Value = Time> {
@@ -319,11 +344,13 @@ fn offset() -> impl Strategy<Value = u64> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let file_mode = prop::sample::select(vec![0o644u32, 0o600, 0o755, 0o666, 0o400]);
-    let dir_mode = prop::sample::select(vec![0o755u32, 0o700, 0o777, 0o1777, 0o2775]);
+    let file_mode = prop::sample::select(vec![0o644u32, 0o600, 0o755, 0o666, 0o400]).prop_map(Mode);
+    let dir_mode =
+        prop::sample::select(vec![0o755u32, 0o700, 0o777, 0o1777, 0o2775]).prop_map(Mode);
     let chmod_mode = prop::sample::select(vec![
         0o644u32, 0o600, 0o755, 0o700, 0o444, 0o000, 0o777, 0o1777, 0o2755, 0o4755,
-    ]);
+    ])
+    .prop_map(Mode);
     let rename_flags = prop_oneof![
         6 => Just(0u32),
         1 => Just(libc::RENAME_NOREPLACE),
@@ -333,9 +360,9 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (path(), any::<bool>(), any::<bool>(), file_mode)
             .prop_map(|(path, excl, trunc, mode)| Op::Create { path, excl, trunc, mode }),
-        5 => (path(), offset(), 1usize..20_000, any::<u8>())
+        6 => (path(), offset(), 1usize..20_000, any::<u8>())
             .prop_map(|(path, offset, len, seed)| Op::Write { path, offset, len, seed }),
-        2 => (path(), offset(), 1usize..70_000)
+        3 => (path(), offset(), 1usize..70_000)
             .prop_map(|(path, offset, len)| Op::Read { path, offset, len }),
         2 => (path(), offset()).prop_map(|(path, size)| Op::Truncate { path, size }),
         4 => (path(), path(), rename_flags)
@@ -343,8 +370,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (path(), path()).prop_map(|(from, to)| Op::Link { from, to }),
         2 => (target, path()).prop_map(|(target, path)| Op::Symlink { target, path }),
         2 => path().prop_map(|path| Op::Unlink { path }),
-        4 => (path(), dir_mode).prop_map(|(path, mode)| Op::Mkdir { path, mode }),
-        2 => path().prop_map(|path| Op::Rmdir { path }),
+        2 => (path(), dir_mode).prop_map(|(path, mode)| Op::Mkdir { path, mode }),
+        1 => path().prop_map(|path| Op::Rmdir { path }),
         2 => (path(), chmod_mode).prop_map(|(path, mode)| Op::Chmod { path, mode }),
         2 => (path(), time(), time(), any::<bool>())
             .prop_map(|(path, atime, mtime, nofollow)| Op::Utimens { path, atime, mtime, nofollow }),
@@ -368,9 +395,10 @@ fn history(ops: &[Op], upto: usize) -> String {
 }
 
 fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
-    let mut m = Mounted::new();
+    let mut m = Mounted::with_backing(populate);
     let reference = m.dir().join("reference");
     fs::create_dir(&reference).unwrap();
+    populate(&reference);
     fs::set_permissions(&reference, fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).unwrap();
 
@@ -419,7 +447,10 @@ proptest! {
     #![proptest_config(Config {
         cases: cases(),
         max_shrink_iters: 300,
-        failure_persistence: Some(Box::new(FileFailurePersistence::SourceParallel("proptest-regressions"))),
+        // Relative to the package root (cargo runs tests there): tests/proptest-regressions/.
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "proptest-regressions/differential.txt"
+        ))),
         ..Config::default()
     })]
 
