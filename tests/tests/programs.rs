@@ -236,18 +236,23 @@ fn vim_saves_with_swap_file() {
         .collect();
     fs::write(m.m("file.txt"), &original).unwrap();
     fs::set_permissions(m.m("file.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    // `cquit` (exit 1) unless vim really has a swap file for the buffer in the mount.
     run(
         &m.mnt,
         "vim",
         &[
             "-u",
             "NONE",
+            "-i",
+            "NONE",
             "-N",
             "-es",
             "-c",
-            "set swapfile",
+            "set swapfile directory=.",
             "-c",
-            "set directory=.",
+            "preserve",
+            "-c",
+            "if swapname('%') !~ 'file.txt.swp$' || !filereadable(swapname('%')) | cquit | endif",
             "-c",
             "%s/a/b/g",
             "-c",
