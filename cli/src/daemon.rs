@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -33,7 +33,12 @@ impl Ready {
         // nothing else in this process uses it; the variable is removed so it is taken once.
         unsafe { std::env::remove_var(READY_FD_ENV) };
         match fd {
-            Some(fd) if fd >= 0 => Ready::Pipe(unsafe { File::from_raw_fd(fd) }),
+            Some(fd) if fd >= 0 => {
+                // Children (the agent) must not inherit the pipe: the parent waits for its end.
+                // SAFETY: plain fcntl on an fd this process owns.
+                unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+                Ready::Pipe(unsafe { File::from_raw_fd(fd) })
+            }
             _ => Ready::Stdout,
         }
     }
@@ -101,7 +106,7 @@ pub fn spawn_background(args: &[&std::ffi::OsStr], log: &Path) -> Result<String>
     let child = cmd.spawn().context("cannot start the kmount daemon")?;
     drop(write_end);
     let mut answer = String::new();
-    File::from(OwnedFd::from(read_end))
+    File::from(read_end)
         .read_to_string(&mut answer)
         .context("cannot read from the kmount daemon")?;
     let answer = answer.trim_end();

@@ -58,7 +58,10 @@ struct MountArgs {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Flush pending changes and unmount.
-    #[command(visible_alias = "umount", after_help = "Examples:\n  kmount unmount ./mnt\n  kmount unmount --all")]
+    #[command(
+        visible_alias = "umount",
+        after_help = "Examples:\n  kmount unmount ./mnt\n  kmount unmount --all"
+    )]
     Unmount {
         /// The mountpoint to unmount.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
@@ -128,7 +131,11 @@ fn mount(args: MountArgs) -> Result<()> {
 }
 
 /// Every check that can fail before anything is mounted.
-fn preflight_mount(target_arg: &str, mountpoint: &Path, cwd: &Path) -> Result<(Target, PathBuf, PathBuf)> {
+fn preflight_mount(
+    target_arg: &str,
+    mountpoint: &Path,
+    cwd: &Path,
+) -> Result<(Target, PathBuf, PathBuf)> {
     let target = Target::parse(target_arg, cwd)?;
     preflight::check_fuse()?;
     let Target::Local { root } = &target;

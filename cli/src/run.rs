@@ -26,7 +26,10 @@ pub fn agent_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("KMOUNT_AGENT") {
         let p = PathBuf::from(p);
         if !p.is_file() {
-            bail!("KMOUNT_AGENT points to {}, which is not a file", p.display());
+            bail!(
+                "KMOUNT_AGENT points to {}, which is not a file",
+                p.display()
+            );
         }
         return Ok(p);
     }
@@ -54,7 +57,12 @@ pub fn run(target: &Target, root: &Path, mountpoint: &Path, mut ready: Ready) ->
     }
 }
 
-fn mount_and_serve(target: &Target, root: &Path, mountpoint: &Path, ready: &mut Ready) -> Result<()> {
+fn mount_and_serve(
+    target: &Target,
+    root: &Path,
+    mountpoint: &Path,
+    ready: &mut Ready,
+) -> Result<()> {
     let started = Instant::now();
     let dirs = StateDirs::for_current_user()?;
     dirs.create()?;

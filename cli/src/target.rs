@@ -103,7 +103,9 @@ mod tests {
 
     #[test]
     fn unclear_targets_are_explained() {
-        let e = Target::parse("src", Path::new("/")).unwrap_err().to_string();
+        let e = Target::parse("src", Path::new("/"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("./src"), "{e}");
         let e = Target::parse("deploy/app:/app", Path::new("/"))
             .unwrap_err()
