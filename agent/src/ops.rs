@@ -126,6 +126,16 @@ pub fn execute(a: &Agent, op: Op) -> Result<Done, WireError> {
             offset,
             whence,
         } => lseek(a, handle, offset, whence).map_err(|e| fail(e, "lseek handle", handle)),
+        Op::WalkOpen { .. }
+        | Op::WalkNext { .. }
+        | Op::Watch { .. }
+        | Op::Digest { .. }
+        | Op::Journaled { .. }
+        | Op::AppliedSeq { .. }
+        | Op::PutFile { .. } => Err(WireError::new(
+            libc::ENOSYS,
+            "this agent does not offer that operation (its hello has no feature bit for it)",
+        )),
     }
 }
 

@@ -674,6 +674,12 @@ async fn read_loop(
                 Ok(FromAgent::Reply(reply)) => calls.complete(reply),
                 Ok(FromAgent::Fatal(msg)) => break format!("the agent stopped: {msg}"),
                 Ok(FromAgent::Hello(_)) => break "the agent sent a second hello".to_string(),
+                Ok(FromAgent::Events(events)) => {
+                    tracing::debug!(
+                        "{} remote change(s) ignored: no watcher consumer",
+                        events.len()
+                    );
+                }
                 Err(e) => break format!("malformed message from the agent: {e}"),
             },
             Ok(None) => break "the agent closed the connection".to_string(),

@@ -202,6 +202,9 @@ fn unexpected(op: &str, done: &Done) -> FsError {
         Done::Written(_) => "Written",
         Done::Statfs(_) => "Statfs",
         Done::Offset(_) => "Offset",
+        Done::Tree { .. } => "Tree",
+        Done::Digests(_) => "Digests",
+        Done::Seq(_) => "Seq",
     };
     err!(libc::EIO, "the agent answered {op} with {what}")
 }
@@ -980,6 +983,13 @@ fn op_name(op: &Op) -> &'static str {
         Op::Access { .. } => "Access",
         Op::Ping => "Ping",
         Op::Lseek { .. } => "Lseek",
+        Op::WalkOpen { .. } => "WalkOpen",
+        Op::WalkNext { .. } => "WalkNext",
+        Op::Watch { .. } => "Watch",
+        Op::Digest { .. } => "Digest",
+        Op::Journaled { .. } => "Journaled",
+        Op::AppliedSeq { .. } => "AppliedSeq",
+        Op::PutFile { .. } => "PutFile",
     }
 }
 

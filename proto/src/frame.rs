@@ -16,7 +16,10 @@ pub enum ProtoError {
     #[error("cannot encode message: {0}")]
     Encode(postcard::Error),
     #[error("the other end is not a kmount {expected} (its first bytes were {got:?})")]
-    BadMagic { expected: &'static str, got: Vec<u8> },
+    BadMagic {
+        expected: &'static str,
+        got: Vec<u8>,
+    },
     #[error(
         "protocol version mismatch: this side speaks version {ours}, the other side ({theirs_software}) speaks version {theirs}"
     )]
@@ -258,7 +261,11 @@ mod tests {
             },
         });
         let frame = encode(&msg).unwrap();
-        assert!(frame.len() < (1 << 20) + 32, "frame is {} bytes", frame.len());
+        assert!(
+            frame.len() < (1 << 20) + 32,
+            "frame is {} bytes",
+            frame.len()
+        );
     }
 
     #[test]

@@ -22,9 +22,11 @@
 //! Errors carry the raw Linux errno ([`WireError::errno`]): an `EACCES` in the container is an
 //! `EACCES` in the editor. Both ends run Linux, so numbers are not translated.
 
+pub mod digest;
 mod frame;
 mod msg;
 mod path;
+pub mod tree;
 
 pub use frame::{FrameDecoder, ProtoError, decode, encode, frame_len, read_frame, write_frame};
 pub use msg::*;
@@ -48,4 +50,10 @@ pub mod features {
     /// The agent runs requests with the caller's uid, gid and groups ([`crate::Caller`]).
     /// Only offered when the agent runs as root and was asked to (`--identity`).
     pub const IDENTITY: u64 = 1 << 0;
+    /// `Op::WalkOpen`/`WalkNext`, `Op::Digest`.
+    pub const TREE: u64 = 1 << 1;
+    /// `Op::Watch` and `FromAgent::Events`.
+    pub const WATCH: u64 = 1 << 2;
+    /// `Op::Journaled`, `Op::AppliedSeq`, `Op::PutFile`.
+    pub const JOURNAL: u64 = 1 << 3;
 }

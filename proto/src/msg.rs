@@ -61,6 +61,9 @@ pub enum FromAgent {
     Reply(Reply),
     /// The agent cannot go on (its root vanished, a broken stream); the text says why.
     Fatal(String),
+    /// Changes under the root since the last batch, coalesced over a few milliseconds, in the
+    /// order they happened. Only sent after `Op::Watch { enable: true }`.
+    Events(Vec<Event>),
 }
 
 /// The identity a request runs as, when [`crate::features::IDENTITY`] was negotiated.
@@ -216,7 +219,11 @@ pub enum Op {
     /// implied). -> [`Done::Opened`]
     Open { path: RelPath, flags: i32 },
     /// `open(2)` with `O_CREAT` (and `O_EXCL` when given). -> [`Done::Opened`]
-    Create { path: RelPath, flags: i32, mode: u32 },
+    Create {
+        path: RelPath,
+        flags: i32,
+        mode: u32,
+    },
     /// `pread`; a short or empty result means end of file. -> [`Done::Data`]
     Read { handle: u64, offset: u64, len: u32 },
     /// `pwrite` of all of `data`. -> [`Done::Written`]
@@ -296,6 +303,38 @@ pub enum Op {
         offset: u64,
         whence: i32,
     },
+    /// Starts a walk of the subtree at `path` (the whole tree for the root), which is not
+    /// itself included. -> [`Done::Handle`]
+    WalkOpen { path: RelPath },
+    /// Next batch of a walk: at most `max` entries, every directory before its children.
+    /// -> [`Done::Tree`]; its `eof` ends the walk (the handle is then closed by the agent).
+    WalkNext { handle: u64, max: u32 },
+    /// Starts (`true`) or stops reporting changes made under the root by anything other than
+    /// this session's own requests, as [`FromAgent::Events`]. -> [`Done::Ok`]
+    Watch { enable: bool },
+    /// [`crate::digest`] of the directory `path` and of every directory below it down to
+    /// `depth` levels (0: only `path`). -> [`Done::Digests`]
+    Digest { path: RelPath, depth: u32 },
+    /// A change from the mount's write-back journal. The agent applies `op` at most once per
+    /// (`session`, `seq`): seqs of one session arrive in increasing order, and a seq at or
+    /// below the highest one applied answers [`Done::Ok`] without doing anything, so a replay
+    /// after a reconnect is harmless. -> the result of `op`.
+    Journaled { session: u64, seq: u64, op: Box<Op> },
+    /// The highest seq applied for `session` (0 when the agent knows none). -> [`Done::Seq`]
+    AppliedSeq { session: u64 },
+    /// Writes a whole regular file in one short burst. `data` is zstd-compressed when
+    /// `compressed`. `atomic`: write a temporary file beside `path` and rename it over `path`
+    /// (as editors save); otherwise create or truncate `path` and write in place. Then sets
+    /// `mode` and, when given, `mtime`. -> [`Done::Attr`] of the file afterwards.
+    PutFile {
+        path: RelPath,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        compressed: bool,
+        mode: u32,
+        mtime: Option<Timespec>,
+        atomic: bool,
+    },
 }
 
 /// Successful results.
@@ -316,4 +355,47 @@ pub enum Done {
     Written(u32),
     Statfs(Statfs),
     Offset(u64),
+    /// A batch of [`TreeEntry`]s, encoded with [`crate::tree::encode_entries`] (postcard, then
+    /// zstd). `count` entries; `eof` when the walk is complete.
+    Tree {
+        #[serde(with = "serde_bytes")]
+        zstd: Vec<u8>,
+        count: u32,
+        eof: bool,
+    },
+    Digests(Vec<DirDigest>),
+    Seq(u64),
+}
+
+/// One node found by a walk: its path from the root, its attributes, its symlink target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeEntry {
+    pub path: RelPath,
+    pub attr: Attr,
+    pub symlink: Option<Vec<u8>>,
+}
+
+/// The digest of one directory ([`crate::digest::dir_digest`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirDigest {
+    pub path: RelPath,
+    pub digest: [u8; 16],
+}
+
+/// A change seen by the agent's watcher, with the node's state after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    /// `path` was created or changed; `attr` and `symlink` are its state now.
+    Upsert {
+        path: RelPath,
+        attr: Attr,
+        symlink: Option<Vec<u8>>,
+    },
+    /// `path` (and everything below it) is gone.
+    Remove { path: RelPath },
+    /// `from` was renamed to `to` (replacing whatever `to` was).
+    Rename { from: RelPath, to: RelPath },
+    /// Something under `path` changed in a way the watcher could not follow (queue overflow,
+    /// watch limit, unreadable directory): walk it again. `reason` is for the log.
+    Rescan { path: RelPath, reason: String },
 }

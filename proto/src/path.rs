@@ -31,7 +31,7 @@ impl RelPathError {
     pub fn errno(&self) -> i32 {
         match self {
             RelPathError::TooLong | RelPathError::NameTooLong => 36, // ENAMETOOLONG
-            RelPathError::BadComponent | RelPathError::Nul => 22,   // EINVAL
+            RelPathError::BadComponent | RelPathError::Nul => 22,    // EINVAL
         }
     }
 }
@@ -148,7 +148,9 @@ mod tests {
             Err(RelPathError::NameTooLong)
         );
         assert!(RelPath::new(vec![b'a'; 255]).is_ok());
-        let long: Vec<u8> = std::iter::repeat_n(b"abc/".to_vec(), 1100).flatten().collect();
+        let long: Vec<u8> = std::iter::repeat_n(b"abc/".to_vec(), 1100)
+            .flatten()
+            .collect();
         assert_eq!(RelPath::new(long), Err(RelPathError::TooLong));
     }
 
