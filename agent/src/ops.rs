@@ -132,7 +132,9 @@ pub fn execute(a: &Agent, op: Op) -> Result<Done, WireError> {
         | Op::Digest { .. }
         | Op::Journaled { .. }
         | Op::AppliedSeq { .. }
-        | Op::PutFile { .. } => Err(WireError::new(
+        | Op::PutFile { .. }
+        | Op::ReadPath { .. }
+        | Op::FsyncPath { .. } => Err(WireError::new(
             libc::ENOSYS,
             "this agent does not offer that operation (its hello has no feature bit for it)",
         )),

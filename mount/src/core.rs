@@ -205,6 +205,7 @@ fn unexpected(op: &str, done: &Done) -> FsError {
         Done::Tree { .. } => "Tree",
         Done::Digests(_) => "Digests",
         Done::Seq(_) => "Seq",
+        Done::Content { .. } => "Content",
     };
     err!(libc::EIO, "the agent answered {op} with {what}")
 }
@@ -990,6 +991,8 @@ fn op_name(op: &Op) -> &'static str {
         Op::Journaled { .. } => "Journaled",
         Op::AppliedSeq { .. } => "AppliedSeq",
         Op::PutFile { .. } => "PutFile",
+        Op::ReadPath { .. } => "ReadPath",
+        Op::FsyncPath { .. } => "FsyncPath",
     }
 }
 

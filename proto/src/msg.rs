@@ -335,6 +335,13 @@ pub enum Op {
         mtime: Option<Timespec>,
         atomic: bool,
     },
+    /// Reads up to `len` bytes at `offset` of the regular file at `path` in one round trip
+    /// (open, pread, fstat, close). -> [`Done::Content`]; `attr` is the file's state when read,
+    /// so the mount can tell which version the bytes belong to.
+    ReadPath { path: RelPath, offset: u64, len: u32 },
+    /// Opens the regular file at `path`, `fsync`s it (`fdatasync` when `datasync`) and the
+    /// directory holding it, and closes it. -> [`Done::Ok`]
+    FsyncPath { path: RelPath, datasync: bool },
 }
 
 /// Successful results.
@@ -365,6 +372,14 @@ pub enum Done {
     },
     Digests(Vec<DirDigest>),
     Seq(u64),
+    /// File bytes with the file's attributes; `data` is zstd-compressed when `compressed`
+    /// (the agent compresses when that makes it clearly smaller).
+    Content {
+        attr: Attr,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        compressed: bool,
+    },
 }
 
 /// One node found by a walk: its path from the root, its attributes, its symlink target.
