@@ -134,7 +134,9 @@ pub fn execute(a: &Agent, op: Op) -> Result<Done, WireError> {
         | Op::AppliedSeq { .. }
         | Op::PutFile { .. }
         | Op::ReadPath { .. }
-        | Op::FsyncPath { .. } => Err(WireError::new(
+        | Op::FsyncPath { .. }
+        | Op::WritePath { .. }
+        | Op::FallocatePath { .. } => Err(WireError::new(
             libc::ENOSYS,
             "this agent does not offer that operation (its hello has no feature bit for it)",
         )),

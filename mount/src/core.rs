@@ -993,6 +993,8 @@ fn op_name(op: &Op) -> &'static str {
         Op::PutFile { .. } => "PutFile",
         Op::ReadPath { .. } => "ReadPath",
         Op::FsyncPath { .. } => "FsyncPath",
+        Op::WritePath { .. } => "WritePath",
+        Op::FallocatePath { .. } => "FallocatePath",
     }
 }
 

@@ -54,6 +54,7 @@ pub mod features {
     pub const TREE: u64 = 1 << 1;
     /// `Op::Watch` and `FromAgent::Events`.
     pub const WATCH: u64 = 1 << 2;
-    /// `Op::Journaled`, `Op::AppliedSeq`, `Op::PutFile`, `Op::ReadPath`, `Op::FsyncPath`.
+    /// `Op::Journaled`, `Op::AppliedSeq`, `Op::PutFile`, `Op::ReadPath`, `Op::FsyncPath`, `Op::WritePath`,
+    /// `Op::FallocatePath`.
     pub const JOURNAL: u64 = 1 << 3;
 }

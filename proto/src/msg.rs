@@ -338,10 +338,30 @@ pub enum Op {
     /// Reads up to `len` bytes at `offset` of the regular file at `path` in one round trip
     /// (open, pread, fstat, close). -> [`Done::Content`]; `attr` is the file's state when read,
     /// so the mount can tell which version the bytes belong to.
-    ReadPath { path: RelPath, offset: u64, len: u32 },
+    ReadPath {
+        path: RelPath,
+        offset: u64,
+        len: u32,
+    },
     /// Opens the regular file at `path`, `fsync`s it (`fdatasync` when `datasync`) and the
     /// directory holding it, and closes it. -> [`Done::Ok`]
     FsyncPath { path: RelPath, datasync: bool },
+    /// `pwrite` of all of `data` at `offset` into the existing regular file at `path` (opened
+    /// without following a symlink, written, closed). Repeating it is harmless, which the
+    /// journal's replay relies on. -> [`Done::Written`]
+    WritePath {
+        path: RelPath,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// `fallocate(2)` on the regular file at `path`. -> [`Done::Ok`]
+    FallocatePath {
+        path: RelPath,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
 }
 
 /// Successful results.
