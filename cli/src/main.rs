@@ -1,5 +1,6 @@
 //! `kmount`: mount a directory of a container, a host or this machine through FUSE.
 
+mod connect;
 mod control;
 mod daemon;
 mod preflight;
@@ -108,7 +109,7 @@ fn mount(args: MountArgs) -> Result<()> {
     let ready = Ready::from_env();
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let checked = preflight_mount(&target_arg, &mountpoint_arg, &cwd);
-    let (target, root, mountpoint) = match checked {
+    let (target, mountpoint) = match checked {
         Ok(v) => v,
         Err(e) => {
             let mut ready = ready;
@@ -120,29 +121,31 @@ fn mount(args: MountArgs) -> Result<()> {
         if ready.is_daemon() || std::env::var_os("KMOUNT_LOG").is_some() {
             init_logging();
         }
-        return run::run(&target, &root, &mountpoint, ready);
+        return run::run(&target, &mountpoint, ready);
     }
     let dirs = StateDirs::for_current_user()?;
     dirs.create()?;
     let log = dirs.log_path(&mount_id(&mountpoint));
-    let line = daemon::spawn_background(&[root.as_os_str(), mountpoint.as_os_str()], &log)?;
+    let target_arg = target.to_arg();
+    let line = daemon::spawn_background(&[target_arg.as_os_str(), mountpoint.as_os_str()], &log)?;
     println!("{line}");
     Ok(())
 }
 
-/// Every check that can fail before anything is mounted.
-fn preflight_mount(
-    target_arg: &str,
-    mountpoint: &Path,
-    cwd: &Path,
-) -> Result<(Target, PathBuf, PathBuf)> {
+/// Every check that can fail before anything is mounted. Returns the target in its resolved
+/// form (a local root canonicalized) and the canonical mountpoint.
+fn preflight_mount(target_arg: &str, mountpoint: &Path, cwd: &Path) -> Result<(Target, PathBuf)> {
     let target = Target::parse(target_arg, cwd)?;
     preflight::check_fuse()?;
-    let Target::Local { root } = &target;
-    let root = preflight::check_local_root(root)?;
     let mountpoint = preflight::check_mountpoint(mountpoint)?;
-    preflight::check_no_nesting(&root, &mountpoint)?;
-    Ok((Target::Local { root: root.clone() }, root, mountpoint))
+    let target = match target {
+        Target::Local { root } => {
+            let root = preflight::check_local_root(&root)?;
+            preflight::check_no_nesting(&root, &mountpoint)?;
+            Target::Local { root }
+        }
+    };
+    Ok((target, mountpoint))
 }
 
 /// The absolute form of a mountpoint argument without touching the mount itself (a dead FUSE

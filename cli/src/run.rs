@@ -1,14 +1,14 @@
 //! The mount itself, in the foreground: connect to the agent, mount, then serve until the
 //! mount is unmounted (by `kmount unmount`, a signal, or `fusermount3 -u`).
 
-use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use kmount_mount::{Client, LocalConnector, MountOptions};
+use kmount_mount::{Client, MountOptions};
 
+use crate::connect;
 use crate::control::{self, ControlRequest};
 use crate::daemon::Ready;
 use crate::state::{MountRecord, StateDirs, mount_id};
@@ -21,34 +21,10 @@ enum Event {
     SessionEnded(std::io::Result<()>),
 }
 
-/// Where `kmount-agent` is: `KMOUNT_AGENT`, else next to this executable.
-pub fn agent_binary() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("KMOUNT_AGENT") {
-        let p = PathBuf::from(p);
-        if !p.is_file() {
-            bail!(
-                "KMOUNT_AGENT points to {}, which is not a file",
-                p.display()
-            );
-        }
-        return Ok(p);
-    }
-    let exe = std::env::current_exe().context("cannot find the kmount executable")?;
-    let p = exe.with_file_name("kmount-agent");
-    if !p.is_file() {
-        bail!(
-            "kmount-agent was not found next to {} ; install both binaries together \
-             (./install.sh does) or set KMOUNT_AGENT=/path/to/kmount-agent",
-            exe.display()
-        );
-    }
-    Ok(p)
-}
-
 /// Mounts `target` (already checked) at `mountpoint` (canonical, empty) and serves it until it
 /// is unmounted. Reports readiness or failure through `ready`.
-pub fn run(target: &Target, root: &Path, mountpoint: &Path, mut ready: Ready) -> Result<()> {
-    match mount_and_serve(target, root, mountpoint, &mut ready) {
+pub fn run(target: &Target, mountpoint: &Path, mut ready: Ready) -> Result<()> {
+    match mount_and_serve(target, mountpoint, &mut ready) {
         Ok(()) => Ok(()),
         Err(e) => {
             ready.fail(&e);
@@ -57,12 +33,7 @@ pub fn run(target: &Target, root: &Path, mountpoint: &Path, mut ready: Ready) ->
     }
 }
 
-fn mount_and_serve(
-    target: &Target,
-    root: &Path,
-    mountpoint: &Path,
-    ready: &mut Ready,
-) -> Result<()> {
+fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Result<()> {
     let started = Instant::now();
     let dirs = StateDirs::for_current_user()?;
     dirs.create()?;
@@ -74,23 +45,16 @@ fn mount_and_serve(
         .build()
         .context("cannot start the I/O runtime")?;
 
-    let is_root = nix::unistd::geteuid().is_root();
-    let mut agent_args: Vec<OsString> = Vec::new();
-    if is_root {
-        agent_args.push("--identity".into());
-    }
-    agent_args.push("--mountpoint".into());
-    agent_args.push(mountpoint.as_os_str().to_owned());
-    let connector = LocalConnector::new(agent_binary()?, root.to_path_buf(), agent_args);
+    let plan = connect::plan(target, mountpoint)?;
     let client = runtime
-        .block_on(Client::connect(&connector))
+        .block_on(Client::connect(plan.connector.as_ref()))
         .with_context(|| format!("cannot start serving {}", target.display()))?;
 
     let opts = MountOptions {
         fsname: format!("kmount:{}", target.display()),
-        allow_other: is_root,
-        default_permissions: is_root,
-        identity: is_root,
+        allow_other: plan.shared,
+        default_permissions: plan.shared,
+        identity: plan.identity,
         ..MountOptions::default()
     };
     let handle = kmount_mount::mount(runtime.handle().clone(), client, mountpoint, &opts)

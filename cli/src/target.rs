@@ -39,6 +39,13 @@ impl Target {
         )
     }
 
+    /// The argument that names this target again (for the background daemon's command line).
+    pub fn to_arg(&self) -> std::ffi::OsString {
+        match self {
+            Target::Local { root } => root.as_os_str().to_owned(),
+        }
+    }
+
     /// How the target is shown to the user and recorded in `kmount list`.
     pub fn display(&self) -> String {
         match self {
