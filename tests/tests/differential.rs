@@ -1,6 +1,6 @@
-//! Differential test: the same random sequence of file-system operations applied to a kmount
-//! mount and to a plain reference directory must give the same result (success, the same data,
-//! or the same errno) at every step, and leave the same observable tree: names, types, modes,
+//! Differential test: the same random sequence of file-system operations (by path, and through
+//! handles kept open across steps) applied to a kmount mount and to a plain reference directory
+//! must give the same result (success, the same data, or the same errno) at every step, and leave the same observable tree: names, types, modes,
 //! sizes, contents, symlink targets, link counts, hard-link groups, and mtimes where they were
 //! set explicitly. At the end of each case the mount is unmounted and the backing directory
 //! must match the reference too.
@@ -10,9 +10,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::fs::{self, OpenOptions};
+use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use kmount_tests::{Content, Kind, Mounted, check, cstr, errno_name, renameat2, ts, utimensat};
 use proptest::prelude::*;
@@ -95,6 +95,53 @@ enum Op {
         mtime: Time,
         nofollow: bool,
     },
+    /// Opens `path` into handle slot `slot` (closing what was there), read-only or read-write.
+    Open {
+        slot: usize,
+        path: String,
+        write: bool,
+        append: bool,
+    },
+    FdWrite {
+        slot: usize,
+        offset: u64,
+        len: usize,
+        seed: u8,
+    },
+    FdRead {
+        slot: usize,
+        offset: u64,
+        len: usize,
+    },
+    FdTruncate {
+        slot: usize,
+        size: u64,
+    },
+    /// `fstat`: type, mode, size (not of directories) and link count.
+    FdStat {
+        slot: usize,
+    },
+    Close {
+        slot: usize,
+    },
+}
+
+/// Number of handle slots of [`Op::Open`].
+const SLOTS: usize = 3;
+
+/// One side of the comparison: a root directory and the handles open in it.
+struct Side {
+    root: PathBuf,
+    fds: Vec<Option<File>>,
+}
+
+impl Side {
+    fn new(root: &Path) -> Self {
+        Side {
+            root: root.to_path_buf(),
+            fds: (0..SLOTS).map(|_| None).collect(),
+        }
+    }
 }
 
 /// What an operation returned: data for reads, nothing for the rest, or the errno.
@@ -122,79 +169,130 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn apply(root: &Path, op: &Op) -> Outcome {
+fn read_fully(f: &File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        let n = f.read_at(&mut buf[got..], offset + got as u64)?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
+fn apply(side: &mut Side, op: &Op) -> Outcome {
+    let root = side.root.clone();
     let p = |rel: &str| root.join(rel);
-    let r: std::io::Result<Option<Vec<u8>>> = (|| match op {
-        Op::Create {
-            path,
-            excl,
-            trunc,
-            mode,
-        } => {
-            let mut o = OpenOptions::new();
-            o.write(true).mode(mode.0);
-            if *excl {
-                o.create_new(true);
-            } else {
-                o.create(true).truncate(*trunc);
-            }
-            o.open(p(path)).map(|_| None)
-        }
-        Op::Write {
-            path,
-            offset,
-            len,
-            seed,
-        } => {
-            let f = OpenOptions::new().write(true).open(p(path))?;
-            f.write_all_at(&data(*len, *seed), *offset)?;
-            Ok(None)
-        }
-        Op::Read { path, offset, len } => {
-            let f = OpenOptions::new().read(true).open(p(path))?;
-            let mut buf = vec![0u8; *len];
-            let mut got = 0;
-            while got < *len {
-                let n = f.read_at(&mut buf[got..], offset + got as u64)?;
-                if n == 0 {
-                    break;
+    let fds = &mut side.fds;
+    let ebadf = || std::io::Error::from_raw_os_error(libc::EBADF);
+    let mut run = || -> std::io::Result<Option<Vec<u8>>> {
+        match op {
+            Op::Create {
+                path,
+                excl,
+                trunc,
+                mode,
+            } => {
+                let mut o = OpenOptions::new();
+                o.write(true).mode(mode.0);
+                if *excl {
+                    o.create_new(true);
+                } else {
+                    o.create(true).truncate(*trunc);
                 }
-                got += n;
+                o.open(p(path)).map(|_| None)
             }
-            buf.truncate(got);
-            Ok(Some(buf))
+            Op::Write {
+                path,
+                offset,
+                len,
+                seed,
+            } => {
+                let f = OpenOptions::new().write(true).open(p(path))?;
+                f.write_all_at(&data(*len, *seed), *offset)?;
+                Ok(None)
+            }
+            Op::Read { path, offset, len } => {
+                let f = OpenOptions::new().read(true).open(p(path))?;
+                read_fully(&f, *offset, *len).map(Some)
+            }
+            Op::Truncate { path, size } => {
+                check(unsafe { libc::truncate(cstr(&p(path)).as_ptr(), *size as i64) })?;
+                Ok(None)
+            }
+            Op::Rename { from, to, flags } => renameat2(&p(from), &p(to), *flags).map(|_| None),
+            Op::Link { from, to } => fs::hard_link(p(from), p(to)).map(|_| None),
+            Op::Symlink { target, path } => {
+                std::os::unix::fs::symlink(target, p(path)).map(|_| None)
+            }
+            Op::Unlink { path } => fs::remove_file(p(path)).map(|_| None),
+            Op::Mkdir { path, mode } => fs::DirBuilder::new()
+                .mode(mode.0)
+                .create(p(path))
+                .map(|_| None),
+            Op::Rmdir { path } => fs::remove_dir(p(path)).map(|_| None),
+            Op::Chmod { path, mode } => {
+                fs::set_permissions(p(path), fs::Permissions::from_mode(mode.0)).map(|_| None)
+            }
+            Op::Utimens {
+                path,
+                atime,
+                mtime,
+                nofollow,
+            } => {
+                let flags = if *nofollow {
+                    libc::AT_SYMLINK_NOFOLLOW
+                } else {
+                    0
+                };
+                utimensat(&p(path), atime.timespec(), mtime.timespec(), flags).map(|_| None)
+            }
+            Op::Open {
+                slot,
+                path,
+                write,
+                append,
+            } => {
+                let f = OpenOptions::new()
+                    .read(true)
+                    .write(*write)
+                    .append(*append)
+                    .open(p(path))?;
+                fds[*slot] = Some(f);
+                Ok(None)
+            }
+            Op::FdWrite {
+                slot,
+                offset,
+                len,
+                seed,
+            } => {
+                let f = fds[*slot].as_ref().ok_or_else(ebadf)?;
+                f.write_all_at(&data(*len, *seed), *offset)?;
+                Ok(None)
+            }
+            Op::FdRead { slot, offset, len } => {
+                let f = fds[*slot].as_ref().ok_or_else(ebadf)?;
+                read_fully(f, *offset, *len).map(Some)
+            }
+            Op::FdTruncate { slot, size } => {
+                let f = fds[*slot].as_ref().ok_or_else(ebadf)?;
+                f.set_len(*size)?;
+                Ok(None)
+            }
+            Op::FdStat { slot } => {
+                let md = fds[*slot].as_ref().ok_or_else(ebadf)?.metadata()?;
+                let size = if md.is_dir() { None } else { Some(md.size()) };
+                let text = format!("mode {:o} size {size:?} nlink {}", md.mode(), md.nlink());
+                Ok(Some(text.into_bytes()))
+            }
+            Op::Close { slot } => fds[*slot].take().map(|_| None).ok_or_else(ebadf),
         }
-        Op::Truncate { path, size } => {
-            check(unsafe { libc::truncate(cstr(&p(path)).as_ptr(), *size as i64) })?;
-            Ok(None)
-        }
-        Op::Rename { from, to, flags } => renameat2(&p(from), &p(to), *flags).map(|_| None),
-        Op::Link { from, to } => fs::hard_link(p(from), p(to)).map(|_| None),
-        Op::Symlink { target, path } => std::os::unix::fs::symlink(target, p(path)).map(|_| None),
-        Op::Unlink { path } => fs::remove_file(p(path)).map(|_| None),
-        Op::Mkdir { path, mode } => fs::DirBuilder::new()
-            .mode(mode.0)
-            .create(p(path))
-            .map(|_| None),
-        Op::Rmdir { path } => fs::remove_dir(p(path)).map(|_| None),
-        Op::Chmod { path, mode } => {
-            fs::set_permissions(p(path), fs::Permissions::from_mode(mode.0)).map(|_| None)
-        }
-        Op::Utimens {
-            path,
-            atime,
-            mtime,
-            nofollow,
-        } => {
-            let flags = if *nofollow {
-                libc::AT_SYMLINK_NOFOLLOW
-            } else {
-                0
-            };
-            utimensat(&p(path), atime.timespec(), mtime.timespec(), flags).map(|_| None)
-        }
-    })();
-    Outcome(r.map_err(errno))
+    };
+    Outcome(run().map_err(errno))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -339,6 +437,10 @@ fn time() -> impl Strategy<Value = Time> {
     ]
 }
 
+fn slot() -> impl Strategy<Value = usize> {
+    0..SLOTS
+}
+
 fn offset() -> impl Strategy<Value = u64> {
     prop_oneof![3 => 0u64..5000, 1 => 0u64..300_000]
 }
@@ -375,6 +477,15 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (path(), chmod_mode).prop_map(|(path, mode)| Op::Chmod { path, mode }),
         2 => (path(), time(), time(), any::<bool>())
             .prop_map(|(path, atime, mtime, nofollow)| Op::Utimens { path, atime, mtime, nofollow }),
+        3 => (slot(), path(), any::<bool>(), prop::bool::weighted(0.2))
+            .prop_map(|(slot, path, write, append)| Op::Open { slot, path, write: write || append, append }),
+        4 => (slot(), offset(), 1usize..20_000, any::<u8>())
+            .prop_map(|(slot, offset, len, seed)| Op::FdWrite { slot, offset, len, seed }),
+        2 => (slot(), offset(), 1usize..70_000)
+            .prop_map(|(slot, offset, len)| Op::FdRead { slot, offset, len }),
+        1 => (slot(), offset()).prop_map(|(slot, size)| Op::FdTruncate { slot, size }),
+        2 => slot().prop_map(|slot| Op::FdStat { slot }),
+        1 => slot().prop_map(|slot| Op::Close { slot }),
     ]
 }
 
@@ -402,9 +513,11 @@ fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
     fs::set_permissions(&reference, fs::Permissions::from_mode(0o755)).unwrap();
     fs::set_permissions(&m.mnt, fs::Permissions::from_mode(0o755)).unwrap();
 
+    let mut want_side = Side::new(&reference);
+    let mut got_side = Side::new(&m.mnt);
     for (i, op) in ops.iter().enumerate() {
-        let want = apply(&reference, op);
-        let got = apply(&m.mnt, op);
+        let want = apply(&mut want_side, op);
+        let got = apply(&mut got_side, op);
         prop_assert_eq!(
             &got,
             &want,
@@ -430,6 +543,7 @@ fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
     }
 
     // Unmounting flushes everything: the backing directory must now hold the same tree.
+    drop((want_side, got_side));
     m.unmount();
     let expected = snapshot(&reference).map_err(TestCaseError::fail)?;
     let backing = snapshot(&m.backing).map_err(TestCaseError::fail)?;
