@@ -20,6 +20,7 @@ pub mod core;
 pub mod error;
 mod fuse;
 pub mod inode;
+pub mod rules;
 
 use std::io;
 use std::path::{Path, PathBuf};
