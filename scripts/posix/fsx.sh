@@ -33,6 +33,9 @@
 #   KMOUNT_POSIX_WORKDIR  where the fresh directories are made (default /var/tmp); must not
 #                         be tmpfs or FUSE.
 #   KMOUNT_KEEP=1         keep the work directories.
+#   KMOUNT_STATE_DIR      kmount's state dir (default RESULTS/kmount-state, so the mount
+#                         daemon's log, RESULTS/kmount-state/logs/*.log, is kept with the
+#                         results); KMOUNT_LOG=debug makes that log list every FUSE request.
 #
 # Exit status: 0 when every run passed and the contents matched; 1 when some fsx run failed
 # or some contents differ; 2 when the runs could not happen (setup, mount or unmount failure).
@@ -43,7 +46,7 @@ prog=fsx.sh
 # shellcheck source=scripts/posix/lib.sh
 . "$repo/scripts/posix/lib.sh"
 
-results_root=${KMOUNT_RESULTS:-/tmp/kmount-posix}
+results_root=$(realpath -m "${KMOUNT_RESULTS:-/tmp/kmount-posix}")
 results="$results_root/fsx"
 kmount_bin=${KMOUNT:-$repo/target/debug/kmount}
 workbase=${KMOUNT_POSIX_WORKDIR:-/var/tmp}
@@ -80,6 +83,7 @@ if ((!backing_only)); then
 fi
 
 mkdir -p "$results"
+use_state_dir "$results_root"
 : >"$results/summary.txt"
 work=$(mktemp -d "$workbase/kmount-fsx.XXXXXX")
 chmod 0755 "$work"

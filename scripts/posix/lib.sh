@@ -33,15 +33,34 @@ require_disk_dir() {
 	esac
 }
 
+# use_state_dir RESULTS_ROOT: unless KMOUNT_STATE_DIR is set, keep kmount's state (mount
+# records, control sockets, daemon logs) under RESULTS_ROOT/kmount-state so the daemon log
+# stays with the results; falls back to kmount's default when the control socket path would
+# not fit in a unix socket address (108 bytes).
+use_state_dir() {
+	local dir=$1/kmount-state
+	[[ -z ${KMOUNT_STATE_DIR:-} ]] || return 0
+	if ((${#dir} + 32 < 108)); then
+		export KMOUNT_STATE_DIR=$dir
+	else
+		log "note: $dir is too long for kmount's control socket; daemon logs stay in kmount's default state dir"
+	fi
+}
+
 # kmount_mount SRC MNT LOG: `kmount SRC MNT` (daemonizes once the mount is ready); its output
 # and the daemon's go to LOG. Dies unless MNT ends up a FUSE mount.
 kmount_mount() {
 	local src=$1 mnt=$2 logf=$3 t
 	log "mount: $kmount_bin $src $mnt"
 	echo "# $(date -u +%FT%TZ) $kmount_bin $src $mnt" >>"$logf"
-	if ! timeout 120 "$kmount_bin" "$src" "$mnt" >>"$logf" 2>&1; then
+	local rc=0 limit=${KMOUNT_MOUNT_TIMEOUT:-120}
+	timeout "$limit" "$kmount_bin" "$src" "$mnt" >>"$logf" 2>&1 || rc=$?
+	if ((rc == 124)); then
+		die "'kmount $src $mnt' did not return within ${limit}s (KMOUNT_MOUNT_TIMEOUT)$(
+			is_mounted "$mnt" && echo "; $mnt is mounted, so the mount works but the command never reported ready")"
+	elif ((rc != 0)); then
 		tail -n 20 "$logf" >&2
-		die "'kmount $src $mnt' failed (see $logf)"
+		die "'kmount $src $mnt' failed with exit $rc (see $logf)"
 	fi
 	is_mounted "$mnt" || die "kmount exited 0 but nothing is mounted on $mnt"
 	t=$(mount_fstype "$mnt")

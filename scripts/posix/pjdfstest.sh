@@ -23,6 +23,9 @@
 #                           not be tmpfs or FUSE: it stands for the ext4 the agent serves.
 #   PJDFSTEST_TIMEOUT       seconds allowed for each pjdfstest run (default 1800).
 #   KMOUNT_KEEP=1           keep the work directories (the mount is still unmounted).
+#   KMOUNT_STATE_DIR        kmount's state dir (default RESULTS/kmount-state, so the mount
+#                           daemon's log, RESULTS/kmount-state/logs/*.log, is kept with the
+#                           results); KMOUNT_LOG=debug makes that log list every FUSE request.
 #
 # Exit status: 0 when no test fails on the mount that passes on the backing directory
 # (tests listed with a reason in tests/posix/pjdfstest-known-differences.txt excepted);
@@ -33,7 +36,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 config="$repo/tests/posix/pjdfstest.toml"
 allowlist="$repo/tests/posix/pjdfstest-known-differences.txt"
-results_root=${KMOUNT_RESULTS:-/tmp/kmount-posix}
+results_root=$(realpath -m "${KMOUNT_RESULTS:-/tmp/kmount-posix}")
 results="$results_root/pjdfstest"
 kmount_bin=${KMOUNT:-$repo/target/debug/kmount}
 workbase=${KMOUNT_POSIX_WORKDIR:-/var/tmp}
@@ -89,6 +92,7 @@ if [[ -f $allowlist ]]; then
 fi
 
 mkdir -p "$results"
+use_state_dir "$results_root"
 work=$(mktemp -d "$workbase/kmount-pjdfstest.XXXXXX")
 chmod 0755 "$work"
 secondary=""
@@ -237,19 +241,21 @@ if [[ $mode == backing ]]; then
 	exit 0
 fi
 
-if [[ ! -f $results/backing.tsv ]]; then
-	log "no baseline in $results/backing.tsv: every failure on the mount counts"
-	: >"$results/backing.tsv"
+baseline=$results/backing.tsv
+if [[ ! -s $baseline ]]; then
+	log "no baseline in $baseline: every failure on the mount counts"
+	baseline=/dev/null
 fi
 
-# join the two result sets: NAME BACKING MOUNT ("none" when a side lacks the test)
-joined=$(awk -F'\t' '
-	FNR == NR { b[$1] = $2; next }
+# join the two result sets: NAME BACKING MOUNT ("none" when a side lacks the test; with
+# TEST_PATTERNs, only the tests the mount run selected)
+joined=$(awk -F'\t' -v filtered=${#patterns[@]} '
+	FILENAME == ARGV[1] { b[$1] = $2; next }
 	{ m[$1] = $2 }
 	END {
-		for (n in b) printf "%s\t%s\t%s\n", n, b[n], ((n in m) ? m[n] : "none")
+		for (n in b) if (!filtered || (n in m)) printf "%s\t%s\t%s\n", n, b[n], ((n in m) ? m[n] : "none")
 		for (n in m) if (!(n in b)) printf "%s\t%s\t%s\n", n, "none", m[n]
-	}' "$results/backing.tsv" "$results/mount.tsv" | sort)
+	}' "$baseline" "$results/mount.tsv" | sort)
 
 regressions=()
 allowed_hits=()
