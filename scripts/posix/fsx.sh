@@ -28,7 +28,7 @@
 #   FSX_TIMEOUT           seconds allowed per run (default max(600, OPS/10)).
 #   KMOUNT_RESULTS        results dir (default /tmp/kmount-posix): fsx/SIDE-SET.log, fsx
 #                         artifacts (SIDE-SET/*.fsxgood on failure), summary.txt, and
-#                         kmount.log (the mount daemon's output).
+#                         kmount.log (output of the kmount commands).
 #   KMOUNT                kmount binary (default: target/debug/kmount of this repo).
 #   KMOUNT_POSIX_WORKDIR  where the fresh directories are made (default /var/tmp); must not
 #                         be tmpfs or FUSE.

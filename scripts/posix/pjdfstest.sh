@@ -17,7 +17,7 @@
 # Environment:
 #   KMOUNT_RESULTS          results dir (default /tmp/kmount-posix); this script writes
 #                           pjdfstest/{backing,mount}.{log,tsv,failures.txt}, comparison.txt
-#                           and kmount.log (the mount daemon's output).
+#                           and kmount.log (output of the kmount commands).
 #   KMOUNT                  kmount binary (default: target/debug/kmount of this repo).
 #   KMOUNT_POSIX_WORKDIR    where the fresh directories are made (default /var/tmp); must
 #                           not be tmpfs or FUSE: it stands for the ext4 the agent serves.
