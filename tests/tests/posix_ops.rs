@@ -1384,6 +1384,31 @@ fn readdir_d_ino_and_type_match_backing() {
 }
 
 #[test]
+fn stat_right_after_close() {
+    // The kernel releases a handle asynchronously after close(2); a stat racing with that
+    // release must still succeed.
+    let m = Mounted::new();
+    let mut failures = Vec::new();
+    for i in 0..1000 {
+        let (a, b) = (m.m(format!("a{i}")), m.m(format!("b{i}")));
+        fs::write(&a, b"A").unwrap();
+        if let Err(e) = fs::symlink_metadata(&a) {
+            failures.push(format!("lstat a{i} after write+close: {e}"));
+        }
+        fs::rename(&a, &b).unwrap();
+        let _ = read(&b);
+        if let Err(e) = fs::symlink_metadata(&b) {
+            failures.push(format!("lstat b{i} after read+close: {e}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 2000 stats failed: {failures:?}",
+        failures.len()
+    );
+}
+
+#[test]
 fn readdir_large_directory() {
     let m = Mounted::new();
     fs::create_dir(m.m("many")).unwrap();
