@@ -1430,6 +1430,32 @@ fn readdir_large_directory() {
 }
 
 #[test]
+fn unlink_while_reading_dir() {
+    // What `rm -rf` does: unlink each entry as readdir returns it, in one pass over the
+    // directory. Every entry must be returned exactly once even as the directory shrinks.
+    let m = Mounted::with_backing(|b| {
+        fs::create_dir(b.join("big")).unwrap();
+        for i in 0..1500 {
+            fs::write(b.join("big").join(format!("entry-{i}")), b"").unwrap();
+        }
+    });
+    let mut seen = std::collections::BTreeSet::new();
+    for entry in fs::read_dir(m.m("big")).unwrap() {
+        let name = entry.unwrap().file_name();
+        assert!(seen.insert(name.clone()), "readdir returned {name:?} twice");
+        fs::remove_file(m.m("big").join(&name)).unwrap();
+    }
+    assert_eq!(
+        seen.len(),
+        3000,
+        "readdir missed entries while they were being unlinked"
+    );
+    assert_eq!(names(&m.m("big")), Vec::<String>::new());
+    fs::remove_dir(m.m("big")).unwrap();
+    assert!(!m.b("big").exists());
+}
+
+#[test]
 fn concurrent_io_does_not_stall() {
     const THREADS: usize = 8;
     let m = Mounted::new();
