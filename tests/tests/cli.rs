@@ -482,3 +482,37 @@ fn agent_version() {
         out.stdout
     );
 }
+
+#[test]
+fn unmount_after_the_daemon_was_killed() {
+    let mut m = Mounted::new();
+    fs::write(m.m("f"), b"x").unwrap();
+    let out = run_timeout(m.kmount().arg("list"), MOUNT_TIMEOUT);
+    let (_, pid) = list_row(&out, &m.backing, &m.mnt);
+    // The daemon is this test's own descendant (started by `kmount` above).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Wait until it is reaped (its parent is init), not merely a zombie.
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while proc_dir.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !proc_dir.exists(),
+        "daemon {pid} still exists 10 s after SIGKILL"
+    );
+    // A mount whose daemon is gone: kmount says so, and `kmount unmount` cleans it up.
+    let listed = run_timeout(m.kmount().arg("list"), MOUNT_TIMEOUT);
+    assert!(
+        listed.stdout.contains("stale") || !listed.stdout.contains(&*m.mnt.to_string_lossy()),
+        "kmount list shows a dead mount as live:\n{listed}"
+    );
+    m.unmount();
+    // The mountpoint is usable again.
+    let again = Mounted::with_backing(|b| fs::write(b.join("g"), b"y").unwrap());
+    assert_eq!(fs::read(again.m("g")).unwrap(), b"y");
+}
