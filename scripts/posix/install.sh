@@ -2,8 +2,9 @@
 # Installs the POSIX test suites used by scripts/posix/{pjdfstest,fsx}.sh:
 #   - pjdfstest (Rust rewrite, crates.io) and fsx (fsx-rs, crates.io), pinned versions,
 #     built with `cargo install --locked` into ~/.cargo/bin;
-#   - the Debian packages they need (libacl1-dev to link pjdfstest's exacl dependency,
-#     acl for getfacl/setfacl, fuse3 for fusermount3 used to mount kmount);
+#   - the Debian packages they need: gcc and libc6-dev (cargo links with cc), libacl1-dev
+#     (pjdfstest's exacl dependency links libacl), acl (getfacl/setfacl, listed by pjdfstest's
+#     README), fuse3 (fusermount3, used to mount and unmount kmount);
 #   - the dummy user/group `tests` that pjdfstest switches to (with `nobody`/`nogroup`).
 #
 # Idempotent: each step runs only when its result is missing. Non-interactive. Run as root
@@ -12,7 +13,7 @@ set -euo pipefail
 
 PJDFSTEST_VERSION=0.2.2
 FSX_VERSION=0.3.2
-DEBIAN_PACKAGES=(libacl1-dev acl fuse3 pkg-config)
+DEBIAN_PACKAGES=(gcc libc6-dev libacl1-dev acl fuse3)
 
 die() {
 	echo "install.sh: error: $*" >&2
@@ -36,17 +37,25 @@ for pkg in "${DEBIAN_PACKAGES[@]}"; do
 done
 if ((${#missing[@]})); then
 	export DEBIAN_FRONTEND=noninteractive
-	# Refresh the package lists only when one of the packages is unknown to apt.
+	# Refresh the package lists only when one of the packages is unknown to apt, or when
+	# installing from the current lists fails (stale lists name files the mirror dropped).
+	updated=0
 	for pkg in "${missing[@]}"; do
 		if ! apt-cache show "$pkg" >/dev/null 2>&1; then
 			log "apt-get update (package lists do not know $pkg)"
 			apt-get update -q || die "apt-get update failed"
+			updated=1
 			break
 		fi
 	done
 	log "apt-get install ${missing[*]}"
-	apt-get install -y -q --no-install-recommends "${missing[@]}" ||
-		die "apt-get install ${missing[*]} failed"
+	if ! apt-get install -y -q --no-install-recommends "${missing[@]}"; then
+		((updated == 0)) || die "apt-get install ${missing[*]} failed"
+		log "apt-get install failed; retrying after apt-get update"
+		apt-get update -q || die "apt-get update failed"
+		apt-get install -y -q --no-install-recommends "${missing[@]}" ||
+			die "apt-get install ${missing[*]} failed"
+	fi
 else
 	log "Debian packages present: ${DEBIAN_PACKAGES[*]}"
 fi
