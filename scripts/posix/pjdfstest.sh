@@ -22,6 +22,8 @@
 #   KMOUNT_POSIX_WORKDIR    where the fresh directories are made (default /var/tmp); must
 #                           not be tmpfs or FUSE: it stands for the ext4 the agent serves.
 #   PJDFSTEST_TIMEOUT       seconds allowed for each pjdfstest run (default 1800).
+#   PJDFSTEST_RERUNS        times each test that failed on the mount is re-run alone, to
+#                           tell a race from a deterministic failure (default 3; 0: never).
 #   KMOUNT_KEEP=1           keep the work directories (the mount is still unmounted).
 #   KMOUNT_STATE_DIR        kmount's state dir (default RESULTS/kmount-state, so the mount
 #                           daemon's log, RESULTS/kmount-state/logs/*.log, is kept with the
@@ -41,6 +43,7 @@ results="$results_root/pjdfstest"
 kmount_bin=${KMOUNT:-$repo/target/debug/kmount}
 workbase=${KMOUNT_POSIX_WORKDIR:-/var/tmp}
 run_timeout=${PJDFSTEST_TIMEOUT:-1800}
+reruns=${PJDFSTEST_RERUNS:-3}
 export PATH="$HOME/.cargo/bin:$PATH" NO_COLOR=1 RUST_BACKTRACE=0
 
 prog=pjdfstest.sh
@@ -70,6 +73,7 @@ done
 [[ $(id -u) -eq 0 ]] || die "run as root: pjdfstest switches users and kmount mounts with allow_other"
 command -v pjdfstest >/dev/null || die "pjdfstest not found: run scripts/posix/install.sh"
 [[ -f $config ]] || die "missing $config"
+[[ $reruns =~ ^[0-9]+$ ]] || die "PJDFSTEST_RERUNS must be a number"
 if [[ $mode != backing ]]; then
 	[[ -x $kmount_bin ]] ||
 		die "kmount binary $kmount_bin not found: run 'cargo build -p kmount-cli -p kmount-agent' (or set KMOUNT)"
@@ -270,6 +274,27 @@ while IFS=$'\t' read -r name b m; do
 	fi
 done <<<"$joined"
 
+# Re-run each test that failed on the mount alone, a few times, on the same mount: tells a
+# deterministic failure from a race. It changes nothing in the verdict: a flaky failure is a
+# failure. Logs: $results/reruns/TEST.log.
+declare -A rerun_note=()
+if ((${#regressions[@]})) && ((reruns > 0)); then
+	mkdir -p "$results/reruns"
+	for n in "${regressions[@]}"; do
+		fails=0
+		: >"$results/reruns/$n.log"
+		for ((i = 1; i <= reruns; i++)); do
+			(cd "$mnt" && timeout --kill-after=30 300 pjdfstest -c "$config" -p "$mnt" \
+				"${secondary_args[@]}" -e "$n") >"$results/reruns/run.log" 2>&1 || true
+			cat "$results/reruns/run.log" >>"$results/reruns/$n.log"
+			[[ $(parse "$results/reruns/run.log" | cut -f2) == pass ]] || fails=$((fails + 1))
+		done
+		rm -f "$results/reruns/run.log"
+		rerun_note[$n]="alone on the same mount: failed $fails of $reruns reruns"
+		log "rerun $n: failed $fails of $reruns"
+	done
+fi
+
 section() { # section TITLE AWK_CONDITION
 	local lines
 	lines=$(awk -F'\t' "$2 { print \"  \" \$1 \"  (backing: \" \$2 \", mount: \" \$3 \")\" }" <<<"$joined")
@@ -281,7 +306,7 @@ section() { # section TITLE AWK_CONDITION
 {
 	echo
 	echo "FAIL ON THE MOUNT, PASS ON THE BACKING DIR (${#regressions[@]}):"
-	for n in "${regressions[@]}"; do echo "  $n"; done
+	for n in "${regressions[@]}"; do echo "  $n  ${rerun_note[$n]:+(${rerun_note[$n]})}"; done
 	echo
 	echo "Allowlisted differences, tests/posix/pjdfstest-known-differences.txt (${#allowed_hits[@]}):"
 	for n in "${allowed_hits[@]}"; do echo "  $n  -- ${allowed[$n]}"; done
