@@ -1456,6 +1456,123 @@ fn unlink_while_reading_dir() {
 }
 
 #[test]
+fn mmap_shared_write_and_read() {
+    let m = Mounted::new();
+    let p = m.m("mapped");
+    let len = 3 * 4096 + 100;
+    let original = pattern(len, 41);
+    fs::write(&p, &original).unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    // SAFETY: a fresh shared mapping of `len` bytes of a file of that size; it is unmapped
+    // below and not used after.
+    let map = unsafe {
+        let ptr = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(
+            ptr,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        std::slice::from_raw_parts_mut(ptr.cast::<u8>(), len)
+    };
+    assert!(map[..] == original[..], "mapped content differs");
+    map[5000..5010].copy_from_slice(b"MAPPEDXXXX");
+    map[len - 1] = b'!';
+    check(unsafe { libc::msync(map.as_mut_ptr().cast(), len, libc::MS_SYNC) }).unwrap();
+    check(unsafe { libc::munmap(map.as_mut_ptr().cast(), len) }).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let mut expected = splice(original, 5000, b"MAPPEDXXXX");
+    expected[len - 1] = b'!';
+    assert!(
+        read(&p) == expected,
+        "content through the mount after msync"
+    );
+    assert!(
+        read(&m.b("mapped")) == expected,
+        "backing content after msync"
+    );
+}
+
+#[test]
+fn copy_file_range_within_the_mount() {
+    let m = Mounted::new();
+    let data = pattern(300_000, 43);
+    fs::write(m.m("src"), &data).unwrap();
+    let src = File::open(m.m("src")).unwrap();
+    let dst = File::create(m.m("dst")).unwrap();
+    let (mut off_in, mut off_out): (i64, i64) = (1000, 0);
+    let mut left = 200_000usize;
+    while left > 0 {
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                left,
+                0,
+            )
+        };
+        assert!(
+            n > 0,
+            "copy_file_range: {n} {}",
+            std::io::Error::last_os_error()
+        );
+        left -= n as usize;
+    }
+    dst.sync_all().unwrap();
+    drop((src, dst));
+    assert_eq!(read(&m.m("dst")), data[1000..201_000]);
+    assert_eq!(read(&m.b("dst")), data[1000..201_000]);
+}
+
+#[test]
+fn exec_from_the_mount() {
+    let m = Mounted::new();
+    fs::copy("/bin/echo", m.m("echo")).unwrap();
+    fs::set_permissions(m.m("echo"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(m.m("script.sh"), "#!/bin/sh\necho script \"$1\"\n").unwrap();
+    fs::set_permissions(m.m("script.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(m.m("echo"))
+        .arg("hello")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "exec of a binary in the mount: {out:?}"
+    );
+    assert_eq!(out.stdout, b"hello\n");
+    let out = std::process::Command::new(m.m("script.sh"))
+        .arg("x")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "exec of a script in the mount: {out:?}"
+    );
+    assert_eq!(out.stdout, b"script x\n");
+    // Writing to a binary that is running is refused (ETXTBSY), as on a local file system.
+    fs::copy("/bin/sleep", m.m("sleep")).unwrap();
+    fs::set_permissions(m.m("sleep"), fs::Permissions::from_mode(0o755)).unwrap();
+    let mut child = std::process::Command::new(m.m("sleep"))
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let busy = OpenOptions::new().write(true).open(m.m("sleep"));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_errno(busy, libc::ETXTBSY, "open for writing of a running binary");
+}
+
+#[test]
 fn concurrent_io_does_not_stall() {
     const THREADS: usize = 8;
     let m = Mounted::new();
