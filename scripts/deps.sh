@@ -10,7 +10,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 pkgs="fuse3 gcc libc6-dev pkg-config"
-[ $want_test = 1 ] && pkgs="$pkgs git sqlite3 vim-nox tar attr psmisc procps coreutils util-linux"
+[ $want_test = 1 ] && pkgs="$pkgs git sqlite3 vim-nox tar attr psmisc procps coreutils util-linux openssh-server openssh-client"
 
 missing=""
 for p in $pkgs; do

@@ -36,6 +36,12 @@ pub fn plan(target: &Target, mountpoint: &Path) -> Result<Plan> {
                 shared: is_root,
             })
         }
+        // The remote user owns what the mount creates; the mount is this user's alone.
+        Target::Ssh(ssh) => Ok(Plan {
+            connector: Box::new(crate::ssh::SshConnector::new(ssh)?),
+            identity: false,
+            shared: false,
+        }),
     }
 }
 

@@ -3,8 +3,10 @@
 mod connect;
 mod control;
 mod daemon;
+mod install;
 mod preflight;
 mod run;
+mod ssh;
 mod state;
 mod target;
 
@@ -144,6 +146,7 @@ fn preflight_mount(target_arg: &str, mountpoint: &Path, cwd: &Path) -> Result<(T
             preflight::check_no_nesting(&root, &mountpoint)?;
             Target::Local { root }
         }
+        ssh @ Target::Ssh(_) => ssh,
     };
     Ok((target, mountpoint))
 }

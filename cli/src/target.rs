@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 pub enum Target {
     /// A directory on this machine, served by a local `kmount-agent` child process.
     Local { root: PathBuf },
+    /// A directory on a host reached with the system `ssh` client.
+    Ssh(crate::ssh::SshTarget),
 }
 
 impl Target {
@@ -25,6 +27,9 @@ impl Target {
                 cwd.join(expanded)
             };
             return Ok(Target::Local { root });
+        }
+        if let Some(ssh) = crate::ssh::SshTarget::parse(arg) {
+            return Ok(Target::Ssh(ssh?));
         }
         if arg.contains(':') {
             bail!(
@@ -43,6 +48,7 @@ impl Target {
     pub fn to_arg(&self) -> std::ffi::OsString {
         match self {
             Target::Local { root } => root.as_os_str().to_owned(),
+            Target::Ssh(ssh) => ssh.to_string_form().into(),
         }
     }
 
@@ -50,6 +56,7 @@ impl Target {
     pub fn display(&self) -> String {
         match self {
             Target::Local { root } => root.display().to_string(),
+            Target::Ssh(ssh) => ssh.to_string_form(),
         }
     }
 }

@@ -88,10 +88,7 @@ impl Setup {
 impl Drop for Setup {
     fn drop(&mut self) {
         for m in mounts_under(self.dir.path()) {
-            let _ = run_timeout(
-                self.kmount("ssh").arg("unmount").arg(&m),
-                UNMOUNT_TIMEOUT,
-            );
+            let _ = run_timeout(self.kmount("ssh").arg("unmount").arg(&m), UNMOUNT_TIMEOUT);
             force_unmount(&m);
         }
     }
@@ -159,7 +156,11 @@ fn mount_over_ssh_installs_the_agent_once_and_works_through_a_slow_link() {
     // Second mount: the cached agent is used, the binary is not sent again.
     let up_before = relay.bytes_up();
     let out = s.mount(&ssh, &target(relay.port(), &s.remote));
-    assert!(out.success(), "second mount failed: {out}\n{}", logs_in(&s.state));
+    assert!(
+        out.success(),
+        "second mount failed: {out}\n{}",
+        logs_in(&s.state)
+    );
     let sent = relay.bytes_up() - up_before;
     assert!(
         sent < agent_size / 4,
@@ -182,10 +183,7 @@ fn scp_form_and_direct_port() {
     let out = s.mount(&sshd.ssh_command(Variant::Good), &target);
     assert!(out.success(), "{out}\n{}", logs_in(&s.state));
     assert_eq!(fs::read(s.mnt.join("a")).unwrap(), b"a");
-    let list = run_timeout(
-        s.kmount("ssh").arg("list"),
-        Duration::from_secs(10),
-    );
+    let list = run_timeout(s.kmount("ssh").arg("list"), Duration::from_secs(10));
     assert!(list.stdout.contains(&target), "{list}");
     s.unmount();
     s.assert_nothing_mounted();
