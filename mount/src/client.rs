@@ -2,9 +2,13 @@
 //! stream, answered in any order.
 //!
 //! One writer task owns the stream's write half and one reader task owns the read half; callers
-//! only touch the pending map (id -> reply slot) and the queue of encoded frames. When the stream
-//! breaks, every pending call and every later call fails at once with
-//! [`CallError::Disconnected`]; nothing waits forever.
+//! only touch the pending map (id -> reply slot) and the queue of encoded frames. Remote
+//! changes (`FromAgent::Events`) go out through [`Client::take_events`].
+//!
+//! When the stream breaks, every pending call fails with [`CallError::Disconnected`] at once,
+//! unless the client was made with a connector ([`Client::connect_shared`]): then a new stream
+//! is made through it with exponential backoff, and calls that need the remote wait for it up
+//! to a bounded time (requests harmless to repeat go out again). Nothing waits forever.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -14,12 +18,12 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
 use kmount_proto::{
-    Caller, Done, FromAgent, Hello, Op, ProtoError, Reply, Request, ToAgent, WireError, decode,
-    encode, features, frame_len,
+    Caller, Done, Event, FromAgent, Hello, NodeRef, Op, ProtoError, Reply, Request, ToAgent,
+    WireError, decode, encode, features, frame_len,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::process::{Child, Command};
@@ -222,7 +226,49 @@ pub enum CallError {
     Encode(String),
 }
 
-/// A session with an agent. Cheap to clone; all clones share the one stream.
+/// How long a call that needs the remote waits for a broken connection to come back.
+pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// First pause before reconnecting; it doubles after each failure up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Batches of remote changes waiting for the mount.
+const EVENT_QUEUE: usize = 1024;
+
+/// What the client reports besides replies (`client --events--> core`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Changes the agent's watcher saw, in order.
+    Changes(Vec<Event>),
+    /// Batches of changes were dropped because the mount fell behind: anything may have
+    /// changed.
+    Overflow,
+    /// The stream broke; calls that need the remote wait for a new one.
+    Disconnected(String),
+    /// A new session replaced a broken one. Agent handles of earlier sessions are void.
+    Reconnected { generation: u64 },
+}
+
+/// The state of the connection, for status lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkStatus {
+    Connected {
+        /// Counts sessions from 1.
+        generation: u64,
+    },
+    /// The stream broke at `since`; a new one is being tried.
+    Reconnecting {
+        since: Instant,
+        attempts: u32,
+        last_error: String,
+    },
+    /// Broken for good: there is no connector to reconnect through.
+    Closed { reason: String },
+}
+
+/// A session with an agent. Cheap to clone; all clones share the one stream. With a
+/// [`Connector`] ([`Client::connect_shared`]), a broken stream is replaced by a new one.
 #[derive(Clone)]
 pub struct Client {
     shared: Arc<Shared>,
@@ -239,23 +285,94 @@ impl std::fmt::Debug for Client {
 
 struct Shared {
     next_id: AtomicU64,
+    /// Names the other end in messages.
+    what: String,
+    /// Reconnects through this when the stream breaks.
+    connector: Option<Arc<dyn Connector>>,
+    /// The first session's hello; the mount chose its mode by its features.
+    peer: Hello,
+    features: u64,
+    /// Milliseconds a call waits for a lost connection to come back.
+    remote_timeout_ms: AtomicU64,
+    link: watch::Sender<Link>,
+    events: Arc<EventSink>,
+}
+
+#[derive(Clone)]
+enum Link {
+    Up(Arc<Conn>),
+    Down {
+        since: Instant,
+        attempts: u32,
+        reason: String,
+        /// A reconnection is under way.
+        retrying: bool,
+    },
+}
+
+/// One stream to an agent.
+struct Conn {
+    generation: u64,
     calls: Arc<Calls>,
     /// callers --encoded request frames--> writer task
     frames_tx: mpsc::Sender<Vec<u8>>,
-    peer: Hello,
+    /// The agent's features in this session.
     features: u64,
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        lock(&self.calls.state).closing = true;
+        if let Link::Up(conn) = &*self.link.borrow() {
+            lock(&conn.calls.state).closing = true;
+        }
     }
 }
 
-/// Reply slots of the requests in flight.
+/// Where remote changes go: nowhere until the mount takes the receiver.
 #[derive(Default)]
-struct Calls {
-    state: Mutex<CallState>,
+struct EventSink {
+    /// client --events--> core
+    tx: Mutex<Option<mpsc::Sender<ClientEvent>>>,
+    rx: Mutex<Option<mpsc::Receiver<ClientEvent>>>,
+    /// Batches were dropped; the next successful send starts with [`ClientEvent::Overflow`].
+    overflowed: std::sync::atomic::AtomicBool,
+}
+
+impl EventSink {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        Self {
+            tx: Mutex::new(Some(tx)),
+            rx: Mutex::new(Some(rx)),
+            overflowed: Default::default(),
+        }
+    }
+
+    fn emit(&self, event: ClientEvent) {
+        let tx = lock(&self.tx);
+        let Some(tx) = tx.as_ref() else { return };
+        if lock(&self.rx).is_some() {
+            // Nobody consumes events yet: there is no model to keep current.
+            return;
+        }
+        if self.overflowed.load(Ordering::Acquire) {
+            if tx.try_send(ClientEvent::Overflow).is_err() {
+                return;
+            }
+            self.overflowed.store(false, Ordering::Release);
+        }
+        match tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflowed.swap(true, Ordering::AcqRel) {
+                    tracing::warn!("remote changes arrive faster than the mount applies them");
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                lock(&self.tx).take();
+            }
+        }
+    }
 }
 
 type ReplySlot = oneshot::Sender<Result<Done, WireError>>;
@@ -269,11 +386,17 @@ struct CallState {
     closing: bool,
 }
 
+/// Reply slots of the requests in flight on one stream.
+#[derive(Default)]
+struct Calls {
+    state: Mutex<CallState>,
+}
+
 impl Calls {
-    fn register(&self, id: u64, slot: ReplySlot) -> Result<(), CallError> {
+    fn register(&self, id: u64, slot: ReplySlot) -> Result<(), String> {
         let mut st = lock(&self.state);
         if let Some(reason) = &st.broken {
-            return Err(CallError::Disconnected(reason.clone()));
+            return Err(reason.clone());
         }
         st.pending.insert(id, slot);
         Ok(())
@@ -293,6 +416,7 @@ impl Calls {
     }
 
     /// Marks the stream broken and fails every pending call (their slots are dropped).
+    /// Returns whether the end was expected (every client is gone).
     fn break_all(&self, reason: String) -> bool {
         let mut st = lock(&self.state);
         if st.broken.is_none() {
@@ -322,6 +446,33 @@ impl Drop for PendingGuard<'_> {
     }
 }
 
+/// Why a call on one stream got no reply.
+enum Failure {
+    /// The request never left: it can go out on the next stream.
+    Unsent(Vec<u8>, String),
+    /// It may have reached the agent.
+    Lost(String),
+}
+
+impl Conn {
+    async fn call(&self, id: u64, frame: Vec<u8>) -> Result<Result<Done, WireError>, Failure> {
+        let (slot_tx, slot_rx) = oneshot::channel();
+        if let Err(reason) = self.calls.register(id, slot_tx) {
+            return Err(Failure::Unsent(frame, reason));
+        }
+        let _guard = PendingGuard {
+            calls: &self.calls,
+            id,
+        };
+        if let Err(mpsc::error::SendError(frame)) = self.frames_tx.send(frame).await {
+            return Err(Failure::Unsent(frame, self.calls.reason()));
+        }
+        slot_rx
+            .await
+            .map_err(|_| Failure::Lost(self.calls.reason()))
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The protected sections never panic midway, so a poisoned lock still holds valid data.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -331,8 +482,236 @@ fn software() -> String {
     format!("kmount {}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Whether sending `op` again is harmless when its reply was lost with the stream: it reads,
+/// or it states a result rather than a step (a path-addressed write at an explicit offset).
+/// Handle-addressed requests never are: handles die with their session.
+fn replayable(op: &Op) -> bool {
+    match op {
+        Op::Lookup { .. }
+        | Op::Readlink { .. }
+        | Op::Statfs
+        | Op::Access { .. }
+        | Op::Ping
+        | Op::OpenDir { .. }
+        | Op::WalkOpen { .. }
+        | Op::Watch { .. }
+        | Op::Digest { .. }
+        | Op::AppliedSeq { .. }
+        | Op::ReadPath { .. }
+        | Op::FsyncPath { .. } => true,
+        Op::GetAttr { node } | Op::GetXattr { node, .. } | Op::ListXattr { node } => {
+            matches!(node, NodeRef::Path(_))
+        }
+        Op::Open { flags, .. } => flags & libc::O_TRUNC == 0,
+        _ => false,
+    }
+}
+
+/// A stream after a successful hello exchange.
+struct Handshaken {
+    reader: Box<dyn AsyncRead + Send + Unpin>,
+    writer: Box<dyn AsyncWrite + Send + Unpin>,
+    child: Option<Child>,
+    theirs: Hello,
+    features: u64,
+}
+
+/// Completes the hello exchange on `stream`.
+async fn handshake(stream: BoxedStream, what: &str) -> Result<Handshaken, ClientError> {
+    let BoxedStream {
+        mut reader,
+        mut writer,
+        mut child,
+        stderr,
+    } = stream;
+    let ours = Hello::new(OUR_FEATURES, software());
+    let exchange = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        hello_exchange(&mut reader, &mut writer, &ours),
+    )
+    .await;
+    let theirs = match exchange {
+        Ok(Ok(theirs)) => theirs,
+        Ok(Err(failure)) => {
+            return Err(failure.into_error(what, &stderr, child.as_mut()).await);
+        }
+        Err(_) => {
+            return Err(ClientError::Timeout {
+                what: what.to_string(),
+                timeout: HELLO_TIMEOUT,
+                stderr: stderr_note(&stderr, Duration::ZERO).await,
+            });
+        }
+    };
+    let features = ours.features & theirs.features;
+    tracing::debug!(peer = %theirs.software, features, "session established");
+    Ok(Handshaken {
+        reader,
+        writer,
+        child,
+        theirs,
+        features,
+    })
+}
+
+/// Features this side supports.
+const OUR_FEATURES: u64 = features::IDENTITY | features::TREE | features::WATCH | features::JOURNAL;
+
+/// Starts the reader and writer tasks of a new stream.
+fn start_conn(
+    h: Handshaken,
+    generation: u64,
+    shared: Weak<Shared>,
+    events: Arc<EventSink>,
+) -> Arc<Conn> {
+    let calls = Arc::new(Calls::default());
+    let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
+    tokio::spawn(write_loop(
+        h.writer,
+        frames_rx,
+        calls.clone(),
+        shared.clone(),
+        generation,
+    ));
+    tokio::spawn(read_loop(
+        h.reader,
+        calls.clone(),
+        h.child,
+        shared,
+        generation,
+        events,
+    ));
+    Arc::new(Conn {
+        generation,
+        calls,
+        frames_tx,
+        features: h.features,
+    })
+}
+
+impl Shared {
+    /// The stream of session `generation` broke: calls wait for a new one (when there is a
+    /// connector) and a reconnection starts.
+    fn link_down(self: &Arc<Self>, generation: u64, reason: String) {
+        let retrying = self.connector.is_some();
+        let changed = self.link.send_if_modified(|link| match link {
+            Link::Up(conn) if conn.generation == generation => {
+                *link = Link::Down {
+                    since: Instant::now(),
+                    attempts: 0,
+                    reason: reason.clone(),
+                    retrying,
+                };
+                true
+            }
+            _ => false,
+        });
+        if !changed {
+            return;
+        }
+        self.events.emit(ClientEvent::Disconnected(reason));
+        if retrying {
+            tokio::spawn(reconnect_loop(Arc::downgrade(self), generation + 1));
+        }
+    }
+
+    fn remote_timeout(&self) -> Duration {
+        Duration::from_millis(self.remote_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// The current stream, waiting until `deadline` for one while a reconnection is under
+    /// way.
+    async fn wait_up(&self, deadline: tokio::time::Instant) -> Result<Arc<Conn>, CallError> {
+        let mut rx = self.link.subscribe();
+        loop {
+            let link = rx.borrow_and_update().clone();
+            let reason = match link {
+                Link::Up(conn) => return Ok(conn),
+                Link::Down {
+                    retrying: false,
+                    reason,
+                    ..
+                } => return Err(CallError::Disconnected(reason)),
+                Link::Down { reason, .. } => reason,
+            };
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(CallError::Disconnected(reason)),
+                Err(_) => {
+                    return Err(CallError::Disconnected(format!(
+                        "{reason}; it did not come back within {} s",
+                        self.remote_timeout().as_secs()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+/// Replaces a broken stream: connects through the connector with exponential backoff until
+/// it works or every client is gone.
+async fn reconnect_loop(shared: Weak<Shared>, generation: u64) {
+    let mut delay = RECONNECT_FIRST;
+    let mut attempts = 0u32;
+    loop {
+        tokio::time::sleep(delay).await;
+        let Some(s) = shared.upgrade() else { return };
+        let Some(connector) = s.connector.clone() else {
+            return;
+        };
+        attempts += 1;
+        let result = async {
+            let stream = connector
+                .connect()
+                .await
+                .map_err(|source| ClientError::Spawn {
+                    what: s.what.clone(),
+                    source,
+                })?;
+            handshake(stream, &s.what).await
+        }
+        .await;
+        match result {
+            Ok(h) => {
+                if h.features != s.features {
+                    tracing::warn!(
+                        "the new agent session offers features {:#x}, the first offered {:#x}",
+                        h.features,
+                        s.features
+                    );
+                }
+                let conn = start_conn(h, generation, shared.clone(), s.events.clone());
+                s.link.send_replace(Link::Up(conn));
+                tracing::info!(generation, attempts, "reconnected to {}", s.what);
+                s.events.emit(ClientEvent::Reconnected { generation });
+                return;
+            }
+            Err(e) => {
+                if attempts == 1 || attempts.is_multiple_of(10) {
+                    tracing::warn!("reconnecting to {} (attempt {attempts}): {e}", s.what);
+                } else {
+                    tracing::debug!("reconnecting to {} (attempt {attempts}): {e}", s.what);
+                }
+                s.link.send_modify(|link| {
+                    if let Link::Down {
+                        attempts: a,
+                        reason,
+                        ..
+                    } = link
+                    {
+                        *a = attempts;
+                        *reason = e.to_string();
+                    }
+                });
+                delay = (delay * 2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
+
 impl Client {
-    /// Connects through `connector` and completes the hello exchange.
+    /// Connects through `connector` and completes the hello exchange. A broken stream is not
+    /// replaced; see [`Client::connect_shared`] for that.
     pub async fn connect(connector: &dyn Connector) -> Result<Client, ClientError> {
         let what = connector.describe();
         let stream = connector
@@ -342,90 +721,220 @@ impl Client {
                 what: what.clone(),
                 source,
             })?;
-        Self::from_stream(stream, &what).await
+        Self::start(stream, &what, None).await
+    }
+
+    /// Connects through `connector` and keeps it: when the stream breaks, a new one is made
+    /// through it (with exponential backoff, 100 ms up to 5 s between attempts). Calls that
+    /// need the remote wait for it up to [`Client::set_remote_timeout`].
+    pub async fn connect_shared(connector: Arc<dyn Connector>) -> Result<Client, ClientError> {
+        let what = connector.describe();
+        let stream = connector
+            .connect()
+            .await
+            .map_err(|source| ClientError::Spawn {
+                what: what.clone(),
+                source,
+            })?;
+        Self::start(stream, &what, Some(connector)).await
     }
 
     /// Completes the hello exchange on an already open stream. `what` names the other end in
-    /// error messages.
+    /// error messages. A broken stream is not replaced.
     pub async fn from_stream(stream: BoxedStream, what: &str) -> Result<Client, ClientError> {
-        let BoxedStream {
-            mut reader,
-            mut writer,
-            mut child,
-            stderr,
-        } = stream;
-        let ours = Hello::new(features::IDENTITY, software());
-        let exchange = tokio::time::timeout(
-            HELLO_TIMEOUT,
-            hello_exchange(&mut reader, &mut writer, &ours),
-        )
-        .await;
-        let theirs = match exchange {
-            Ok(Ok(theirs)) => theirs,
-            Ok(Err(failure)) => {
-                return Err(failure.into_error(what, &stderr, child.as_mut()).await);
-            }
-            Err(_) => {
-                return Err(ClientError::Timeout {
-                    what: what.to_string(),
-                    timeout: HELLO_TIMEOUT,
-                    stderr: stderr_note(&stderr, Duration::ZERO).await,
-                });
-            }
-        };
-        let features = ours.features & theirs.features;
-        tracing::debug!(peer = %theirs.software, features, "session established");
+        Self::start(stream, what, None).await
+    }
 
-        let calls = Arc::new(Calls::default());
-        let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
-        tokio::spawn(write_loop(writer, frames_rx, calls.clone()));
-        tokio::spawn(read_loop(reader, calls.clone(), child));
-        Ok(Client {
-            shared: Arc::new(Shared {
+    async fn start(
+        stream: BoxedStream,
+        what: &str,
+        connector: Option<Arc<dyn Connector>>,
+    ) -> Result<Client, ClientError> {
+        let h = handshake(stream, what).await?;
+        let events = Arc::new(EventSink::new());
+        let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
+            let peer = h.theirs.clone();
+            let features = h.features;
+            let conn = start_conn(h, 1, weak.clone(), events.clone());
+            let (link, _) = watch::channel(Link::Up(conn));
+            Shared {
                 next_id: AtomicU64::new(1),
-                calls,
-                frames_tx,
-                peer: theirs,
+                what: what.to_string(),
+                connector,
+                peer,
                 features,
-            }),
-        })
+                remote_timeout_ms: AtomicU64::new(DEFAULT_REMOTE_TIMEOUT.as_millis() as u64),
+                link,
+                events,
+            }
+        });
+        Ok(Client { shared })
+    }
+
+    /// How long calls wait for a broken connection to come back before failing.
+    pub fn set_remote_timeout(&self, timeout: Duration) {
+        self.shared
+            .remote_timeout_ms
+            .store(timeout.as_millis().max(1) as u64, Ordering::Relaxed);
+    }
+
+    /// The receiver of remote changes and connection events; `Some` once. Until it is taken,
+    /// remote changes are dropped.
+    pub fn take_events(&self) -> Option<mpsc::Receiver<ClientEvent>> {
+        lock(&self.shared.events.rx).take()
     }
 
     /// Sends one request and waits for its reply. Safe to call from many tasks at once.
+    ///
+    /// When the stream breaks and a new one comes (a connector was given), a request that
+    /// never left, or one that is harmless to repeat ([`replayable`]), goes out again on the
+    /// new stream; others fail with [`CallError::Disconnected`].
     pub async fn call(&self, op: Op, caller: Option<Caller>) -> Result<Done, CallError> {
+        self.call_inner(op, caller, None)
+            .await
+            .map(|(done, _)| done)
+    }
+
+    /// Like [`Client::call`], also returning the session the reply came from (for requests
+    /// that hand out agent handles; see [`Client::call_in`]).
+    pub async fn call_gen(&self, op: Op, caller: Option<Caller>) -> Result<(Done, u64), CallError> {
+        self.call_inner(op, caller, None).await
+    }
+
+    /// Like [`Client::call`] for a request naming an agent handle of session `generation`: it
+    /// fails at once when that session is gone, and never goes out on another one.
+    pub async fn call_in(
+        &self,
+        generation: u64,
+        op: Op,
+        caller: Option<Caller>,
+    ) -> Result<Done, CallError> {
+        self.call_inner(op, caller, Some(generation))
+            .await
+            .map(|(done, _)| done)
+    }
+
+    async fn call_inner(
+        &self,
+        op: Op,
+        caller: Option<Caller>,
+        generation: Option<u64>,
+    ) -> Result<(Done, u64), CallError> {
         let shared = &self.shared;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let replay = shared.connector.is_some() && generation.is_none() && replayable(&op);
         let frame = encode(&ToAgent::Request(Request { id, caller, op }))
             .map_err(|e| CallError::Encode(e.to_string()))?;
-        let (slot_tx, slot_rx) = oneshot::channel();
-        shared.calls.register(id, slot_tx)?;
-        let _guard = PendingGuard {
-            calls: &shared.calls,
-            id,
-        };
-        if shared.frames_tx.send(frame).await.is_err() {
-            return Err(CallError::Disconnected(shared.calls.reason()));
-        }
-        match slot_rx.await {
-            Ok(Ok(done)) => Ok(done),
-            Ok(Err(e)) => Err(CallError::Remote(e)),
-            Err(_) => Err(CallError::Disconnected(shared.calls.reason())),
+        let deadline = tokio::time::Instant::now() + shared.remote_timeout();
+        let mut frame = Some(frame);
+        loop {
+            let conn = match generation {
+                None => shared.wait_up(deadline).await?,
+                Some(g) => match &*shared.link.borrow() {
+                    Link::Up(conn) if conn.generation == g => conn.clone(),
+                    _ => {
+                        return Err(CallError::Disconnected(
+                            "the session that opened this handle has ended".to_string(),
+                        ));
+                    }
+                },
+            };
+            let Some(f) = frame.take() else {
+                return Err(CallError::Disconnected(conn.calls.reason()));
+            };
+            let keep = replay.then(|| f.clone());
+            match conn.call(id, f).await {
+                Ok(result) => {
+                    return result
+                        .map(|done| (done, conn.generation))
+                        .map_err(CallError::Remote);
+                }
+                Err(Failure::Unsent(f, reason)) => {
+                    shared.link_down(conn.generation, reason.clone());
+                    if generation.is_some() || shared.connector.is_none() {
+                        return Err(CallError::Disconnected(reason));
+                    }
+                    frame = Some(f);
+                }
+                Err(Failure::Lost(reason)) => {
+                    shared.link_down(conn.generation, reason.clone());
+                    match keep {
+                        Some(f) => frame = Some(f),
+                        None => return Err(CallError::Disconnected(reason)),
+                    }
+                }
+            }
         }
     }
 
-    /// Feature bits both ends support ([`kmount_proto::features`]).
+    /// Feature bits both ends supported in the first session ([`kmount_proto::features`]).
     pub fn features(&self) -> u64 {
         self.shared.features
     }
 
-    /// The agent's hello (its software and version).
+    /// The agent's hello of the first session (its software and version).
     pub fn peer(&self) -> &Hello {
         &self.shared.peer
     }
 
-    /// False once the stream has broken.
+    /// True while a stream is up.
     pub fn is_connected(&self) -> bool {
-        lock(&self.shared.calls.state).broken.is_none()
+        matches!(&*self.shared.link.borrow(), Link::Up(c) if !c.calls.is_broken())
+    }
+
+    /// The current session's number (1 for the first, one more for each reconnection).
+    pub fn generation(&self) -> u64 {
+        match &*self.shared.link.borrow() {
+            Link::Up(conn) => conn.generation,
+            Link::Down { .. } => 0,
+        }
+    }
+
+    /// Whether a broken stream is replaced by a new one.
+    pub fn reconnects(&self) -> bool {
+        self.shared.connector.is_some()
+    }
+
+    /// The state of the connection.
+    pub fn status(&self) -> LinkStatus {
+        match &*self.shared.link.borrow() {
+            Link::Up(conn) => LinkStatus::Connected {
+                generation: conn.generation,
+            },
+            Link::Down {
+                retrying: true,
+                since,
+                attempts,
+                reason,
+            } => LinkStatus::Reconnecting {
+                since: *since,
+                attempts: *attempts,
+                last_error: reason.clone(),
+            },
+            Link::Down { reason, .. } => LinkStatus::Closed {
+                reason: reason.clone(),
+            },
+        }
+    }
+
+    /// Waits until a stream is up (at once when it is), at most `timeout`.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        self.shared.wait_up(deadline).await.is_ok()
+    }
+
+    /// The features of the current session (0 while disconnected).
+    pub fn session_features(&self) -> u64 {
+        match &*self.shared.link.borrow() {
+            Link::Up(conn) => conn.features,
+            Link::Down { .. } => 0,
+        }
+    }
+}
+
+impl Calls {
+    fn is_broken(&self) -> bool {
+        lock(&self.state).broken.is_some()
     }
 }
 
@@ -638,6 +1147,8 @@ async fn write_loop(
     writer: Box<dyn AsyncWrite + Send + Unpin>,
     mut frames_rx: mpsc::Receiver<Vec<u8>>,
     calls: Arc<Calls>,
+    shared: Weak<Shared>,
+    generation: u64,
 ) {
     let mut w = BufWriter::with_capacity(256 << 10, writer);
     while let Some(frame) = frames_rx.recv().await {
@@ -650,9 +1161,13 @@ async fn write_loop(
         }
         .await;
         if let Err(e) = result {
-            let expected = calls.break_all(format!("writing to the agent failed: {e}"));
+            let reason = format!("writing to the agent failed: {e}");
+            let expected = calls.break_all(reason.clone());
             if !expected {
-                tracing::warn!("writing to the agent failed: {e}");
+                tracing::warn!("{reason}");
+                if let Some(s) = shared.upgrade() {
+                    s.link_down(generation, reason);
+                }
             }
             return;
         }
@@ -661,11 +1176,15 @@ async fn write_loop(
     let _ = w.shutdown().await;
 }
 
-/// Reads replies and hands each to its caller until the stream ends.
+/// Reads replies and hands each to its caller, and remote changes to the event sink, until
+/// the stream ends.
 async fn read_loop(
     reader: Box<dyn AsyncRead + Send + Unpin>,
     calls: Arc<Calls>,
     child: Option<Child>,
+    shared: Weak<Shared>,
+    generation: u64,
+    events: Arc<EventSink>,
 ) {
     let mut r = BufReader::with_capacity(256 << 10, reader);
     let reason = loop {
@@ -674,12 +1193,7 @@ async fn read_loop(
                 Ok(FromAgent::Reply(reply)) => calls.complete(reply),
                 Ok(FromAgent::Fatal(msg)) => break format!("the agent stopped: {msg}"),
                 Ok(FromAgent::Hello(_)) => break "the agent sent a second hello".to_string(),
-                Ok(FromAgent::Events(events)) => {
-                    tracing::debug!(
-                        "{} remote change(s) ignored: no watcher consumer",
-                        events.len()
-                    );
-                }
+                Ok(FromAgent::Events(batch)) => events.emit(ClientEvent::Changes(batch)),
                 Err(e) => break format!("malformed message from the agent: {e}"),
             },
             Ok(None) => break "the agent closed the connection".to_string(),
@@ -691,6 +1205,9 @@ async fn read_loop(
         tracing::debug!("{reason}");
     } else {
         tracing::error!("{reason}");
+        if let Some(s) = shared.upgrade() {
+            s.link_down(generation, reason);
+        }
     }
     if let Some(mut child) = child {
         match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {

@@ -1,13 +1,18 @@
 //! The filesystem, free of FUSE: one async function per operation, answering with plain values
 //! or an [`FsError`] carrying the errno for the kernel.
 //!
-//! Node ids are the kernel's (see [`crate::inode`]); file handles given to the kernel are the
-//! agent's own file handles; directory handles are ours, each holding a snapshot of the listing.
+//! Node ids are the kernel's (see [`crate::tree`]). With a whole tree (an agent that walks and
+//! watches), names, attributes, listings and symlink targets are answered from the tree with no
+//! round trip; otherwise every request goes to the agent (pass-through). File and directory
+//! handles given to the kernel are ours: a file handle maps to the agent's handle, a directory
+//! handle holds a snapshot of the listing.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
 
 use kmount_proto::{
     Attr, Caller, DirEntry, Done, MAX_IO_LEN, NodeRef, Op, RelPath, SetAttr, Statfs, Timespec,
@@ -17,7 +22,9 @@ use kmount_proto::{
 use crate::client::Client;
 use crate::err;
 use crate::error::FsError;
-use crate::inode::{InodeTable, ROOT_ID};
+use crate::invalidate::Invalidator;
+use crate::remote::SyncStats;
+use crate::tree::{Change, Effects, Listed, ROOT_ID, Tree};
 
 /// Entries asked of the agent per `ReadDir`.
 const READDIR_BATCH: u32 = 1024;
@@ -165,28 +172,86 @@ pub struct DirItem<'a> {
     pub attr: Option<NodeAttr>,
 }
 
+/// An open regular file: the agent's handle on it.
+#[derive(Debug, Clone)]
+struct OpenFile {
+    id: u64,
+    handle: u64,
+    /// The agent session the handle belongs to.
+    generation: u64,
+    /// As opened, to open it again on a new session.
+    flags: i32,
+    caller: Option<Caller>,
+}
+
+#[derive(Debug, Default)]
+struct Files {
+    /// Our file handle (the kernel's `fh`) -> the open file.
+    by_fh: HashMap<u64, OpenFile>,
+    /// Node id -> our file handles open on it, oldest first.
+    by_node: HashMap<u64, Vec<u64>>,
+}
+
+/// A snapshot of a directory listing, served across readdir calls.
+enum Listing {
+    /// Read from the agent (pass-through mode).
+    Remote(Vec<DirEntry>),
+    /// Taken from the tree.
+    Tree(Vec<Listed>),
+}
+
+impl Listing {
+    fn len(&self) -> usize {
+        match self {
+            Listing::Remote(e) => e.len(),
+            Listing::Tree(e) => e.len(),
+        }
+    }
+}
+
 struct DirState {
     id: u64,
-    /// Open on the agent until the listing has been read.
-    agent_handle: Option<u64>,
-    entries: Option<Vec<DirEntry>>,
-    /// A readdir was answered from `entries`; a later one at offset 0 is a rewind.
+    /// Open on the agent (handle, session) until the listing has been read (pass-through
+    /// mode).
+    agent_handle: Option<(u64, u64)>,
+    listing: Option<Listing>,
+    /// A readdir was answered from `listing`; a later one at offset 0 is a rewind.
     served: bool,
+}
+
+/// An opened file, as the kernel gets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opened {
+    pub fh: u64,
+    /// The kernel may keep the pages it cached for this file: its contents did not change
+    /// since they were cached.
+    pub keep_cache: bool,
 }
 
 /// See the module documentation.
 pub struct Core {
     client: Client,
-    table: InodeTable,
+    tree: Tree,
     identity: bool,
+    /// The tree is complete and kept current by the agent's watcher: names and attributes
+    /// are answered from it.
+    whole_tree: bool,
+    inval: Invalidator,
     dirs: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<DirState>>>>,
-    next_dir_fh: AtomicU64,
+    files: Mutex<Files>,
+    next_fh: AtomicU64,
+    /// Sequence of local changes ([`crate::tree::TreeState::touch`]).
+    mutations: AtomicU64,
+    sync: Mutex<SyncStats>,
+    /// Turns true when the mount ends; background tasks stop.
+    shutdown: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Core {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Core")
             .field("identity", &self.identity)
+            .field("whole_tree", &self.whole_tree)
             .finish_non_exhaustive()
     }
 }
@@ -241,21 +306,65 @@ fn parse_groups(status: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Checks a name the kernel hands us (length, no NUL) before it is looked up locally.
+fn check_name(name: &[u8]) -> Result<(), FsError> {
+    RelPath::root().join(name)?;
+    Ok(())
+}
+
 impl Core {
-    /// `root` is the served directory's attributes. With `identity`, requests carry the
-    /// caller's uid/gid/groups when the agent offered [`features::IDENTITY`].
-    pub fn new(client: Client, root: &Attr, identity: bool) -> Self {
+    /// `tree` holds at least the root. `whole_tree`: the tree is complete and the agent's
+    /// watcher keeps it current (names and attributes are answered locally). With `identity`,
+    /// requests carry the caller's uid/gid/groups when the agent offered
+    /// [`features::IDENTITY`].
+    pub fn new(
+        client: Client,
+        tree: Tree,
+        identity: bool,
+        whole_tree: bool,
+        inval: Invalidator,
+    ) -> Self {
         let identity = identity && client.features() & features::IDENTITY != 0;
         Self {
             client,
-            table: InodeTable::new(root),
+            tree,
             identity,
+            whole_tree,
+            inval,
             dirs: Mutex::new(HashMap::new()),
-            next_dir_fh: AtomicU64::new(1),
+            files: Mutex::new(Files::default()),
+            next_fh: AtomicU64::new(1),
+            mutations: AtomicU64::new(0),
+            sync: Mutex::new(SyncStats::default()),
+            shutdown: watch::channel(false).0,
         }
     }
 
-    /// The attributes of the served directory, as [`Core::new`] wants them.
+    /// Ends background work: the invalidator is disarmed and tasks watching
+    /// [`Core::shutdown_signal`] stop. Idempotent.
+    pub fn shutdown(&self) {
+        self.inval.disarm();
+        self.shutdown.send_replace(true);
+    }
+
+    /// Turns true when the mount ends.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Updates the counters of the remote side.
+    pub fn sync_stats<R>(&self, f: impl FnOnce(&mut SyncStats) -> R) -> R {
+        f(&mut self.sync.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Remote files (st_dev, st_ino) whose cached contents no longer belong to them.
+    pub fn note_stale_content(&self, keys: &[(u64, u64)]) {
+        if !keys.is_empty() {
+            tracing::trace!(count = keys.len(), "remote contents changed");
+        }
+    }
+
+    /// The attributes of the served directory.
     pub async fn root_attr(client: &Client) -> Result<Attr, FsError> {
         let done = client
             .call(
@@ -271,17 +380,32 @@ impl Core {
         }
     }
 
-    pub fn table(&self) -> &InodeTable {
-        &self.table
+    pub fn tree(&self) -> &Tree {
+        &self.tree
     }
 
     pub fn client(&self) -> &Client {
         &self.client
     }
 
+    pub fn invalidator(&self) -> &Invalidator {
+        &self.inval
+    }
+
+    /// Whether names and attributes are answered from the local tree.
+    pub fn whole_tree(&self) -> bool {
+        self.whole_tree
+    }
+
     /// Whether requests run as their callers.
     pub fn identity(&self) -> bool {
         self.identity
+    }
+
+    /// The current local-change sequence number; listings taken after reading it may
+    /// overwrite nodes whose [`TreeState::touched`] is at most this.
+    pub fn mutation_seq(&self) -> u64 {
+        self.mutations.load(Ordering::Acquire)
     }
 
     /// The identity a request runs as in the agent, or `None` when identity is off.
@@ -302,8 +426,33 @@ impl Core {
         self.dirs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn files(&self) -> MutexGuard<'_, Files> {
+        // No section panics midway, so a poisoned map is still consistent.
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records local changes to `ids`: their attributes are fetched again when next asked
+    /// for, and remote listings taken before now leave them alone.
+    fn touch(&self, ids: &[u64]) {
+        let seq = self.mutations.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut t = self.tree.lock();
+        for &id in ids {
+            t.touch(id, seq);
+        }
+    }
+
     async fn call(&self, op: Op, caller: &Option<Caller>) -> Result<Done, FsError> {
         Ok(self.client.call(op, caller.clone()).await?)
+    }
+
+    /// A request naming an agent handle of session `generation`.
+    async fn call_in(
+        &self,
+        generation: u64,
+        op: Op,
+        caller: &Option<Caller>,
+    ) -> Result<Done, FsError> {
+        Ok(self.client.call_in(generation, op, caller.clone()).await?)
     }
 
     async fn call_attr(&self, op: Op, caller: &Option<Caller>) -> Result<Attr, FsError> {
@@ -330,43 +479,176 @@ impl Core {
         }
     }
 
-    async fn call_opened(&self, op: Op, caller: &Option<Caller>) -> Result<(u64, Attr), FsError> {
+    /// An `Opened` reply and the session it came from.
+    async fn call_opened(
+        &self,
+        op: Op,
+        caller: &Option<Caller>,
+    ) -> Result<(u64, Attr, u64), FsError> {
         let name = op_name(&op);
-        match self.call(op, caller).await? {
-            Done::Opened { handle, attr } => Ok((handle, attr)),
-            other => Err(unexpected(name, &other)),
+        match self.client.call_gen(op, caller.clone()).await? {
+            (Done::Opened { handle, attr }, generation) => Ok((handle, attr, generation)),
+            (other, _) => Err(unexpected(name, &other)),
         }
     }
 
     /// Closes an agent handle nobody will use; failures only go to the log.
-    async fn close_quietly(&self, handle: u64) {
-        if let Err(e) = self.call_ok(Op::Close { handle }, &None).await {
+    async fn close_quietly(&self, generation: u64, handle: u64) {
+        if let Err(e) = self.call_in(generation, Op::Close { handle }, &None).await {
             tracing::debug!(handle, "closing an unused handle failed: {e}");
         }
     }
 
-    /// Where an operation on `id` goes: the kernel's file handle when it is one of ours for
-    /// this node, else the path, else (an unlinked, still open file) any open handle.
-    fn node_ref(&self, id: u64, fh: Option<u64>) -> Result<NodeRef, FsError> {
-        if let Some(h) = fh.filter(|&h| self.table.has_handle(id, h)) {
-            return Ok(NodeRef::Handle(h));
+    /// An agent file handle of the current session open on `id`, if any.
+    fn handle_of(&self, id: u64) -> Option<(u64, u64)> {
+        let current = self.client.generation();
+        let files = self.files();
+        files
+            .by_node
+            .get(&id)?
+            .iter()
+            .filter_map(|fh| files.by_fh.get(fh))
+            .find(|f| f.generation == current)
+            .map(|f| (f.handle, f.generation))
+    }
+
+    /// The open file behind the kernel's `fh`.
+    fn open_file(&self, fh: u64) -> Result<OpenFile, FsError> {
+        self.files()
+            .by_fh
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| err!(libc::EBADF, "no open file {fh}"))
+    }
+
+    /// The open file behind `fh`, with a handle of the current agent session: a handle of an
+    /// earlier session (the stream broke since) is replaced by opening the file again by its
+    /// path, with the flags it was opened with (less those that create or truncate).
+    async fn live_file(&self, fh: u64) -> Result<OpenFile, FsError> {
+        let f = self.open_file(fh)?;
+        if f.generation == self.client.generation() {
+            return Ok(f);
         }
-        match self.table.path(id) {
-            Ok(p) => Ok(NodeRef::Path(p)),
-            Err(e) => self.table.handle_of(id).map(NodeRef::Handle).ok_or(e),
+        let path = self.tree.path(f.id).map_err(|e| {
+            err!(
+                libc::EIO,
+                "the file was open on an agent session that ended, and cannot be opened                  again: {e}"
+            )
+        })?;
+        let flags = f.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        let (handle, attr, generation) = self
+            .call_opened(
+                Op::Open {
+                    path: path.clone(),
+                    flags,
+                },
+                &f.caller,
+            )
+            .await?;
+        if self.tree.remote_of(f.id) != Some((attr.dev, attr.ino)) {
+            self.close_quietly(generation, handle).await;
+            return Err(err!(
+                libc::EIO,
+                "{path} is another file now than the one that was open"
+            ));
+        }
+        let (current, replaced) = {
+            let mut files = self.files();
+            let Some(entry) = files.by_fh.get_mut(&fh) else {
+                return Err(err!(libc::EBADF, "no open file {fh}"));
+            };
+            let replaced = entry.generation == f.generation;
+            if replaced {
+                entry.handle = handle;
+                entry.generation = generation;
+            }
+            (entry.clone(), replaced)
+        };
+        if replaced {
+            tracing::debug!(fh, %path, "opened again on the new agent session");
+        } else {
+            // Another request opened it again first.
+            self.close_quietly(generation, handle).await;
+        }
+        Ok(current)
+    }
+
+    /// Where an operation on `id` goes: the kernel's file handle when it is one of ours for
+    /// this node (and of the current session), else the path, else (an unlinked, still open
+    /// file) any open handle.
+    fn node_ref(&self, id: u64, fh: Option<u64>) -> Result<(NodeRef, Option<u64>), FsError> {
+        let current = self.client.generation();
+        if let Some(f) = fh.and_then(|fh| self.open_file(fh).ok())
+            && f.id == id
+            && f.generation == current
+        {
+            return Ok((NodeRef::Handle(f.handle), Some(f.generation)));
+        }
+        match self.tree.path(id) {
+            Ok(p) => Ok((NodeRef::Path(p), None)),
+            Err(e) => self
+                .handle_of(id)
+                .map(|(h, g)| (NodeRef::Handle(h), Some(g)))
+                .ok_or(e),
+        }
+    }
+
+    /// Sends `op` (built around `node`) in the session its handle belongs to, if any.
+    async fn call_node(
+        &self,
+        generation: Option<u64>,
+        op: Op,
+        caller: &Option<Caller>,
+    ) -> Result<Done, FsError> {
+        match generation {
+            Some(g) => self.call_in(g, op, caller).await,
+            None => self.call(op, caller).await,
         }
     }
 
     /// Records a name from an entry reply and counts the kernel's lookup.
-    fn entry(&self, parent: u64, name: &[u8], attr: &Attr) -> NodeAttr {
-        let id = self.table.remember(parent, name, attr);
+    fn entry(
+        &self,
+        parent: u64,
+        name: &[u8],
+        attr: &Attr,
+        fresh: bool,
+        symlink: Option<Vec<u8>>,
+    ) -> NodeAttr {
+        let mut t = self.tree.lock();
+        let id = t.upsert(parent, name, attr, symlink, fresh, &mut Effects::default());
+        t.count_lookup(id);
         NodeAttr::from_remote(id, attr)
     }
 
-    /// [`Core::entry`] for a node the remote has just made.
-    fn new_entry(&self, parent: u64, name: &[u8], attr: &Attr) -> NodeAttr {
-        let id = self.table.remember_new(parent, name, attr);
-        NodeAttr::from_remote(id, attr)
+    /// New remote attributes for a node the kernel asked about; the kernel gets them in the
+    /// reply, so no invalidation is needed. Returns how the node changed.
+    fn update(&self, id: u64, attr: &Attr) -> Change {
+        self.tree
+            .lock()
+            .update_attr(id, attr, None, &mut Effects::default())
+    }
+
+    /// Registers an agent file handle as one of ours.
+    fn add_file(&self, file: OpenFile) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let id = file.id;
+        let mut files = self.files();
+        files.by_fh.insert(fh, file);
+        files.by_node.entry(id).or_default().push(fh);
+        fh
+    }
+
+    fn remove_file(&self, fh: u64) -> Option<OpenFile> {
+        let mut files = self.files();
+        let f = files.by_fh.remove(&fh)?;
+        if let Some(list) = files.by_node.get_mut(&f.id) {
+            list.retain(|&x| x != fh);
+            if list.is_empty() {
+                files.by_node.remove(&f.id);
+            }
+        }
+        Some(f)
     }
 
     pub async fn lookup(
@@ -375,12 +657,41 @@ impl Core {
         parent: u64,
         name: &[u8],
     ) -> Result<NodeAttr, FsError> {
-        let path = self.table.child_path(parent, name)?;
+        if self.whole_tree {
+            check_name(name)?;
+            let mut t = self.tree.lock();
+            if t.is_complete(parent) {
+                match t.child(parent, name) {
+                    None => {
+                        return Err(err!(
+                            libc::ENOENT,
+                            "{} does not exist",
+                            String::from_utf8_lossy(name)
+                        ));
+                    }
+                    Some(id) if !t.is_stale(id) => {
+                        let attr = NodeAttr::from_remote(id, t.attr(id)?);
+                        t.count_lookup(id);
+                        return Ok(attr);
+                    }
+                    // Changed here since last seen: ask the remote.
+                    Some(_) => {}
+                }
+            }
+        }
+        let path = self.tree.child_path(parent, name)?;
         match self.call_attr(Op::Lookup { path }, &caller).await {
-            Ok(attr) => Ok(self.entry(parent, name, &attr)),
+            Ok(attr) => Ok(self.entry(parent, name, &attr, false, None)),
+            Err(e) if self.offline(&e) => {
+                let mut t = self.tree.lock();
+                let id = t.child(parent, name).ok_or(e)?;
+                let attr = NodeAttr::from_remote(id, t.attr(id)?);
+                t.count_lookup(id);
+                Ok(attr)
+            }
             Err(e) => {
                 if e.errno == libc::ENOENT {
-                    self.table.unlink(parent, name);
+                    self.tree.unlink(parent, name);
                 }
                 Err(e)
             }
@@ -388,31 +699,68 @@ impl Core {
     }
 
     pub fn forget(&self, id: u64, nlookup: u64) {
-        self.table.forget(id, nlookup);
+        self.tree.forget(id, nlookup);
     }
 
-    /// Attributes of `id`: by an open handle when there is one (exact even when the file was
-    /// unlinked or renamed remotely), else by path. A path that now leads to another inode
-    /// means the node is stale: `ESTALE`, which makes the kernel look the name up again.
+    /// Attributes of `id`: from the tree when it is current, else from the remote: by an open
+    /// handle when there is one (exact even when the file was unlinked or renamed remotely),
+    /// else by path. A path that now leads to another inode means the node is stale:
+    /// `ESTALE`, which makes the kernel look the name up again.
     pub async fn getattr(&self, caller: Option<Caller>, id: u64) -> Result<NodeAttr, FsError> {
-        if let Some(h) = self.table.handle_of(id) {
-            let node = NodeRef::Handle(h);
-            let attr = self.call_attr(Op::GetAttr { node }, &caller).await?;
-            return Ok(NodeAttr::from_remote(id, &attr));
+        if self.whole_tree {
+            let t = self.tree.lock();
+            if !t.is_stale(id)
+                && let Ok(a) = t.attr(id)
+            {
+                return Ok(NodeAttr::from_remote(id, a));
+            }
         }
-        let path = self.table.path(id)?;
+        match self.fetch_attr(&caller, id).await {
+            Err(e) if self.offline(&e) => {
+                // The last attributes known are better than none while the agent is away.
+                let t = self.tree.lock();
+                t.attr(id)
+                    .map(|a| NodeAttr::from_remote(id, a))
+                    .map_err(|_| e)
+            }
+            other => other,
+        }
+    }
+
+    /// Whether `e` failed for want of the agent, in a mount that can answer from its tree.
+    fn offline(&self, e: &FsError) -> bool {
+        self.whole_tree && e.errno == libc::EIO && !self.client.is_connected()
+    }
+
+    /// Fetches the attributes of `id` from the remote and records them.
+    async fn fetch_attr(&self, caller: &Option<Caller>, id: u64) -> Result<NodeAttr, FsError> {
+        if let Some((h, generation)) = self.handle_of(id) {
+            let node = NodeRef::Handle(h);
+            match self
+                .call_in(generation, Op::GetAttr { node }, caller)
+                .await?
+            {
+                Done::Attr(attr) => {
+                    self.update(id, &attr);
+                    return Ok(NodeAttr::from_remote(id, &attr));
+                }
+                other => return Err(unexpected("GetAttr", &other)),
+            }
+        }
+        let path = self.tree.path(id)?;
         let attr = self
             .call_attr(
                 Op::GetAttr {
                     node: NodeRef::Path(path.clone()),
                 },
-                &caller,
+                caller,
             )
             .await?;
-        if id != ROOT_ID && self.table.remote_of(id) != Some((attr.dev, attr.ino)) {
-            self.table.drop_first_link(id);
+        if id != ROOT_ID && self.tree.remote_of(id) != Some((attr.dev, attr.ino)) {
+            self.tree.drop_first_link(id);
             return Err(err!(libc::ESTALE, "{path} is another file now"));
         }
+        self.update(id, &attr);
         Ok(NodeAttr::from_remote(id, &attr))
     }
 
@@ -423,14 +771,33 @@ impl Core {
         fh: Option<u64>,
         set: SetAttr,
     ) -> Result<NodeAttr, FsError> {
-        let node = self.node_ref(id, fh)?;
-        let attr = self.call_attr(Op::SetAttr { node, set }, &caller).await?;
+        let (node, generation) = self.node_ref(id, fh)?;
+        let attr = match self
+            .call_node(generation, Op::SetAttr { node, set }, &caller)
+            .await?
+        {
+            Done::Attr(a) => a,
+            other => return Err(unexpected("SetAttr", &other)),
+        };
+        // Recorded as a local change, with the exact result: not stale.
+        self.touch(&[id]);
+        self.update(id, &attr);
         Ok(NodeAttr::from_remote(id, &attr))
     }
 
     pub async fn readlink(&self, caller: Option<Caller>, id: u64) -> Result<Vec<u8>, FsError> {
-        let path = self.table.path(id)?;
-        self.call_data(Op::Readlink { path }, &caller).await
+        if self.whole_tree
+            && let Some(target) = self.tree.lock().symlink(id)
+        {
+            return Ok(target.to_vec());
+        }
+        let path = self.tree.path(id)?;
+        let target = self.call_data(Op::Readlink { path }, &caller).await?;
+        let mut t = self.tree.lock();
+        if let Ok(attr) = t.attr(id).cloned() {
+            t.update_attr(id, &attr, Some(target.clone()), &mut Effects::default());
+        }
+        Ok(target)
     }
 
     /// `mode` includes the file type; `rdev` is in the kernel's encoding.
@@ -442,14 +809,16 @@ impl Core {
         mode: u32,
         rdev: u32,
     ) -> Result<NodeAttr, FsError> {
-        let path = self.table.child_path(parent, name)?;
+        let path = self.tree.child_path(parent, name)?;
         let op = Op::Mknod {
             path,
             mode,
             rdev: user_dev(rdev),
         };
         let attr = self.call_attr(op, &caller).await?;
-        Ok(self.new_entry(parent, name, &attr))
+        let entry = self.entry(parent, name, &attr, true, None);
+        self.touch(&[parent]);
+        Ok(entry)
     }
 
     pub async fn mkdir(
@@ -459,13 +828,15 @@ impl Core {
         name: &[u8],
         mode: u32,
     ) -> Result<NodeAttr, FsError> {
-        let path = self.table.child_path(parent, name)?;
+        let path = self.tree.child_path(parent, name)?;
         let op = Op::Mkdir {
             path,
             mode: mode & 0o7777,
         };
         let attr = self.call_attr(op, &caller).await?;
-        Ok(self.new_entry(parent, name, &attr))
+        let entry = self.entry(parent, name, &attr, true, None);
+        self.touch(&[parent]);
+        Ok(entry)
     }
 
     pub async fn unlink(
@@ -474,9 +845,9 @@ impl Core {
         parent: u64,
         name: &[u8],
     ) -> Result<(), FsError> {
-        let path = self.table.child_path(parent, name)?;
+        let path = self.tree.child_path(parent, name)?;
         self.call_ok(Op::Unlink { path }, &caller).await?;
-        self.table.unlink(parent, name);
+        self.removed(parent, name);
         Ok(())
     }
 
@@ -486,10 +857,23 @@ impl Core {
         parent: u64,
         name: &[u8],
     ) -> Result<(), FsError> {
-        let path = self.table.child_path(parent, name)?;
+        let path = self.tree.child_path(parent, name)?;
         self.call_ok(Op::Rmdir { path }, &caller).await?;
-        self.table.unlink(parent, name);
+        self.removed(parent, name);
         Ok(())
+    }
+
+    /// `name` in `parent` was removed through the mount.
+    fn removed(&self, parent: u64, name: &[u8]) {
+        let gone = self
+            .tree
+            .lock()
+            .remove(parent, name, &mut Effects::default());
+        // The node's other names (hard links) see a new nlink and ctime.
+        let others = gone.filter(|&id| self.tree.is_linked(id));
+        let mut ids = vec![parent];
+        ids.extend(others);
+        self.touch(&ids);
     }
 
     pub async fn symlink(
@@ -499,13 +883,15 @@ impl Core {
         name: &[u8],
         target: &[u8],
     ) -> Result<NodeAttr, FsError> {
-        let path = self.table.child_path(parent, name)?;
+        let path = self.tree.child_path(parent, name)?;
         let op = Op::Symlink {
             path,
             target: target.to_vec(),
         };
         let attr = self.call_attr(op, &caller).await?;
-        Ok(self.new_entry(parent, name, &attr))
+        let entry = self.entry(parent, name, &attr, true, Some(target.to_vec()));
+        self.touch(&[parent]);
+        Ok(entry)
     }
 
     /// `flags`: `RENAME_NOREPLACE`, `RENAME_EXCHANGE`, as `renameat2(2)`.
@@ -518,13 +904,29 @@ impl Core {
         new_name: &[u8],
         flags: u32,
     ) -> Result<(), FsError> {
-        let from = self.table.child_path(parent, name)?;
-        let to = self.table.child_path(new_parent, new_name)?;
+        let from = self.tree.child_path(parent, name)?;
+        let to = self.tree.child_path(new_parent, new_name)?;
         self.call_ok(Op::Rename { from, to, flags }, &caller)
             .await?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
-        self.table
-            .rename(parent, name, new_parent, new_name, exchange);
+        let (src, dst) = {
+            let mut t = self.tree.lock();
+            let src = t.child(parent, name);
+            let dst = t.child(new_parent, new_name);
+            t.rename(
+                parent,
+                name,
+                new_parent,
+                new_name,
+                exchange,
+                &mut Effects::default(),
+            );
+            (src, dst)
+        };
+        let mut ids = vec![parent, new_parent];
+        ids.extend(src);
+        ids.extend(dst.filter(|&d| self.tree.is_linked(d)));
+        self.touch(&ids);
         Ok(())
     }
 
@@ -535,16 +937,23 @@ impl Core {
         new_parent: u64,
         new_name: &[u8],
     ) -> Result<NodeAttr, FsError> {
-        let from = self.table.path(id)?;
-        let to = self.table.child_path(new_parent, new_name)?;
+        let from = self.tree.path(id)?;
+        let to = self.tree.child_path(new_parent, new_name)?;
         let attr = self.call_attr(Op::Link { from, to }, &caller).await?;
-        Ok(self.entry(new_parent, new_name, &attr))
+        let entry = self.entry(new_parent, new_name, &attr, false, None);
+        self.touch(&[new_parent]);
+        Ok(entry)
     }
 
-    /// Opens `id`; the returned file handle is the agent's.
-    pub async fn open(&self, caller: Option<Caller>, id: u64, flags: i32) -> Result<u64, FsError> {
-        let path = self.table.path(id)?;
-        let (handle, attr) = self
+    /// Opens `id` on the agent; the kernel's file handle is ours.
+    pub async fn open(
+        &self,
+        caller: Option<Caller>,
+        id: u64,
+        flags: i32,
+    ) -> Result<Opened, FsError> {
+        let path = self.tree.path(id)?;
+        let (handle, attr, generation) = self
             .call_opened(
                 Op::Open {
                     path: path.clone(),
@@ -553,16 +962,30 @@ impl Core {
                 &caller,
             )
             .await?;
-        if id != ROOT_ID && self.table.remote_of(id) != Some((attr.dev, attr.ino)) {
-            self.close_quietly(handle).await;
-            self.table.drop_first_link(id);
+        if id != ROOT_ID && self.tree.remote_of(id) != Some((attr.dev, attr.ino)) {
+            self.close_quietly(generation, handle).await;
+            self.tree.drop_first_link(id);
             return Err(err!(libc::ESTALE, "{path} is another file now"));
         }
-        if let Err(e) = self.table.opened(id, Some(handle)) {
-            self.close_quietly(handle).await;
+        if let Err(e) = self.tree.opened(id) {
+            self.close_quietly(generation, handle).await;
             return Err(e);
         }
-        Ok(handle)
+        let change = self.update(id, &attr);
+        if flags & libc::O_TRUNC != 0 {
+            self.touch(&[id]);
+        }
+        let fh = self.add_file(OpenFile {
+            id,
+            handle,
+            generation,
+            flags,
+            caller,
+        });
+        Ok(Opened {
+            fh,
+            keep_cache: change != Change::Content,
+        })
     }
 
     pub async fn read(
@@ -572,12 +995,16 @@ impl Core {
         offset: u64,
         size: u32,
     ) -> Result<Vec<u8>, FsError> {
+        let file = self.live_file(fh).await?;
         let op = Op::Read {
-            handle: fh,
+            handle: file.handle,
             offset,
             len: size.min(MAX_IO_LEN),
         };
-        self.call_data(op, &caller).await
+        match self.call_in(file.generation, op, &caller).await? {
+            Done::Data(d) => Ok(d),
+            other => Err(unexpected("Read", &other)),
+        }
     }
 
     pub async fn write(
@@ -587,25 +1014,69 @@ impl Core {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<u32, FsError> {
+        let file = self.live_file(fh).await?;
         let op = Op::Write {
-            handle: fh,
+            handle: file.handle,
             offset,
             data,
         };
-        match self.call(op, &caller).await? {
+        let result = match self.call_in(file.generation, op, &caller).await? {
             Done::Written(n) => Ok(n),
             other => Err(unexpected("Write", &other)),
-        }
+        };
+        self.touch(&[file.id]);
+        result
     }
 
-    /// `close(2)` of one descriptor of an open file. Writes already reached the agent.
-    pub async fn flush(&self, _fh: u64) -> Result<(), FsError> {
+    /// `close(2)` of one descriptor of an open file. Writes already reached the agent; with a
+    /// whole tree, the file's attributes after them are fetched now, so the tree holds them
+    /// even when the agent goes away.
+    pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
+        if !self.whole_tree {
+            return Ok(());
+        }
+        let file = self.open_file(fh)?;
+        if !self.tree.lock().is_stale(file.id) || file.generation != self.client.generation() {
+            return Ok(());
+        }
+        let node = NodeRef::Handle(file.handle);
+        match self
+            .call_in(file.generation, Op::GetAttr { node }, &None)
+            .await
+        {
+            Ok(Done::Attr(attr)) => {
+                self.update(file.id, &attr);
+            }
+            Ok(other) => tracing::debug!("the agent answered GetAttr with {other:?}"),
+            Err(e) => tracing::debug!("cannot fetch the attributes of a closed file: {e}"),
+        }
         Ok(())
     }
 
     pub async fn release(&self, id: u64, fh: u64) -> Result<(), FsError> {
-        self.table.closed(id, Some(fh));
-        self.call_ok(Op::Close { handle: fh }, &None).await
+        let Some(file) = self.remove_file(fh) else {
+            return Err(err!(libc::EBADF, "no open file {fh}"));
+        };
+        self.tree.closed(id);
+        if file.generation != self.client.generation() {
+            // Its session ended, and the handle with it.
+            return Ok(());
+        }
+        match self
+            .call_in(
+                file.generation,
+                Op::Close {
+                    handle: file.handle,
+                },
+                &None,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            // A close cannot fail for the caller once the session that had the handle ended.
+            Err(_) if file.generation != self.client.generation() => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn fsync(
@@ -614,32 +1085,45 @@ impl Core {
         fh: u64,
         datasync: bool,
     ) -> Result<(), FsError> {
-        self.call_ok(
-            Op::Fsync {
-                handle: fh,
-                datasync,
-            },
-            &caller,
-        )
-        .await
+        let file = self.live_file(fh).await?;
+        let op = Op::Fsync {
+            handle: file.handle,
+            datasync,
+        };
+        match self.call_in(file.generation, op, &caller).await? {
+            Done::Ok => Ok(()),
+            other => Err(unexpected("Fsync", &other)),
+        }
     }
 
-    /// Opens directory `id` for listing; the listing itself is read at the first readdir.
+    /// Opens directory `id` for listing; the listing itself is taken at the first readdir.
     pub async fn opendir(&self, caller: Option<Caller>, id: u64) -> Result<u64, FsError> {
-        let path = self.table.path(id)?;
-        let handle = match self.call(Op::OpenDir { path }, &caller).await? {
-            Done::Handle(h) => h,
-            other => return Err(unexpected("OpenDir", &other)),
+        let local = self.whole_tree && self.tree.lock().is_complete(id);
+        let agent_handle = if local {
+            None
+        } else {
+            let path = self.tree.path(id)?;
+            match self
+                .client
+                .call_gen(Op::OpenDir { path }, caller.clone())
+                .await
+            {
+                Ok((Done::Handle(h), generation)) => Some((h, generation)),
+                Ok((other, _)) => return Err(unexpected("OpenDir", &other)),
+                Err(e) => return Err(e.into()),
+            }
         };
-        if let Err(e) = self.table.opened(id, None) {
-            self.close_quietly(handle).await;
+        if let Err(e) = self.tree.opened(id) {
+            if let Some((handle, generation)) = agent_handle {
+                self.close_quietly(generation, handle).await;
+            }
             return Err(e);
         }
-        let fh = self.next_dir_fh.fetch_add(1, Ordering::Relaxed);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let state = DirState {
             id,
-            agent_handle: Some(handle),
-            entries: None,
+            agent_handle,
+            listing: None,
             served: false,
         };
         self.dirs()
@@ -647,15 +1131,31 @@ impl Core {
         Ok(fh)
     }
 
-    /// Reads the whole listing into `st` (again, on a rewind).
+    /// Takes the whole listing into `st` (again, on a rewind): from the tree when it is
+    /// complete there, else from the agent.
     async fn load_dir(&self, caller: &Option<Caller>, st: &mut DirState) -> Result<(), FsError> {
-        let handle = match st.agent_handle.take() {
+        if self.whole_tree {
+            let t = self.tree.lock();
+            if t.is_complete(st.id) {
+                st.listing = Some(Listing::Tree(t.listing(st.id)));
+                return Ok(());
+            }
+        }
+        let (handle, generation) = match st
+            .agent_handle
+            .take()
+            .filter(|(_, g)| *g == self.client.generation())
+        {
             Some(h) => h,
             None => {
-                let path = self.table.path(st.id)?;
-                match self.call(Op::OpenDir { path }, caller).await? {
-                    Done::Handle(h) => h,
-                    other => return Err(unexpected("OpenDir", &other)),
+                let path = self.tree.path(st.id)?;
+                match self
+                    .client
+                    .call_gen(Op::OpenDir { path }, caller.clone())
+                    .await?
+                {
+                    (Done::Handle(h), generation) => (h, generation),
+                    (other, _) => return Err(unexpected("OpenDir", &other)),
                 }
             }
         };
@@ -665,7 +1165,7 @@ impl Core {
                 handle,
                 max: READDIR_BATCH,
             };
-            match self.call(op, caller).await {
+            match self.call_in(generation, op, caller).await {
                 Ok(Done::Entries { entries: e, eof }) => {
                     entries.extend(e);
                     if eof {
@@ -676,9 +1176,9 @@ impl Core {
                 Err(e) => break Err(e),
             }
         };
-        self.close_quietly(handle).await;
+        self.close_quietly(generation, handle).await;
         result?;
-        st.entries = Some(entries);
+        st.listing = Some(Listing::Remote(entries));
         Ok(())
     }
 
@@ -694,7 +1194,7 @@ impl Core {
             .cloned()
             .ok_or_else(|| err!(libc::EBADF, "no directory handle {fh}"))?;
         let mut st = state.lock_owned().await;
-        if st.entries.is_none() || (offset == 0 && st.served) {
+        if st.listing.is_none() || (offset == 0 && st.served) {
             self.load_dir(caller, &mut st).await?;
         }
         st.served = true;
@@ -716,9 +1216,11 @@ impl Core {
         F: FnMut(&DirItem<'_>) -> bool + Send,
     {
         let st = self.dir_state(&caller, fh, offset).await?;
-        let entries = st.entries.as_deref().unwrap_or_default();
-        let parent = self.table.parent_of(id);
-        for index in offset..(entries.len() as u64 + 2) {
+        let Some(listing) = st.listing.as_ref() else {
+            return Ok(());
+        };
+        let parent = self.tree.parent_of(id);
+        for index in offset..(listing.len() as u64 + 2) {
             let item = match index {
                 0 => DirItem {
                     ino: id,
@@ -735,15 +1237,30 @@ impl Core {
                     attr: None,
                 },
                 _ => {
-                    let e = &entries[(index - 2) as usize];
-                    // An entry that vanished between listing and lstat is left out.
-                    let Some(attr) = &e.attr else { continue };
-                    DirItem {
-                        ino: self.table.peek(attr),
-                        offset: index + 1,
-                        kind: attr.file_type(),
-                        name: &e.name,
-                        attr: None,
+                    let i = (index - 2) as usize;
+                    match listing {
+                        Listing::Remote(entries) => {
+                            let e = &entries[i];
+                            // An entry that vanished between listing and lstat is left out.
+                            let Some(attr) = &e.attr else { continue };
+                            DirItem {
+                                ino: self.tree.peek(attr),
+                                offset: index + 1,
+                                kind: attr.file_type(),
+                                name: &e.name,
+                                attr: None,
+                            }
+                        }
+                        Listing::Tree(entries) => {
+                            let e = &entries[i];
+                            DirItem {
+                                ino: e.id,
+                                offset: index + 1,
+                                kind: e.kind,
+                                name: &e.name,
+                                attr: None,
+                            }
+                        }
                     }
                 }
             };
@@ -768,13 +1285,33 @@ impl Core {
         F: FnMut(&DirItem<'_>) -> bool + Send,
     {
         let st = self.dir_state(&caller, fh, offset).await?;
-        let entries = st.entries.as_deref().unwrap_or_default();
-        for index in offset..(entries.len() as u64 + 2) {
+        let Some(listing) = st.listing.as_ref() else {
+            return Ok(());
+        };
+        if let Listing::Tree(entries) = listing {
+            // Nodes changed here since last seen are fetched again first.
+            let skip = offset.saturating_sub(2) as usize;
+            let stale: Vec<u64> = {
+                let t = self.tree.lock();
+                entries
+                    .iter()
+                    .skip(skip)
+                    .filter(|e| t.is_stale(e.id))
+                    .map(|e| e.id)
+                    .collect()
+            };
+            for stale_id in stale {
+                if let Err(e) = self.fetch_attr(&caller, stale_id).await {
+                    tracing::debug!(id = stale_id, "cannot refresh a changed node: {e}");
+                }
+            }
+        }
+        for index in offset..(listing.len() as u64 + 2) {
             if index < 2 {
                 let ino = if index == 0 {
                     id
                 } else {
-                    self.table.parent_of(id)
+                    self.tree.parent_of(id)
                 };
                 let item = DirItem {
                     ino,
@@ -788,19 +1325,36 @@ impl Core {
                 }
                 continue;
             }
-            let e = &entries[(index - 2) as usize];
-            let Some(attr) = &e.attr else { continue };
-            let node_attr = self.entry(id, &e.name, attr);
+            let i = (index - 2) as usize;
+            let (name, node_attr): (&[u8], NodeAttr) = match listing {
+                Listing::Remote(entries) => {
+                    let e = &entries[i];
+                    let Some(attr) = &e.attr else { continue };
+                    (
+                        &e.name,
+                        self.entry(id, &e.name, attr, false, e.symlink.clone()),
+                    )
+                }
+                Listing::Tree(entries) => {
+                    let e = &entries[i];
+                    let mut t = self.tree.lock();
+                    // Gone since the listing was taken: left out.
+                    let Ok(attr) = t.attr(e.id) else { continue };
+                    let node_attr = NodeAttr::from_remote(e.id, attr);
+                    t.count_lookup(e.id);
+                    (&e.name, node_attr)
+                }
+            };
             let item = DirItem {
                 ino: node_attr.ino,
                 offset: index + 1,
-                kind: attr.file_type(),
-                name: &e.name,
+                kind: node_attr.kind(),
+                name,
                 attr: Some(node_attr),
             };
             if add(&item) {
                 // Not in the reply, so not a lookup the kernel knows about.
-                self.table.forget(node_attr.ino, 1);
+                self.tree.forget(node_attr.ino, 1);
                 break;
             }
         }
@@ -812,10 +1366,10 @@ impl Core {
         let Some(state) = state else {
             return Err(err!(libc::EBADF, "no directory handle {fh}"));
         };
-        self.table.closed(id, None);
+        self.tree.closed(id);
         let handle = state.lock().await.agent_handle.take();
-        if let Some(handle) = handle {
-            self.close_quietly(handle).await;
+        if let Some((handle, generation)) = handle {
+            self.close_quietly(generation, handle).await;
         }
         Ok(())
     }
@@ -835,13 +1389,16 @@ impl Core {
         value: &[u8],
         flags: i32,
     ) -> Result<(), FsError> {
+        let (node, generation) = self.node_ref(id, None)?;
         let op = Op::SetXattr {
-            node: self.node_ref(id, None)?,
+            node,
             name: name.to_vec(),
             value: value.to_vec(),
             flags,
         };
-        self.call_ok(op, &caller).await
+        self.call_node(generation, op, &caller).await?;
+        self.touch(&[id]);
+        Ok(())
     }
 
     pub async fn getxattr(
@@ -851,11 +1408,15 @@ impl Core {
         name: &[u8],
         size: u32,
     ) -> Result<Xattr, FsError> {
+        let (node, generation) = self.node_ref(id, None)?;
         let op = Op::GetXattr {
-            node: self.node_ref(id, None)?,
+            node,
             name: name.to_vec(),
         };
-        sized(self.call_data(op, &caller).await?, size)
+        match self.call_node(generation, op, &caller).await? {
+            Done::Data(d) => sized(d, size),
+            other => Err(unexpected("GetXattr", &other)),
+        }
     }
 
     pub async fn listxattr(
@@ -864,10 +1425,12 @@ impl Core {
         id: u64,
         size: u32,
     ) -> Result<Xattr, FsError> {
-        let op = Op::ListXattr {
-            node: self.node_ref(id, None)?,
-        };
-        sized(self.call_data(op, &caller).await?, size)
+        let (node, generation) = self.node_ref(id, None)?;
+        let op = Op::ListXattr { node };
+        match self.call_node(generation, op, &caller).await? {
+            Done::Data(d) => sized(d, size),
+            other => Err(unexpected("ListXattr", &other)),
+        }
     }
 
     pub async fn removexattr(
@@ -876,16 +1439,19 @@ impl Core {
         id: u64,
         name: &[u8],
     ) -> Result<(), FsError> {
+        let (node, generation) = self.node_ref(id, None)?;
         let op = Op::RemoveXattr {
-            node: self.node_ref(id, None)?,
+            node,
             name: name.to_vec(),
         };
-        self.call_ok(op, &caller).await
+        self.call_node(generation, op, &caller).await?;
+        self.touch(&[id]);
+        Ok(())
     }
 
     /// `access(2)`; the kernel only asks without `default_permissions`.
     pub async fn access(&self, caller: Option<Caller>, id: u64, mask: i32) -> Result<(), FsError> {
-        let path = self.table.path(id)?;
+        let path = self.tree.path(id)?;
         self.call_ok(Op::Access { path, mask }, &caller).await
     }
 
@@ -898,19 +1464,27 @@ impl Core {
         mode: u32,
         flags: i32,
     ) -> Result<Created, FsError> {
-        let path = self.table.child_path(parent, name)?;
+        let path = self.tree.child_path(parent, name)?;
         let op = Op::Create {
             path,
             flags,
             mode: mode & 0o7777,
         };
-        let (handle, attr) = self.call_opened(op, &caller).await?;
-        let attr = self.entry(parent, name, &attr);
-        if let Err(e) = self.table.opened(attr.ino, Some(handle)) {
-            self.close_quietly(handle).await;
+        let (handle, attr, generation) = self.call_opened(op, &caller).await?;
+        let attr = self.entry(parent, name, &attr, false, None);
+        if let Err(e) = self.tree.opened(attr.ino) {
+            self.close_quietly(generation, handle).await;
             return Err(e);
         }
-        Ok(Created { attr, fh: handle })
+        self.touch(&[parent]);
+        let fh = self.add_file(OpenFile {
+            id: attr.ino,
+            handle,
+            generation,
+            flags,
+            caller,
+        });
+        Ok(Created { attr, fh })
     }
 
     pub async fn fallocate(
@@ -921,13 +1495,19 @@ impl Core {
         len: u64,
         mode: i32,
     ) -> Result<(), FsError> {
+        let file = self.live_file(fh).await?;
         let op = Op::Fallocate {
-            handle: fh,
+            handle: file.handle,
             mode,
             offset,
             len,
         };
-        self.call_ok(op, &caller).await
+        match self.call_in(file.generation, op, &caller).await? {
+            Done::Ok => {}
+            other => return Err(unexpected("Fallocate", &other)),
+        }
+        self.touch(&[file.id]);
+        Ok(())
     }
 
     /// `SEEK_DATA`/`SEEK_HOLE`; the kernel answers the other kinds itself.
@@ -942,12 +1522,13 @@ impl Core {
             return Err(err!(libc::EINVAL, "lseek whence {whence} is the kernel's"));
         }
         let offset = u64::try_from(offset).map_err(|_| err!(libc::ENXIO, "negative offset"))?;
+        let file = self.live_file(fh).await?;
         let op = Op::Lseek {
-            handle: fh,
+            handle: file.handle,
             offset,
             whence,
         };
-        match self.call(op, &caller).await? {
+        match self.call_in(file.generation, op, &caller).await? {
             Done::Offset(o) => i64::try_from(o).map_err(|_| err!(libc::EOVERFLOW, "offset {o}")),
             other => Err(unexpected("Lseek", &other)),
         }

@@ -8,6 +8,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
@@ -22,14 +23,18 @@ use tracing::Instrument;
 use crate::core::{Core, NodeAttr, Xattr, timespec};
 use crate::error::FsError;
 
-/// Capabilities asked of the kernel when it offers them. `FUSE_WRITEBACK_CACHE` is left out on
-/// purpose: it trusts the local size and mtime over the remote's and breaks `O_APPEND`.
+/// Capabilities asked of the kernel when it offers them. Left out on purpose:
+/// - `FUSE_WRITEBACK_CACHE`: it trusts the local size and mtime over the remote's and breaks
+///   `O_APPEND`;
+/// - `FUSE_ATOMIC_O_TRUNC`: with it the kernel sends `O_TRUNC` inside FUSE_OPEN, before its own
+///   checks (ETXTBSY for a running executable, LSM truncate hooks), so a failing
+///   `open(O_TRUNC)` would already have emptied the file. Without it the kernel truncates with
+///   a SETATTR after those checks.
 const WANTED: InitFlags = InitFlags::FUSE_DO_READDIRPLUS
     .union(InitFlags::FUSE_READDIRPLUS_AUTO)
     .union(InitFlags::FUSE_PARALLEL_DIROPS)
     .union(InitFlags::FUSE_AUTO_INVAL_DATA)
-    .union(InitFlags::FUSE_CACHE_SYMLINKS)
-    .union(InitFlags::FUSE_ATOMIC_O_TRUNC);
+    .union(InitFlags::FUSE_CACHE_SYMLINKS);
 
 const MAX_BACKGROUND: u16 = 64;
 const MAX_WRITE: u32 = 1 << 20;
@@ -50,7 +55,8 @@ impl FuseFs {
         self.core.caller(req.uid(), req.gid(), req.pid())
     }
 
-    /// Runs `fut` on the runtime and answers with `ok` or the error's errno.
+    /// Answers with `ok` or the error's errno once `fut` is done: at once when it completes
+    /// without waiting (an answer from the tree), else from a task on the runtime.
     fn respond<T, R, Fut, Ok>(&self, span: tracing::Span, reply: R, fut: Fut, ok: Ok)
     where
         T: Send + 'static,
@@ -58,7 +64,7 @@ impl FuseFs {
         Fut: Future<Output = Result<T, FsError>> + Send + 'static,
         Ok: FnOnce(R, T) + Send + 'static,
     {
-        self.runtime.spawn(
+        self.run(
             async move {
                 match fut.await {
                     Ok(v) => ok(reply, v),
@@ -70,6 +76,16 @@ impl FuseFs {
             }
             .instrument(span),
         );
+    }
+
+    /// Polls `fut` once here; when it must wait (for the agent), it goes on as a task.
+    fn run(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        let mut fut = Box::pin(fut);
+        let _guard = self.runtime.enter();
+        let mut cx = Context::from_waker(Waker::noop());
+        if fut.as_mut().poll(&mut cx).is_pending() {
+            self.runtime.spawn(fut);
+        }
     }
 }
 
@@ -183,6 +199,11 @@ impl Filesystem for FuseFs {
             "FUSE session initialised"
         );
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        // No invalidation may reach the kernel once the session is over.
+        self.core.shutdown();
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -404,7 +425,14 @@ impl Filesystem for FuseFs {
             span,
             reply,
             async move { core.open(caller, ino.0, flags.0).await },
-            |r, fh| r.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            |r, o| {
+                let flags = if o.keep_cache {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                r.opened(FileHandle(o.fh), flags)
+            },
         );
     }
 
@@ -548,7 +576,7 @@ impl Filesystem for FuseFs {
             offset
         );
         let (core, caller) = (self.core.clone(), self.caller(req));
-        self.runtime.spawn(
+        self.run(
             async move {
                 let result = core
                     .readdir(caller, ino.0, fh.0, offset, |item| {
@@ -588,7 +616,7 @@ impl Filesystem for FuseFs {
             offset
         );
         let (core, caller, ttl) = (self.core.clone(), self.caller(req), self.ttl);
-        self.runtime.spawn(
+        self.run(
             async move {
                 let result = core
                     .readdirplus(caller, ino.0, fh.0, offset, |item| match &item.attr {

@@ -19,8 +19,11 @@ pub mod client;
 pub mod core;
 pub mod error;
 mod fuse;
-pub mod inode;
+pub mod invalidate;
+pub mod reconcile;
+pub mod remote;
 pub mod rules;
+pub mod tree;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -29,20 +32,46 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use client::{
-    BoxedStream, CallError, Client, ClientError, ConnectFuture, Connector, LocalConnector,
-    StderrTail,
+    BoxedStream, CallError, Client, ClientError, ClientEvent, ConnectFuture, Connector,
+    DEFAULT_REMOTE_TIMEOUT, LinkStatus, LocalConnector, StderrTail,
 };
 pub use error::FsError;
 pub use fuser::{Notifier, SessionUnmounter};
+pub use remote::{SyncStats, WalkProgress};
 
 use fuser::{Config, MountOption, Session, SessionACL};
-use kmount_proto::features;
+use kmount_proto::{RelPath, features};
 
 use crate::core::Core;
 use crate::fuse::FuseFs;
+use crate::tree::{ROOT_ID, Tree};
 
 /// Shortest attribute/entry TTL used; a TTL of zero makes the kernel ask for every stat.
 pub const MIN_ATTR_TTL: Duration = Duration::from_millis(1);
+
+/// Called with the progress of the walk that builds the tree at mount time.
+#[derive(Clone)]
+pub struct Progress(pub Arc<remote::ProgressFn>);
+
+impl Progress {
+    pub fn new(f: impl Fn(WalkProgress) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+}
+
+impl std::fmt::Debug for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Progress(..)")
+    }
+}
+
+impl PartialEq for Progress {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Progress {}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
@@ -54,10 +83,25 @@ pub struct MountOptions {
     pub default_permissions: bool,
     /// Requests run in the agent with the caller's uid/gid/groups (when the agent offers it).
     pub identity: bool,
-    /// How long the kernel trusts attributes and names; at least [`MIN_ATTR_TTL`].
+    /// How long the kernel trusts attributes and names when changes are not pushed (an agent
+    /// without a watcher); at least [`MIN_ATTR_TTL`].
     pub attr_ttl: Duration,
+    /// The same when the agent walks and watches the tree: every change reaches the kernel as
+    /// an invalidation, so this can be long.
+    pub cached_ttl: Duration,
     /// Threads reading kernel requests (requests themselves run on the tokio runtime).
     pub threads: usize,
+    /// Keep a complete local tree and answer names and attributes from it, when the agent
+    /// offers the walk and the watcher. Off: every request goes to the agent.
+    pub whole_tree: bool,
+    /// How often the tree is compared with the remote (digests) to catch what the watcher
+    /// missed. It is also compared after every reconnection.
+    pub reconcile_interval: Duration,
+    /// How long a request that needs the remote waits for a broken connection to come back
+    /// (with a client made by [`Client::connect_shared`]) before failing with `EIO`.
+    pub remote_timeout: Duration,
+    /// Told how the walk that builds the tree progresses.
+    pub progress: Option<Progress>,
 }
 
 impl Default for MountOptions {
@@ -68,7 +112,12 @@ impl Default for MountOptions {
             default_permissions: false,
             identity: false,
             attr_ttl: Duration::from_secs(1),
+            cached_ttl: Duration::from_secs(3600),
             threads: 4,
+            whole_tree: true,
+            reconcile_interval: Duration::from_secs(30),
+            remote_timeout: DEFAULT_REMOTE_TIMEOUT,
+            progress: None,
         }
     }
 }
@@ -96,6 +145,11 @@ pub enum MountError {
     PermissionDenied { path: PathBuf, detail: String },
     #[error("cannot read the served directory through the agent: {0}")]
     Root(FsError),
+    #[error(
+        "cannot read the tree of the served directory through the agent: {0}; check that the \
+         agent can read every directory below it"
+    )]
+    Walk(FsError),
     #[error("cannot mount on {path}: {source}")]
     Mount {
         path: PathBuf,
@@ -141,12 +195,14 @@ impl MountHandle {
     }
 
     fn join_session(&mut self) -> io::Result<()> {
-        match self.session.take() {
+        let result = match self.session.take() {
             Some(thread) => thread
                 .join()
                 .map_err(|_| io::Error::other("the FUSE session thread panicked"))?,
             None => Ok(()),
-        }
+        };
+        self.core.shutdown();
+        result
     }
 
     /// A handle that unmounts this mount from anywhere.
@@ -166,7 +222,36 @@ impl MountHandle {
 
     /// Nodes the kernel currently holds (the root included).
     pub fn known_nodes(&self) -> usize {
-        self.core.table().len()
+        self.core.tree().kernel_len()
+    }
+
+    /// Whether names and attributes are answered from a complete local tree.
+    pub fn whole_tree(&self) -> bool {
+        self.core.whole_tree()
+    }
+
+    /// Nodes and bytes the local tree holds.
+    pub fn tree_counts(&self) -> tree::TreeCounts {
+        self.core.tree().lock().counts()
+    }
+
+    /// Counters of the remote side (events applied, rescans, reconciliations).
+    pub fn sync_stats(&self) -> SyncStats {
+        self.core.sync_stats(|s| s.clone())
+    }
+
+    /// The state of the connection to the agent.
+    pub fn link(&self) -> LinkStatus {
+        self.core.client().status()
+    }
+
+    /// Invalidations handed to the kernel so far.
+    pub fn invalidations_sent(&self) -> u64 {
+        self.core
+            .invalidator()
+            .stats()
+            .sent
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -201,15 +286,10 @@ pub fn mount(
         return Err(MountError::NoFusermount);
     }
 
+    client.set_remote_timeout(opts.remote_timeout);
     let root = {
-        let (tx, rx) = std::sync::mpsc::channel();
         let c = client.clone();
-        runtime.spawn(async move {
-            let _ = tx.send(Core::root_attr(&c).await);
-        });
-        rx.recv()
-            .map_err(|_| MountError::Root(err!(libc::EIO, "the runtime is shutting down")))?
-            .map_err(MountError::Root)?
+        block_on(&runtime, async move { Core::root_attr(&c).await }).map_err(MountError::Root)?
     };
     if !root.is_dir() {
         return Err(MountError::Root(err!(
@@ -224,8 +304,44 @@ pub fn mount(
             client.peer().software
         );
     }
-    let core = Arc::new(Core::new(client, &root, opts.identity));
-    let fs = FuseFs::new(core.clone(), runtime, opts.attr_ttl.max(MIN_ATTR_TTL));
+    let wanted = features::TREE | features::WATCH;
+    let whole_tree = opts.whole_tree && client.features() & wanted == wanted;
+    let mut tree = Tree::new(&root);
+    let mut events_rx = None;
+    if whole_tree {
+        tree.lock().set_complete(ROOT_ID, true);
+        // Taken before the watcher starts, so that changes made during the walk are applied
+        // after it.
+        events_rx = client.take_events();
+        let shared = Arc::new(tree);
+        let (c, t, progress) = (client.clone(), shared.clone(), opts.progress.clone());
+        block_on(&runtime, async move {
+            remote::enable_watch(&c).await?;
+            let p = progress.as_ref().map(|p| &*p.0);
+            remote::walk(&c, &t, &RelPath::root(), 0, false, p).await
+        })
+        .map_err(MountError::Walk)?;
+        tree = Arc::try_unwrap(shared)
+            .map_err(|_| MountError::Walk(err!(libc::EIO, "the walk did not end cleanly")))?;
+    }
+    let (inval, inval_queue) = invalidate::channel();
+    let core = Arc::new(Core::new(client, tree, opts.identity, whole_tree, inval));
+    if let Some(events_rx) = events_rx {
+        runtime.spawn(remote::run(
+            core.clone(),
+            events_rx,
+            core.shutdown_signal(),
+            remote::RemoteSettings {
+                reconcile_interval: opts.reconcile_interval,
+            },
+        ));
+    }
+    let ttl = if whole_tree {
+        opts.cached_ttl
+    } else {
+        opts.attr_ttl
+    };
+    let fs = FuseFs::new(core.clone(), runtime, ttl.max(MIN_ATTR_TTL));
 
     let mut config = Config::default();
     config.mount_options = vec![
@@ -245,11 +361,15 @@ pub fn mount(
         Session::new(fs, mountpoint, &config).map_err(|e| mount_error(mountpoint, e))?;
     let unmounter = Unmounter(Arc::new(Mutex::new(session.unmount_callable())));
     let notifier = session.notifier();
+    // The notifier thread ends when the core (and its invalidator) is gone.
+    inval_queue
+        .start(notifier.clone())
+        .map_err(MountError::Thread)?;
     let thread = std::thread::Builder::new()
         .name("kmount-fuse".to_string())
         .spawn(move || session.run())
         .map_err(MountError::Thread)?;
-    tracing::debug!("mounted at {}", mountpoint.display());
+    tracing::debug!(whole_tree, "mounted at {}", mountpoint.display());
     Ok(MountHandle {
         session: Some(thread),
         unmounter,
@@ -257,6 +377,19 @@ pub fn mount(
         mountpoint: mountpoint.to_path_buf(),
         core,
     })
+}
+
+/// Runs `fut` on `runtime` and waits for it from this (non-async) thread.
+fn block_on<T: Send + 'static>(
+    runtime: &tokio::runtime::Handle,
+    fut: impl std::future::Future<Output = Result<T, FsError>> + Send + 'static,
+) -> Result<T, FsError> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    runtime.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv()
+        .map_err(|_| err!(libc::EIO, "the runtime is shutting down"))?
 }
 
 fn check_mountpoint(mountpoint: &Path) -> Result<(), MountError> {

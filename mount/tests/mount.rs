@@ -13,6 +13,16 @@ use nix::sys::stat::{UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
 use tempfile::TempDir;
 
+/// `KMOUNT_LOG=debug` (EnvFilter syntax) shows the mount's log on stderr.
+fn init_logging() {
+    if let Ok(filter) = std::env::var("KMOUNT_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 fn agent_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("KMOUNT_AGENT") {
         return p.into();
@@ -42,7 +52,12 @@ impl Mounted {
         Self::with_agent_args(opts, Vec::new())
     }
 
-    fn with_agent_args(opts: MountOptions, mut agent_args: Vec<OsString>) -> Option<Self> {
+    fn with_agent_args(mut opts: MountOptions, mut agent_args: Vec<OsString>) -> Option<Self> {
+        init_logging();
+        if std::env::var_os("KMOUNT_TEST_PASSTHROUGH").is_some() {
+            // Every request to the agent, as with an agent that cannot walk or watch.
+            opts.whole_tree = false;
+        }
         if !Path::new("/dev/fuse").exists() {
             eprintln!("SKIPPED: /dev/fuse is missing, no FUSE mount test can run here");
             return None;
@@ -84,6 +99,22 @@ impl Mounted {
             "{} is still mounted",
             self.mnt.path().display()
         );
+    }
+}
+
+/// Waits until `ok` holds, at most `timeout`. Changes made directly in the served directory
+/// reach a mount with a whole tree through the agent's watcher, a few milliseconds later.
+fn eventually(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        if ok() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not seen through the mount within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -171,6 +202,9 @@ fn create_write_read_rename_stat() {
 
     // a file made beside the mount shows up with its own inode number and times
     fs::write(m.r("dir/remote.txt"), b"from the other side").unwrap();
+    eventually("dir/remote.txt", Duration::from_secs(2), || {
+        m.m("dir/remote.txt").exists()
+    });
     assert_eq!(
         fs::read(m.m("dir/remote.txt")).unwrap(),
         b"from the other side"
@@ -361,6 +395,10 @@ fn many_files_in_one_directory() {
     for i in 0..3000 {
         fs::write(m.r(&format!("big/f{i:04}")), i.to_string()).unwrap();
     }
+    eventually("3000 new files", Duration::from_secs(10), || {
+        fs::read_dir(m.m("big")).map_or(0, |d| d.count()) == 3000
+            && fs::read_to_string(m.m("big/f2999")).is_ok_and(|s| s == "2999")
+    });
     let mut names: Vec<String> = fs::read_dir(m.m("big"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -428,6 +466,9 @@ fn the_kernel_forgets_every_node_it_was_given() {
         fs::write(m.r(&format!("d/f{i}")), b"x").unwrap();
     }
     fs::hard_link(m.r("d/f0"), m.r("d/hard")).unwrap();
+    eventually("201 new names", Duration::from_secs(5), || {
+        fs::read_dir(m.m("d")).map_or(0, |d| d.count()) == 201
+    });
     // readdirplus, lookups, creates, links and renames all hand nodes to the kernel
     let listed = fs::read_dir(m.m("d")).unwrap().count();
     assert_eq!(listed, 201);
@@ -486,21 +527,33 @@ fn a_dead_agent_gives_eio_not_a_hang() {
         return;
     };
     fs::write(m.m("f"), b"x").unwrap();
+    let whole_tree = m.handle.as_ref().unwrap().whole_tree();
     let pid = agent_pid(m.remote.path());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // Something that needs the agent: looking a name up (pass-through), or making a file.
     let (tx, rx) = std::sync::mpsc::channel();
-    let path = m.m("not-cached");
+    let (lookup, create) = (m.m("not-cached"), m.m("new-file"));
     std::thread::spawn(move || {
-        let _ = tx.send(fs::metadata(path).map(|_| ()));
+        let _ = tx.send((
+            fs::metadata(lookup).map(|_| ()),
+            fs::write(create, b"y").map(|_| ()),
+        ));
     });
-    let result = rx
+    let (looked_up, created) = rx
         .recv_timeout(Duration::from_secs(10))
-        .expect("stat hangs after the agent died");
-    assert_eq!(result.unwrap_err().raw_os_error(), Some(libc::EIO));
+        .expect("the mount hangs after the agent died");
+    if whole_tree {
+        // Names are answered from the local tree, the agent or not.
+        assert_eq!(looked_up.unwrap_err().raw_os_error(), Some(libc::ENOENT));
+        assert_eq!(fs::metadata(m.m("f")).unwrap().len(), 1);
+    } else {
+        assert_eq!(looked_up.unwrap_err().raw_os_error(), Some(libc::EIO));
+    }
+    assert_eq!(created.unwrap_err().raw_os_error(), Some(libc::EIO));
     m.unmount();
 }
 

@@ -1,0 +1,161 @@
+//! Kernel cache invalidations, sent from one dedicated thread.
+//!
+//! Rules (each one learned from a deadlock or a stale cache elsewhere):
+//! - Only the notifier thread calls the [`fuser::Notifier`]. An invalidation can block in the
+//!   kernel until a FUSE request on the same directory has been answered, so calling it from a
+//!   request handler, or while holding a lock a handler needs, can deadlock the mount.
+//! - Whoever queues an [`Inval`] has already published the new state (the tree is updated
+//!   first), so a request the kernel sends after the invalidation sees the new state.
+//! - Regular files with open handles get their attributes invalidated only; the kernel then
+//!   notices a changed size or mtime itself (`FUSE_AUTO_INVAL_DATA`) without throwing away
+//!   pages a reader is using.
+//! - After [`Invalidator::disarm`] (unmount), nothing more reaches the kernel.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread::JoinHandle;
+
+use fuser::{INodeNo, Notifier};
+
+/// One invalidation for the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Inval {
+    /// The name `name` in `parent` may lead elsewhere now: drop the kernel's entry.
+    Entry { parent: u64, name: Vec<u8> },
+    /// `name` in `parent`, which named `child`, is gone.
+    Delete {
+        parent: u64,
+        child: u64,
+        name: Vec<u8>,
+    },
+    /// The attributes of `ino` changed; with `data`, its cached contents (or, for a directory,
+    /// its cached listing) too.
+    Inode { ino: u64, data: bool },
+}
+
+/// Counters, for tests and status.
+#[derive(Debug, Default)]
+pub struct InvalStats {
+    /// Invalidations handed to the kernel.
+    pub sent: AtomicU64,
+    /// Invalidations the kernel refused (other than "not cached").
+    pub failed: AtomicU64,
+}
+
+/// The sending side; cheap to clone. Queueing never blocks.
+#[derive(Debug, Clone)]
+pub struct Invalidator {
+    /// core, remote task --invalidations--> notifier thread
+    inval_tx: mpsc::Sender<Vec<Inval>>,
+    armed: Arc<AtomicBool>,
+    stats: Arc<InvalStats>,
+}
+
+/// The receiving side before the thread starts (the notifier exists only once the session
+/// does).
+#[derive(Debug)]
+pub struct InvalQueue {
+    inval_rx: mpsc::Receiver<Vec<Inval>>,
+    armed: Arc<AtomicBool>,
+    stats: Arc<InvalStats>,
+}
+
+/// A queue of invalidations and its receiving end.
+pub fn channel() -> (Invalidator, InvalQueue) {
+    let (inval_tx, inval_rx) = mpsc::channel();
+    let armed = Arc::new(AtomicBool::new(true));
+    let stats = Arc::new(InvalStats::default());
+    (
+        Invalidator {
+            inval_tx,
+            armed: armed.clone(),
+            stats: stats.clone(),
+        },
+        InvalQueue {
+            inval_rx,
+            armed,
+            stats,
+        },
+    )
+}
+
+impl Invalidator {
+    /// Queues a batch (in order). Does nothing once disarmed or when the batch is empty.
+    pub fn send(&self, batch: Vec<Inval>) {
+        if batch.is_empty() || !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        // The thread is gone only after the session ended; nothing to invalidate then.
+        let _ = self.inval_tx.send(batch);
+    }
+
+    /// Stops every later invalidation, queued or not, from reaching the kernel.
+    pub fn disarm(&self) {
+        self.armed.store(false, Ordering::Release);
+    }
+
+    pub fn stats(&self) -> &InvalStats {
+        &self.stats
+    }
+}
+
+impl InvalQueue {
+    /// Starts the notifier thread. It ends when every [`Invalidator`] is gone.
+    pub fn start(self, notifier: Notifier) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("kmount-inval".to_string())
+            .spawn(move || {
+                while let Ok(batch) = self.inval_rx.recv() {
+                    for inval in batch {
+                        if !self.armed.load(Ordering::Acquire) {
+                            break;
+                        }
+                        let result = match &inval {
+                            Inval::Entry { parent, name } => {
+                                notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+                            }
+                            Inval::Delete {
+                                parent,
+                                child,
+                                name,
+                            } => notifier.delete(
+                                INodeNo(*parent),
+                                INodeNo(*child),
+                                OsStr::from_bytes(name),
+                            ),
+                            Inval::Inode { ino, data } => {
+                                // offset -1: attributes only; offset 0, len 0: all data too.
+                                let offset = if *data { 0 } else { -1 };
+                                notifier.inval_inode(INodeNo(*ino), offset, 0)
+                            }
+                        };
+                        self.stats.sent.fetch_add(1, Ordering::Relaxed);
+                        if let Err(e) = result {
+                            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                            // ENOTEMPTY (a directory still in use), EBADF after unmount: the
+                            // kernel keeps what it has, which expires or is revalidated.
+                            tracing::debug!(?inval, "invalidation refused: {e}");
+                        }
+                    }
+                }
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disarmed_invalidator_queues_nothing() {
+        let (inv, queue) = channel();
+        inv.send(vec![Inval::Inode { ino: 5, data: true }]);
+        inv.send(Vec::new());
+        inv.disarm();
+        inv.send(vec![Inval::Inode { ino: 6, data: true }]);
+        let got: Vec<_> = queue.inval_rx.try_iter().collect();
+        assert_eq!(got, vec![vec![Inval::Inode { ino: 5, data: true }]]);
+    }
+}

@@ -1,0 +1,275 @@
+//! Reconciliation: finds what the watcher missed (changes while it was off, a lost stream, an
+//! overflow it did not report) by comparing directory digests ([`kmount_proto::digest`]) of the
+//! remote with the same digests computed over the tree, descending only into directories that
+//! differ, and listing again only those.
+//!
+//! It runs inside the remote task ([`crate::remote::run`]), so events that arrive meanwhile are
+//! applied after it, in order.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Instant, SystemTime};
+
+use kmount_proto::{DirEntry, Done, Op, RelPath};
+
+use crate::core::Core;
+use crate::err;
+use crate::error::FsError;
+use crate::remote;
+use crate::tree::Effects;
+
+/// Levels of digests asked for at once.
+const DEPTH: u32 = 2;
+/// Entries asked for per `ReadDir`.
+const LIST_BATCH: u32 = 4096;
+
+/// What one reconciliation did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The whole tree was equal at the start.
+    pub equal: bool,
+    /// `Op::Digest` requests sent.
+    pub digest_requests: u64,
+    /// Directories listed again.
+    pub relisted: u64,
+    /// Directories found new and walked.
+    pub walked: u64,
+    /// Directories left alone because they changed locally meanwhile.
+    pub skipped: u64,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.equal {
+            return f.write_str("in sync");
+        }
+        write!(
+            f,
+            "repaired: {} director{} listed again, {} walked, {} left for later",
+            self.relisted,
+            if self.relisted == 1 { "y" } else { "ies" },
+            self.walked,
+            self.skipped
+        )
+    }
+}
+
+struct Digests {
+    remote: HashMap<RelPath, [u8; 16]>,
+    /// Directories whose subdirectories' remote digests are in `remote`.
+    expanded: HashSet<RelPath>,
+}
+
+fn depth_below(path: &RelPath, of: &RelPath) -> u32 {
+    (path.components().count() - of.components().count()) as u32
+}
+
+impl Digests {
+    async fn fetch(
+        &mut self,
+        core: &Core,
+        path: &RelPath,
+        out: &mut Outcome,
+    ) -> Result<(), FsError> {
+        out.digest_requests += 1;
+        let done = core
+            .client()
+            .call(
+                Op::Digest {
+                    path: path.clone(),
+                    depth: DEPTH,
+                },
+                None,
+            )
+            .await?;
+        let Done::Digests(list) = done else {
+            return Err(err!(libc::EIO, "the agent answered Digest with {done:?}"));
+        };
+        for d in list {
+            if depth_below(&d.path, path) < DEPTH {
+                self.expanded.insert(d.path.clone());
+            }
+            self.remote.insert(d.path, d.digest);
+        }
+        self.expanded.insert(path.clone());
+        Ok(())
+    }
+}
+
+/// The local digest of the directory at `path`, if the tree has it.
+fn local_digest(core: &Core, path: &RelPath) -> Option<[u8; 16]> {
+    let t = core.tree().lock();
+    let id = t.resolve(path)?;
+    t.is_dir(id).then(|| t.digests(id, path, 0)[0].digest)
+}
+
+/// Compares the whole tree with the remote and repairs what differs.
+pub async fn reconcile(core: &Core) -> Result<Outcome, FsError> {
+    let mut out = Outcome::default();
+    let root = RelPath::root();
+    let mut digests = Digests {
+        remote: HashMap::new(),
+        expanded: HashSet::new(),
+    };
+    digests.fetch(core, &root, &mut out).await?;
+    if digests.remote.get(&root) == local_digest(core, &root).as_ref() {
+        out.equal = true;
+        return Ok(out);
+    }
+    let mut queue = vec![root];
+    let mut visited = HashSet::new();
+    while let Some(dir) = queue.pop() {
+        if !visited.insert(dir.clone()) {
+            continue;
+        }
+        if !digests.expanded.contains(&dir) {
+            digests.fetch(core, &dir, &mut out).await?;
+            if digests.remote.get(&dir) == local_digest(core, &dir).as_ref() {
+                continue;
+            }
+        }
+        let Some(new_dirs) = relist(core, &dir, &mut out).await? else {
+            continue;
+        };
+        for path in new_dirs {
+            out.walked += 1;
+            if let Err(e) = remote::rescan(core, &path).await {
+                tracing::warn!("cannot walk the new directory {path}: {e}");
+            }
+        }
+        let subdirs: Vec<RelPath> = {
+            let t = core.tree().lock();
+            let Some(id) = t.resolve(&dir) else { continue };
+            t.listing(id)
+                .into_iter()
+                .filter(|l| l.kind == libc::S_IFDIR)
+                .filter_map(|l| dir.join(&l.name).ok())
+                .collect()
+        };
+        for sub in subdirs {
+            match digests.remote.get(&sub) {
+                Some(remote) if Some(*remote) == local_digest(core, &sub) => {}
+                // Differs, or not fetched yet (below the levels asked for): look closer.
+                _ => queue.push(sub),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Lists `dir` on the remote and applies the listing (not below it). Returns the directories
+/// that are new (to be walked), or `None` when `dir` was left alone.
+async fn relist(
+    core: &Core,
+    dir: &RelPath,
+    out: &mut Outcome,
+) -> Result<Option<Vec<RelPath>>, FsError> {
+    let since = core.mutation_seq();
+    let entries = match list(core, dir).await {
+        Ok(e) => e,
+        Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR) => {
+            // Gone since the digests were taken: its parent's listing says so.
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut fx = Effects::default();
+    let mut new_dirs = Vec::new();
+    {
+        let mut t = core.tree().lock();
+        let Some(id) = t.resolve(dir).filter(|&id| t.is_complete(id)) else {
+            return Ok(None);
+        };
+        if t.touched(id) > since {
+            out.skipped += 1;
+            return Ok(None);
+        }
+        out.relisted += 1;
+        let mut keep = HashSet::new();
+        for e in entries {
+            let Some(attr) = e.attr else { continue };
+            keep.insert(e.name.clone());
+            let existing = t.child(id, &e.name);
+            if existing.is_some_and(|c| t.touched(c) > since) {
+                continue;
+            }
+            let got = t.upsert(id, &e.name, &attr, e.symlink, false, &mut fx);
+            if attr.is_dir() && existing != Some(got) {
+                new_dirs.extend(dir.join(&e.name).ok());
+            }
+        }
+        // Names made locally after the listing was taken stay.
+        for name in t.child_names(id) {
+            if !keep.contains(&name) && t.child(id, &name).is_some_and(|c| t.touched(c) > since) {
+                keep.insert(name);
+            }
+        }
+        t.retain_children(id, &keep, &mut fx);
+    }
+    fx.dedup();
+    core.invalidator().send(std::mem::take(&mut fx.inval));
+    core.note_stale_content(&fx.stale_content);
+    let (more, _) = remote::refresh(core, &fx.refresh).await;
+    core.invalidator().send(more.inval);
+    Ok(Some(new_dirs))
+}
+
+/// The remote listing of `dir`.
+async fn list(core: &Core, dir: &RelPath) -> Result<Vec<DirEntry>, FsError> {
+    let (done, generation) = core
+        .client()
+        .call_gen(Op::OpenDir { path: dir.clone() }, None)
+        .await?;
+    let Done::Handle(handle) = done else {
+        return Err(err!(libc::EIO, "the agent answered OpenDir with {done:?}"));
+    };
+    let mut entries = Vec::new();
+    let result = loop {
+        let op = Op::ReadDir {
+            handle,
+            max: LIST_BATCH,
+        };
+        match core.client().call_in(generation, op, None).await {
+            Ok(Done::Entries { entries: e, eof }) => {
+                entries.extend(e);
+                if eof {
+                    break Ok(());
+                }
+            }
+            Ok(other) => break Err(err!(libc::EIO, "the agent answered ReadDir with {other:?}")),
+            Err(e) => break Err(FsError::from(e)),
+        }
+    };
+    let _ = core
+        .client()
+        .call_in(generation, Op::Close { handle }, None)
+        .await;
+    result.map(|()| entries)
+}
+
+/// Runs [`reconcile`] and records its outcome for status.
+pub async fn reconcile_and_record(core: &Core) {
+    let started = Instant::now();
+    let result = reconcile(core).await;
+    let ms = started.elapsed().as_secs_f64() * 1e3;
+    let outcome = match &result {
+        Ok(o) if o.equal => {
+            tracing::debug!("reconciliation: in sync ({ms:.0} ms)");
+            o.to_string()
+        }
+        Ok(o) => {
+            tracing::info!("reconciliation: {o} ({ms:.0} ms)");
+            o.to_string()
+        }
+        Err(e) => {
+            tracing::warn!("reconciliation failed: {e}");
+            format!("failed: {e}")
+        }
+    };
+    core.sync_stats(|s| {
+        s.last_reconcile = Some(SystemTime::now());
+        if matches!(&result, Ok(o) if !o.equal) {
+            s.reconcile_repairs += 1;
+        }
+        s.last_reconcile_outcome = Some(outcome);
+    });
+}

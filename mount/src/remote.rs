@@ -1,0 +1,613 @@
+//! Keeping the tree current with the remote: the walk that builds it, the watcher's events
+//! that update it, and the re-walks (rescans) that repair it.
+//!
+//! One task ([`run`]) applies everything that comes from the remote, one thing at a time:
+//! while it waits for a walk or a listing, events queue up behind it and are applied after it,
+//! in order. Events state each node's state after the change, so replaying those that arrived
+//! during a walk over the walk's snapshot ends at the newest state.
+//!
+//! Every change is published in the tree before its invalidations are queued for the notifier
+//! thread ([`crate::invalidate`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use kmount_proto::tree::decode_entries;
+use kmount_proto::{Done, Event, NodeRef, Op, RelPath, TreeEntry};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::client::{Client, ClientEvent};
+use crate::core::Core;
+use crate::err;
+use crate::error::FsError;
+use crate::tree::{Effects, ROOT_ID, Tree, TreeState};
+
+/// Entries asked for per `WalkNext`.
+const WALK_BATCH: u32 = 4096;
+/// `WalkNext` requests in flight at once.
+const WALK_IN_FLIGHT: usize = 3;
+/// Attribute refreshes in flight at once.
+const REFRESH_IN_FLIGHT: usize = 16;
+
+/// How far a walk has got.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WalkProgress {
+    /// Nodes seen so far.
+    pub files: u64,
+    /// Bytes of the regular files among them.
+    pub bytes: u64,
+    /// The walk is complete.
+    pub done: bool,
+}
+
+/// Called with a [`WalkProgress`] after every batch of a walk.
+pub type ProgressFn = dyn Fn(WalkProgress) + Send + Sync;
+
+/// Counters of the remote side, for status.
+#[derive(Debug, Clone, Default)]
+pub struct SyncStats {
+    /// Change events applied.
+    pub events: u64,
+    /// Subtrees walked again.
+    pub rescans: u64,
+    /// When the last reconciliation finished, and what it found.
+    pub last_reconcile: Option<SystemTime>,
+    pub last_reconcile_outcome: Option<String>,
+    /// Reconciliations that found differences.
+    pub reconcile_repairs: u64,
+}
+
+/// Applies one walk's entries to the tree.
+struct WalkApply {
+    at: RelPath,
+    at_id: u64,
+    /// Local changes with a higher sequence number than this happened after the walk began.
+    since: u64,
+    /// Directories of this walk: path -> node id.
+    dirs: HashMap<Vec<u8>, u64>,
+    /// Names seen per directory.
+    seen: HashMap<u64, HashSet<Vec<u8>>>,
+    /// Directories changed locally during the walk: their listing is left as it is.
+    skip: HashSet<u64>,
+    /// Entries whose parent has not come yet, by parent path.
+    orphans: HashMap<Vec<u8>, Vec<TreeEntry>>,
+    progress: WalkProgress,
+}
+
+impl WalkApply {
+    fn new(at: RelPath, at_id: u64, since: u64) -> Self {
+        let mut dirs = HashMap::new();
+        dirs.insert(at.as_bytes().to_vec(), at_id);
+        Self {
+            at,
+            at_id,
+            since,
+            dirs,
+            seen: HashMap::new(),
+            skip: HashSet::new(),
+            orphans: HashMap::new(),
+            progress: WalkProgress::default(),
+        }
+    }
+
+    fn batch(&mut self, t: &mut TreeState, entries: Vec<TreeEntry>, fx: &mut Effects) {
+        let mut work: Vec<TreeEntry> = entries;
+        work.reverse();
+        while let Some(e) = work.pop() {
+            let Some((parent_path, name)) = e.path.split_last() else {
+                continue;
+            };
+            let Some(&parent) = self.dirs.get(parent_path.as_bytes()) else {
+                self.orphans
+                    .entry(parent_path.as_bytes().to_vec())
+                    .or_default()
+                    .push(e);
+                continue;
+            };
+            let name = name.to_vec();
+            self.progress.files += 1;
+            if e.attr.file_type() == libc::S_IFREG {
+                self.progress.bytes += e.attr.size;
+            }
+            self.seen.entry(parent).or_default().insert(name.clone());
+            let existing = t.child(parent, &name);
+            let id = if self.skip.contains(&parent) || t.touched(parent) > self.since {
+                // Changed here during the walk: only nodes that are still what the walk saw
+                // are kept up to date.
+                self.skip.insert(parent);
+                match existing {
+                    Some(id)
+                        if t.remote_of(id) == Some((e.attr.dev, e.attr.ino))
+                            && t.touched(id) <= self.since =>
+                    {
+                        t.update_attr(id, &e.attr, e.symlink.clone(), fx);
+                        Some(id)
+                    }
+                    other => other.filter(|&id| t.is_dir(id) && e.attr.is_dir()),
+                }
+            } else if existing.is_some_and(|id| t.touched(id) > self.since) {
+                existing
+            } else {
+                Some(t.upsert(parent, &name, &e.attr, e.symlink.clone(), false, fx))
+            };
+            if let Some(id) = id.filter(|&id| t.is_dir(id)) {
+                let path = e.path.as_bytes().to_vec();
+                if let Some(waiting) = self.orphans.remove(&path) {
+                    work.extend(waiting.into_iter().rev());
+                }
+                self.dirs.insert(path, id);
+            }
+        }
+    }
+
+    /// Removes what the walk did not see (a re-walk of an existing subtree).
+    fn sweep(&self, t: &mut TreeState, fx: &mut Effects) {
+        let empty = HashSet::new();
+        for &dir in self.dirs.values() {
+            if self.skip.contains(&dir) || t.touched(dir) > self.since || !t.is_dir(dir) {
+                continue;
+            }
+            let keep = self.seen.get(&dir).unwrap_or(&empty);
+            t.retain_children(dir, keep, fx);
+        }
+    }
+}
+
+/// Walks the subtree at `at` (the whole tree for the root) and applies it to `tree`.
+/// `since`: the local-change sequence number when the walk began (nodes changed locally since
+/// are left alone). `sweep`: remove what the walk did not find (off for the first walk).
+pub async fn walk(
+    client: &Client,
+    tree: &Tree,
+    at: &RelPath,
+    since: u64,
+    sweep: bool,
+    progress: Option<&ProgressFn>,
+) -> Result<Effects, FsError> {
+    let at_id = tree
+        .lock()
+        .resolve(at)
+        .ok_or_else(|| err!(libc::ENOENT, "{at} is not in the tree"))?;
+    let (done, generation) = client
+        .call_gen(Op::WalkOpen { path: at.clone() }, None)
+        .await?;
+    let handle = match done {
+        Done::Handle(h) => h,
+        other => {
+            return Err(err!(
+                libc::EIO,
+                "the agent answered WalkOpen with {other:?}"
+            ));
+        }
+    };
+    let mut apply = WalkApply::new(at.clone(), at_id, since);
+    let mut fx = Effects::default();
+    let mut in_flight = JoinSet::new();
+    let next = |set: &mut JoinSet<_>| {
+        let c = client.clone();
+        set.spawn(async move {
+            c.call_in(
+                generation,
+                Op::WalkNext {
+                    handle,
+                    max: WALK_BATCH,
+                },
+                None,
+            )
+            .await
+        });
+    };
+    for _ in 0..WALK_IN_FLIGHT {
+        next(&mut in_flight);
+    }
+    let mut eof = false;
+    while let Some(joined) = in_flight.join_next().await {
+        let result = joined.map_err(|e| err!(libc::EIO, "a walk task failed: {e}"))?;
+        match result {
+            Ok(Done::Tree {
+                zstd, eof: last, ..
+            }) => {
+                let entries = decode_entries(&zstd)
+                    .map_err(|e| err!(libc::EIO, "a walk batch of {at} is malformed: {e}"))?;
+                apply.batch(&mut tree.lock(), entries, &mut fx);
+                if last {
+                    eof = true;
+                } else if !eof {
+                    next(&mut in_flight);
+                }
+                if let Some(p) = progress {
+                    p(apply.progress);
+                }
+            }
+            // Requests sent after the last batch find the walk closed.
+            Err(_) if eof => {}
+            Ok(other) => {
+                return Err(err!(
+                    libc::EIO,
+                    "the agent answered WalkNext with {other:?}"
+                ));
+            }
+            Err(e) => return Err(FsError::from(e)),
+        }
+    }
+    if !eof {
+        return Err(err!(libc::EIO, "the walk of {at} ended early"));
+    }
+    if !apply.orphans.is_empty() {
+        let n: usize = apply.orphans.values().map(Vec::len).sum();
+        tracing::warn!(
+            "the walk of {} listed {n} entries under directories it did not list",
+            apply.at
+        );
+    }
+    if sweep {
+        apply.sweep(&mut tree.lock(), &mut fx);
+    }
+    apply.progress.done = true;
+    if let Some(p) = progress {
+        p(apply.progress);
+    }
+    tracing::debug!(
+        at = %apply.at,
+        at_id = apply.at_id,
+        files = apply.progress.files,
+        bytes = apply.progress.bytes,
+        "walk complete"
+    );
+    fx.dedup();
+    // Walked directories' own attributes are fresh.
+    let walked: HashSet<u64> = apply.dirs.values().copied().collect();
+    fx.refresh
+        .retain(|id| !walked.contains(id) || *id == apply.at_id);
+    if apply.at_id == ROOT_ID || at.is_root() {
+        fx.refresh.retain(|id| *id != ROOT_ID);
+    }
+    Ok(fx)
+}
+
+/// The deepest ancestor of `path` (itself included) that is a directory in the tree.
+fn known_ancestor(t: &TreeState, path: &RelPath) -> RelPath {
+    let mut cur = path.clone();
+    loop {
+        if let Some(id) = t.resolve(&cur)
+            && t.is_dir(id)
+        {
+            return cur;
+        }
+        match cur.split_last() {
+            Some((parent, _)) => cur = parent,
+            None => return RelPath::root(),
+        }
+    }
+}
+
+/// The complete directory `path` names, if any.
+fn complete_dir(t: &TreeState, path: &RelPath) -> Option<u64> {
+    t.resolve(path).filter(|&id| t.is_complete(id))
+}
+
+/// Applies watcher events to the tree; returns the paths to walk again.
+pub fn apply_events(t: &mut TreeState, events: Vec<Event>, fx: &mut Effects) -> Vec<RelPath> {
+    let mut rescans = Vec::new();
+    for event in events {
+        match event {
+            Event::Upsert {
+                path,
+                attr,
+                symlink,
+            } => {
+                let Some((parent_path, name)) = path.split_last() else {
+                    t.update_attr(ROOT_ID, &attr, None, fx);
+                    continue;
+                };
+                match complete_dir(t, &parent_path) {
+                    Some(parent) => {
+                        t.upsert(parent, name, &attr, symlink, false, fx);
+                    }
+                    None => rescans.push(known_ancestor(t, &parent_path)),
+                }
+            }
+            Event::Remove { path } => {
+                let Some((parent_path, name)) = path.split_last() else {
+                    tracing::warn!("the agent reports the served directory itself removed");
+                    continue;
+                };
+                if let Some(parent) = t.resolve(&parent_path) {
+                    t.remove(parent, name, fx);
+                }
+            }
+            Event::Rename { from, to } => {
+                let (Some((from_parent, from_name)), Some((to_parent, to_name))) =
+                    (from.split_last(), to.split_last())
+                else {
+                    rescans.push(RelPath::root());
+                    continue;
+                };
+                let src_parent = t.resolve(&from_parent);
+                let src = src_parent.and_then(|p| t.child(p, from_name));
+                match (src_parent, src, complete_dir(t, &to_parent)) {
+                    (Some(sp), Some(_), Some(tp)) => {
+                        t.rename(sp, from_name, tp, to_name, false, fx);
+                    }
+                    (sp, _, _) => {
+                        // Not followable from what the tree has: the source is gone anyway,
+                        // the destination is found by walking its directory again.
+                        if let Some(sp) = sp {
+                            t.remove(sp, from_name, fx);
+                        }
+                        rescans.push(known_ancestor(t, &to_parent));
+                    }
+                }
+            }
+            Event::Rescan { path, reason } => {
+                tracing::info!("walking {path} again: {reason}");
+                rescans.push(known_ancestor(t, &path));
+            }
+        }
+    }
+    minimal_roots(rescans)
+}
+
+/// Drops paths that lie under another path of the list, and duplicates.
+fn minimal_roots(mut paths: Vec<RelPath>) -> Vec<RelPath> {
+    paths.sort();
+    paths.dedup();
+    let mut out: Vec<RelPath> = Vec::new();
+    for p in paths {
+        let covered = out.iter().any(|q| {
+            q.is_root()
+                || p.as_bytes() == q.as_bytes()
+                || (p.as_bytes().starts_with(q.as_bytes())
+                    && p.as_bytes().get(q.as_bytes().len()) == Some(&b'/'))
+        });
+        if !covered {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Fetches the attributes of `ids` again (pipelined) and applies them; returns what that
+/// changed and the paths found to be other nodes now (to walk again).
+pub async fn refresh(core: &Core, ids: &[u64]) -> (Effects, Vec<RelPath>) {
+    let mut fx = Effects::default();
+    let mut rescans = Vec::new();
+    let mut set = JoinSet::new();
+    let mut pending = ids.iter().copied();
+    let mut spawn_next = |set: &mut JoinSet<_>| {
+        for id in pending.by_ref() {
+            let Ok(path) = core.tree().path(id) else {
+                continue;
+            };
+            let client = core.client().clone();
+            set.spawn(async move {
+                let r = client
+                    .call(
+                        Op::GetAttr {
+                            node: NodeRef::Path(path.clone()),
+                        },
+                        None,
+                    )
+                    .await;
+                (id, path, r)
+            });
+            return;
+        }
+    };
+    for _ in 0..REFRESH_IN_FLIGHT {
+        spawn_next(&mut set);
+    }
+    while let Some(joined) = set.join_next().await {
+        spawn_next(&mut set);
+        let Ok((id, path, result)) = joined else {
+            continue;
+        };
+        // Anything else: gone since, and its removal event follows.
+        if let Ok(Done::Attr(attr)) = result {
+            let mut t = core.tree().lock();
+            if t.remote_of(id) == Some((attr.dev, attr.ino)) {
+                t.update_attr(id, &attr, None, &mut fx);
+            } else if t.contains(id) {
+                rescans.push(path.split_last().map_or(RelPath::root(), |(p, _)| p));
+            }
+        }
+    }
+    (fx, rescans)
+}
+
+/// Walks `path` again and applies the difference; a path that no longer exists is removed.
+pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
+    let since = core.mutation_seq();
+    let mut fx = Effects::default();
+    if let Some((parent_path, name)) = path.split_last() {
+        let got = core
+            .client()
+            .call(Op::Lookup { path: path.clone() }, None)
+            .await;
+        let mut t = core.tree().lock();
+        let parent = complete_dir(&t, &parent_path);
+        match (got, parent) {
+            (Ok(Done::Attr(attr)), Some(parent)) => {
+                let is_dir = attr.is_dir();
+                t.upsert(parent, name, &attr, None, false, &mut fx);
+                if !is_dir {
+                    drop(t);
+                    core.invalidator().send(std::mem::take(&mut fx.inval));
+                    return Ok(());
+                }
+            }
+            (Err(e), Some(parent))
+                if matches!(FsError::from(e.clone()).errno, libc::ENOENT | libc::ENOTDIR) =>
+            {
+                t.remove(parent, name, &mut fx);
+                drop(t);
+                core.invalidator().send(std::mem::take(&mut fx.inval));
+                return Ok(());
+            }
+            (Err(e), _) => return Err(e.into()),
+            (Ok(other), _) if !matches!(other, Done::Attr(_)) => {
+                return Err(err!(libc::EIO, "the agent answered Lookup with {other:?}"));
+            }
+            (Ok(_), None) => {
+                return Err(err!(
+                    libc::ENOENT,
+                    "the parent of {path} is not in the tree"
+                ));
+            }
+            _ => {}
+        }
+    }
+    let walked = walk(core.client(), core.tree(), path, since, true, None).await?;
+    fx.inval.extend(walked.inval);
+    fx.refresh.extend(walked.refresh);
+    fx.stale_content.extend(walked.stale_content);
+    fx.dedup();
+    core.invalidator().send(std::mem::take(&mut fx.inval));
+    core.note_stale_content(&fx.stale_content);
+    let (more, _) = refresh(core, &fx.refresh).await;
+    core.invalidator().send(more.inval);
+    core.sync_stats(|s| s.rescans += 1);
+    Ok(())
+}
+
+/// Walks the given paths again, repeating with the paths those walks could not resolve.
+async fn rescan_all(core: &Core, paths: Vec<RelPath>) {
+    let mut todo = minimal_roots(paths);
+    let mut rounds = 0;
+    while let Some(path) = todo.pop() {
+        if let Err(e) = rescan(core, &path).await {
+            tracing::warn!("cannot walk {path} again: {e}");
+            if e.errno == libc::ENOENT
+                && rounds < 64
+                && let Some((parent, _)) = path.split_last()
+            {
+                rounds += 1;
+                todo.push(parent);
+            }
+        }
+    }
+}
+
+/// Applies a run of events, then their side effects (invalidations, refreshes, rescans).
+pub async fn handle_events(core: &Core, events: Vec<Event>) {
+    let n = events.len() as u64;
+    let mut fx = Effects::default();
+    let rescans = {
+        let mut t = core.tree().lock();
+        apply_events(&mut t, events, &mut fx)
+    };
+    fx.dedup();
+    core.invalidator().send(std::mem::take(&mut fx.inval));
+    core.note_stale_content(&fx.stale_content);
+    core.sync_stats(|s| s.events += n);
+    let (more, mut again) = refresh(core, &fx.refresh).await;
+    core.invalidator().send(more.inval);
+    again.extend(rescans);
+    if !again.is_empty() {
+        rescan_all(core, again).await;
+    }
+}
+
+/// Turns the watcher on.
+pub async fn enable_watch(client: &Client) -> Result<(), FsError> {
+    match client.call(Op::Watch { enable: true }, None).await? {
+        Done::Ok => Ok(()),
+        other => Err(err!(libc::EIO, "the agent answered Watch with {other:?}")),
+    }
+}
+
+/// Settings of the remote task.
+#[derive(Debug, Clone)]
+pub struct RemoteSettings {
+    pub reconcile_interval: Duration,
+}
+
+/// The remote task: applies changes and connection events from `events_rx` and reconciles
+/// periodically, until `shutdown` turns true.
+pub async fn run(
+    core: Arc<Core>,
+    mut events_rx: mpsc::Receiver<ClientEvent>,
+    mut shutdown: watch::Receiver<bool>,
+    settings: RemoteSettings,
+) {
+    let start = tokio::time::Instant::now() + settings.reconcile_interval;
+    let mut tick = tokio::time::interval_at(
+        start,
+        settings.reconcile_interval.max(Duration::from_millis(10)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        enum Wake {
+            Stop,
+            Event(ClientEvent),
+            Reconcile,
+        }
+        let wake = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => Wake::Stop,
+            ev = events_rx.recv() => ev.map_or(Wake::Stop, Wake::Event),
+            _ = tick.tick() => Wake::Reconcile,
+        };
+        let first = match wake {
+            Wake::Stop => break,
+            Wake::Event(ev) => ev,
+            Wake::Reconcile => {
+                if core.client().is_connected() {
+                    crate::reconcile::reconcile_and_record(&core).await;
+                }
+                continue;
+            }
+        };
+        // Take everything already queued, so consecutive change batches apply as one.
+        let mut queued = vec![first];
+        while let Ok(more) = events_rx.try_recv() {
+            queued.push(more);
+        }
+        let mut changes = Vec::new();
+        for ev in queued {
+            match ev {
+                ClientEvent::Changes(batch) => changes.extend(batch),
+                other => {
+                    if !changes.is_empty() {
+                        handle_events(&core, std::mem::take(&mut changes)).await;
+                    }
+                    handle_link_event(&core, other).await;
+                }
+            }
+        }
+        if !changes.is_empty() {
+            handle_events(&core, changes).await;
+        }
+    }
+    tracing::debug!("the remote task ends");
+}
+
+async fn handle_link_event(core: &Core, ev: ClientEvent) {
+    match ev {
+        ClientEvent::Changes(batch) => handle_events(core, batch).await,
+        ClientEvent::Overflow => {
+            tracing::warn!("remote changes were dropped; walking the whole tree again");
+            rescan_all(core, vec![RelPath::root()]).await;
+        }
+        ClientEvent::Disconnected(reason) => {
+            tracing::warn!("lost the agent ({reason}); serving from the local copy meanwhile");
+        }
+        ClientEvent::Reconnected { generation } => {
+            let started = Instant::now();
+            if let Err(e) = enable_watch(core.client()).await {
+                tracing::warn!("cannot turn the watcher on again after reconnecting: {e}");
+            }
+            crate::reconcile::reconcile_and_record(core).await;
+            tracing::info!(
+                generation,
+                "caught up with the remote after reconnecting in {:.0} ms",
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "remote_tests.rs"]
+mod tests;

@@ -1,0 +1,151 @@
+use super::*;
+use crate::invalidate::Inval;
+use kmount_proto::{Attr, Timespec};
+
+const DEV: u64 = 42;
+
+fn attr(ino: u64, kind: u32) -> Attr {
+    Attr {
+        ino,
+        dev: DEV,
+        mode: kind | 0o644,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        size: 0,
+        blocks: 0,
+        blksize: 4096,
+        atime: Timespec::default(),
+        mtime: Timespec::default(),
+        ctime: Timespec::default(),
+    }
+}
+
+fn p(s: &str) -> RelPath {
+    RelPath::new(s.as_bytes().to_vec()).unwrap()
+}
+
+fn upsert(path: &str, ino: u64, kind: u32) -> Event {
+    Event::Upsert {
+        path: p(path),
+        attr: attr(ino, kind),
+        symlink: None,
+    }
+}
+
+fn tree() -> Tree {
+    let t = Tree::new(&attr(2, libc::S_IFDIR));
+    t.lock().set_complete(ROOT_ID, true);
+    t
+}
+
+fn names(t: &Tree, path: &str) -> Vec<String> {
+    let t = t.lock();
+    let id = t.resolve(&p(path)).unwrap();
+    t.listing(id)
+        .into_iter()
+        .map(|l| String::from_utf8(l.name).unwrap())
+        .collect()
+}
+
+#[test]
+fn events_build_and_change_the_tree() {
+    let t = tree();
+    let mut fx = Effects::default();
+    let rescans = apply_events(
+        &mut t.lock(),
+        vec![
+            upsert("a", 10, libc::S_IFDIR),
+            upsert("a/b", 11, libc::S_IFDIR),
+            upsert("a/b/c", 12, libc::S_IFREG),
+            upsert("f", 13, libc::S_IFREG),
+        ],
+        &mut fx,
+    );
+    assert!(rescans.is_empty());
+    assert_eq!(names(&t, "a/b"), vec!["c"]);
+    let rescans = apply_events(
+        &mut t.lock(),
+        vec![
+            Event::Rename {
+                from: p("a/b"),
+                to: p("b2"),
+            },
+            Event::Remove { path: p("f") },
+        ],
+        &mut fx,
+    );
+    assert!(rescans.is_empty());
+    assert_eq!(names(&t, ""), vec!["a", "b2"]);
+    assert_eq!(names(&t, "b2"), vec!["c"]);
+    assert!(t.lock().resolve(&p("a/b")).is_none());
+}
+
+#[test]
+fn what_the_tree_cannot_follow_is_walked_again() {
+    let t = tree();
+    let mut fx = Effects::default();
+    let rescans = apply_events(
+        &mut t.lock(),
+        vec![
+            upsert("a", 10, libc::S_IFDIR),
+            // parent unknown
+            upsert("x/y/z", 20, libc::S_IFREG),
+            // source unknown
+            Event::Rename {
+                from: p("nowhere"),
+                to: p("a/moved"),
+            },
+            Event::Rescan {
+                path: p("a/deep/er"),
+                reason: "overflow".into(),
+            },
+        ],
+        &mut fx,
+    );
+    // "x/y" and "a" collapse to their known ancestors: the root covers everything.
+    assert_eq!(rescans, vec![RelPath::root()]);
+    let rescans = minimal_roots(vec![p("a/b"), p("a"), p("c/d"), p("a/b/c"), p("ab")]);
+    assert_eq!(rescans, vec![p("a"), p("ab"), p("c/d")]);
+}
+
+#[test]
+fn only_nodes_the_kernel_holds_are_invalidated() {
+    let t = tree();
+    let mut fx = Effects::default();
+    apply_events(&mut t.lock(), vec![upsert("f", 13, libc::S_IFREG)], &mut fx);
+    // the root is always known: its listing changed
+    assert!(fx.inval.contains(&Inval::Inode {
+        ino: ROOT_ID,
+        data: true
+    }));
+    let f = t.child(ROOT_ID, b"f").unwrap();
+    let mut changed = attr(13, libc::S_IFREG);
+    changed.size = 5;
+    let mut fx = Effects::default();
+    apply_events(
+        &mut t.lock(),
+        vec![Event::Upsert {
+            path: p("f"),
+            attr: changed.clone(),
+            symlink: None,
+        }],
+        &mut fx,
+    );
+    assert!(fx.inval.is_empty(), "{:?}", fx.inval);
+    assert_eq!(fx.stale_content, vec![(DEV, 13)]);
+    t.lock().count_lookup(f);
+    changed.size = 6;
+    let mut fx = Effects::default();
+    apply_events(
+        &mut t.lock(),
+        vec![Event::Upsert {
+            path: p("f"),
+            attr: changed,
+            symlink: None,
+        }],
+        &mut fx,
+    );
+    assert_eq!(fx.inval, vec![Inval::Inode { ino: f, data: true }]);
+}
