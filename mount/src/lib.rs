@@ -20,6 +20,7 @@ pub mod core;
 pub mod error;
 mod fuse;
 pub mod invalidate;
+pub mod journal;
 pub mod reconcile;
 pub mod remote;
 pub mod rules;
