@@ -12,11 +12,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::sys::{Errno, SysResult};
+use crate::walk::WalkHandle;
 
 /// One entry as `readdir` returned it.
 #[derive(Debug, Clone)]
 pub struct RawEntry {
     pub name: Vec<u8>,
+    /// `d_type` (`DT_DIR`, ...; `DT_UNKNOWN` when the filesystem does not say).
+    pub kind: u8,
 }
 
 /// A `DIR*` stream with one entry of look-ahead (so a full batch can still report `eof`).
@@ -62,12 +65,14 @@ impl DirStream {
             }
             // SAFETY: readdir returned a valid entry whose d_name is NUL-terminated; it stays
             // valid until the next readdir on this stream, and we copy it before that.
-            let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) }.to_bytes();
+            let (name, kind) = unsafe { (CStr::from_ptr((*ent).d_name.as_ptr()), (*ent).d_type) };
+            let name = name.to_bytes();
             if name == b"." || name == b".." {
                 continue;
             }
             return Ok(Some(RawEntry {
                 name: name.to_vec(),
+                kind,
             }));
         }
     }
@@ -99,6 +104,8 @@ pub enum Handle {
         fd: RawFd,
         stream: Mutex<DirStream>,
     },
+    /// A tree walk ([`crate::walk`]); it has no descriptor of its own (`EBADF` for file ops).
+    Walk(WalkHandle),
 }
 
 impl Handle {
@@ -113,13 +120,14 @@ impl Handle {
         match self {
             Handle::File(f) => f.as_raw_fd(),
             Handle::Dir { fd, .. } => *fd,
+            Handle::Walk(_) => -1,
         }
     }
 
     /// The directory stream; `ENOTDIR` for a file handle.
     pub fn stream(&self) -> SysResult<MutexGuard<'_, DirStream>> {
         match self {
-            Handle::File(_) => Err(Errno(libc::ENOTDIR)),
+            Handle::File(_) | Handle::Walk(_) => Err(Errno(libc::ENOTDIR)),
             // A panic while listing leaves the stream usable: it only holds a position.
             Handle::Dir { stream, .. } => Ok(stream.lock().unwrap_or_else(|p| p.into_inner())),
         }

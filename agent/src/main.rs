@@ -2,11 +2,17 @@
 //! stdin/stdout until stdin closes. `kmount-agent --version` prints the version.
 
 mod confine;
+mod digest;
+mod echo;
 mod handles;
 mod identity;
+mod journal;
 mod ops;
+mod pathops;
 mod serve;
 mod sys;
+mod walk;
+mod watch;
 mod xattr;
 
 #[cfg(test)]

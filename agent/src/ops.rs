@@ -12,22 +12,39 @@ use kmount_proto::{
 };
 
 use crate::confine::{Loc, Root, with_fallback};
+use crate::echo::Echo;
 use crate::handles::{DirStream, Handle, Handles};
+use crate::journal::{self, Journal};
 use crate::sys::{self, Errno, SysResult, cstring, cvt, retry};
+use crate::walk::{self, Walks};
+use crate::watch::Watch;
 use crate::xattr::{self, Target};
+use crate::{digest, pathops};
 
 /// Everything one session's operations work on.
 #[derive(Debug)]
 pub struct Agent {
-    pub root: Root,
+    pub root: Arc<Root>,
     pub handles: Handles,
+    pub walks: Walks,
+    pub echo: Arc<Echo>,
+    pub watch: Watch,
+    pub journal: Journal,
 }
 
 impl Agent {
     pub fn new(root: Root) -> Agent {
+        Agent::with_journal(root, Journal::default())
+    }
+
+    pub fn with_journal(root: Root, journal: Journal) -> Agent {
         Agent {
-            root,
+            root: Arc::new(root),
             handles: Handles::default(),
+            walks: Walks::default(),
+            echo: Arc::new(Echo::default()),
+            watch: Watch::default(),
+            journal,
         }
     }
 }
@@ -48,8 +65,36 @@ const OPEN_FLAGS: i32 = libc::O_ACCMODE
 /// Rough upper bound of the encoded bytes of one readdir batch, well inside a frame.
 const DIR_BATCH_BYTES: usize = MAX_FRAME_LEN / 4;
 
-/// Runs one operation.
+/// Runs one operation; what a mutating one leaves behind is recorded for echo suppression.
 pub fn execute(a: &Agent, op: Op) -> Result<Done, WireError> {
+    let pending = a.echo.begin(a, &op);
+    let result = dispatch(a, op);
+    if let Some(p) = pending {
+        a.echo.finish(&a.root, p, result.is_ok());
+    }
+    result
+}
+
+/// `Op::WalkNext` in its place in line (see [`walk`]).
+pub fn walk_next(
+    a: &Agent,
+    handle: u64,
+    max: u32,
+    ticket: Option<walk::Ticket>,
+) -> Result<Done, WireError> {
+    walk::next(a, handle, max, ticket).map_err(|e| fail(e, "walk handle", handle))
+}
+
+fn watch(a: &Agent, enable: bool) -> Result<Done, WireError> {
+    if enable {
+        a.watch.enable(&a.root, &a.echo)?;
+    } else {
+        a.watch.disable(&a.echo);
+    }
+    Ok(Done::Ok)
+}
+
+fn dispatch(a: &Agent, op: Op) -> Result<Done, WireError> {
     match op {
         Op::Lookup { path } => lookup(a, &path).map_err(|e| fail(e, "lstat", &path)),
         Op::GetAttr { node } => getattr(a, &node).map_err(|e| fail(e, "stat", node_name(&node))),
@@ -126,20 +171,39 @@ pub fn execute(a: &Agent, op: Op) -> Result<Done, WireError> {
             offset,
             whence,
         } => lseek(a, handle, offset, whence).map_err(|e| fail(e, "lseek handle", handle)),
-        Op::WalkOpen { .. }
-        | Op::WalkNext { .. }
-        | Op::Watch { .. }
-        | Op::Digest { .. }
-        | Op::Journaled { .. }
-        | Op::AppliedSeq { .. }
-        | Op::PutFile { .. }
-        | Op::ReadPath { .. }
-        | Op::FsyncPath { .. }
-        | Op::WritePath { .. }
-        | Op::FallocatePath { .. } => Err(WireError::new(
-            libc::ENOSYS,
-            "this agent does not offer that operation (its hello has no feature bit for it)",
-        )),
+        Op::WalkOpen { path } => walk::open(a, &path).map_err(|e| fail(e, "walk", &path)),
+        Op::WalkNext { handle, max } => walk_next(a, handle, max, None),
+        Op::Watch { enable } => watch(a, enable),
+        Op::Digest { path, depth } => {
+            digest::digest(a, &path, depth).map_err(|e| fail(e, "digest", &path))
+        }
+        Op::Journaled { session, seq, op } => journal::journaled(a, session, seq, *op),
+        Op::AppliedSeq { session } => Ok(Done::Seq(a.journal.applied(session))),
+        Op::PutFile {
+            path,
+            data,
+            compressed,
+            mode,
+            mtime,
+            atomic,
+        } => pathops::put_file(a, &path, &data, compressed, mode, mtime, atomic)
+            .map_err(|e| fail(e, "write whole file", &path)),
+        Op::ReadPath { path, offset, len } => {
+            pathops::read_path(a, &path, offset, len).map_err(|e| fail(e, "read", &path))
+        }
+        Op::FsyncPath { path, datasync } => {
+            pathops::fsync_path(a, &path, datasync).map_err(|e| fail(e, "fsync", &path))
+        }
+        Op::WritePath { path, offset, data } => {
+            pathops::write_path(a, &path, offset, &data).map_err(|e| fail(e, "write", &path))
+        }
+        Op::FallocatePath {
+            path,
+            mode,
+            offset,
+            len,
+        } => pathops::fallocate_path(a, &path, mode, offset, len)
+            .map_err(|e| fail(e, "fallocate", &path)),
     }
 }
 

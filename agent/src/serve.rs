@@ -1,8 +1,11 @@
 //! The protocol loop: hello, then requests in, replies out.
 //!
 //! Threads: the calling thread reads and decodes frames (`stdin --requests--> workers`), a fixed
-//! pool of workers runs them (several may use one handle at once), and one writer owns the
-//! output (`workers --encoded replies--> writer`), flushing whenever its queue runs empty.
+//! pool of workers runs them (several may use one handle at once), one journal lane runs
+//! `Journaled` and `AppliedSeq` requests one at a time in arrival order
+//! (`stdin --journaled requests--> lane`), the watcher (when enabled) produces events
+//! (`watcher --events--> writer`), and one writer owns the output
+//! (`workers, lane, watcher --encoded frames--> writer`), flushing whenever its queue runs empty.
 //!
 //! Memory stays bounded: the queues are bounded, and two byte budgets cap the request payloads
 //! in flight and the read buffers waiting to be written (each admits at least one frame).
@@ -10,20 +13,24 @@
 use std::io::{self, BufWriter, Read, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use kmount_proto::{
-    FromAgent, Hello, Op, ProtoError, Reply, Request, ToAgent, WireError, decode, encode, features,
-    frame_len, write_frame,
+    Event, FromAgent, Hello, Op, ProtoError, Reply, Request, ToAgent, WireError, decode, encode,
+    features, frame_len, write_frame,
 };
 
 use crate::identity::Identity;
 use crate::ops::{self, Agent};
+use crate::walk::{self, Ticket};
+use crate::watch::Sink;
 
 pub const WORKERS: usize = 8;
 const REQUEST_QUEUE: usize = 32;
+/// Journaled requests waiting for the lane (the mount keeps up to 64 in flight).
+const LANE_QUEUE: usize = 128;
 const REPLY_QUEUE: usize = 32;
 /// Request payloads in flight (writes, mostly). 16 MiB keeps 16 requests of 1 MiB moving.
 const REQUEST_BUDGET: usize = 16 << 20;
@@ -44,11 +51,10 @@ pub fn software() -> String {
 
 /// Our hello: `IDENTITY` only when identity switching is really possible.
 pub fn hello(identity: &Identity) -> Hello {
-    let features = if identity.active() {
-        features::IDENTITY
-    } else {
-        0
-    };
+    let mut features = features::TREE | features::WATCH | features::JOURNAL;
+    if identity.active() {
+        features |= features::IDENTITY;
+    }
     Hello::new(features, software())
 }
 
@@ -89,8 +95,11 @@ where
     // reader --decoded requests--> workers
     let (requests_tx, requests_rx) = sync_channel::<Job>(REQUEST_QUEUE);
     let requests_rx = Arc::new(Mutex::new(requests_rx));
-    // workers --encoded replies--> writer
+    // reader --journaled requests, in arrival order--> lane
+    let (lane_tx, lane_rx) = sync_channel::<Job>(LANE_QUEUE);
+    // workers, lane, watcher --encoded frames--> writer
     let (replies_tx, replies_rx) = sync_channel::<Outgoing>(REPLY_QUEUE);
+    agent.watch.set_sink(Some(events_sink(replies_tx.clone())));
 
     let writer = {
         let broken = broken.clone();
@@ -110,14 +119,28 @@ where
                 .expect("spawning a thread at start-up")
         })
         .collect();
+    let lane = {
+        let (agent, identity, tx) = (agent.clone(), identity.clone(), replies_tx.clone());
+        thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || lane_loop(&agent, &identity, &lane_rx, &tx))
+            .expect("spawning a thread at start-up")
+    };
     drop(replies_tx);
 
-    let read_result = read_loop(&mut input, &requests_tx, &requests_budget, &broken);
-    drop(requests_tx);
+    let queues = Queues {
+        pool: requests_tx,
+        lane: lane_tx,
+    };
+    let read_result = read_loop(&agent, &mut input, &queues, &requests_budget, &broken);
+    drop(queues);
     for w in workers {
         // A worker only ends by its queue closing; a panic was already caught per request.
         let _ = w.join();
     }
+    let _ = lane.join();
+    // The watcher holds the last sender to the writer.
+    agent.watch.shutdown(&agent.echo);
     let (output, write_result) = writer.join().expect("the writer does not panic");
     if let Err(e) = write_result {
         eprintln!("kmount-agent: cannot write to the mount: {e}");
@@ -192,6 +215,34 @@ struct Job {
     req: Request,
     /// Holds the request's share of the request budget until it has run.
     _permit: Option<Permit>,
+    /// A `WalkNext`'s place in line.
+    ticket: Option<Ticket>,
+}
+
+/// Where the reader sends requests.
+struct Queues {
+    /// reader --requests--> workers
+    pool: SyncSender<Job>,
+    /// reader --journaled requests--> lane
+    lane: SyncSender<Job>,
+}
+
+/// Events from the watcher become `FromAgent::Events` frames in the writer's queue.
+fn events_sink(events_tx: SyncSender<Outgoing>) -> Sink {
+    Arc::new(
+        move |events: Vec<Event>| match encode(&FromAgent::Events(events)) {
+            Ok(frame) => events_tx
+                .send(Outgoing {
+                    frame,
+                    _permit: None,
+                })
+                .is_ok(),
+            Err(e) => {
+                eprintln!("kmount-agent: cannot encode watcher events: {e}");
+                true
+            }
+        },
+    )
 }
 
 struct Outgoing {
@@ -201,8 +252,9 @@ struct Outgoing {
 }
 
 fn read_loop<R: Read>(
+    agent: &Agent,
     input: &mut R,
-    requests_tx: &SyncSender<Job>,
+    queues: &Queues,
     budget: &Arc<Budget>,
     broken: &AtomicBool,
 ) -> Result<(), String> {
@@ -218,11 +270,20 @@ fn read_loop<R: Read>(
         match decode::<ToAgent>(&payload) {
             Ok(ToAgent::Request(req)) => {
                 drop(payload);
+                let ticket = match &req.op {
+                    Op::WalkNext { handle, .. } => walk::ticket(agent, *handle),
+                    _ => None,
+                };
+                let queue = match &req.op {
+                    Op::Journaled { .. } | Op::AppliedSeq { .. } => &queues.lane,
+                    _ => &queues.pool,
+                };
                 let job = Job {
                     req,
                     _permit: permit,
+                    ticket,
                 };
-                if requests_tx.send(job).is_err() {
+                if queue.send(job).is_err() {
                     return Ok(());
                 }
             }
@@ -248,13 +309,14 @@ fn work_loop(
         let Job {
             req,
             _permit: request_permit,
+            ticket,
         } = job;
         let reply_permit = match &req.op {
-            Op::Read { len, .. } => Some(budget.acquire(*len as usize)),
+            Op::Read { len, .. } | Op::ReadPath { len, .. } => Some(budget.acquire(*len as usize)),
             _ => None,
         };
         let id = req.id;
-        let result = run_request(agent, identity, req);
+        let result = run_request(agent, identity, req, ticket);
         drop(request_permit);
         let frame = encode_reply(id, result);
         if replies_tx
@@ -269,15 +331,69 @@ fn work_loop(
     }
 }
 
+/// Runs journaled requests one at a time, in arrival order, and persists the journal position
+/// when due and at the end.
+fn lane_loop(
+    agent: &Agent,
+    identity: &Identity,
+    lane_rx: &Receiver<Job>,
+    replies_tx: &SyncSender<Outgoing>,
+) {
+    loop {
+        let job = match agent.journal.persist_wait() {
+            None => match lane_rx.recv() {
+                Ok(job) => job,
+                Err(_) => break,
+            },
+            Some(wait) => match lane_rx.recv_timeout(wait) {
+                Ok(job) => job,
+                Err(RecvTimeoutError::Timeout) => {
+                    agent.journal.persist_due();
+                    continue;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+        };
+        let Job {
+            req,
+            _permit: request_permit,
+            ticket,
+        } = job;
+        let id = req.id;
+        let result = run_request(agent, identity, req, ticket);
+        drop(request_permit);
+        agent.journal.persist_due();
+        if replies_tx
+            .send(Outgoing {
+                frame: encode_reply(id, result),
+                _permit: None,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    agent.journal.persist();
+}
+
 /// Runs one request as its caller. A panic in an operation is answered with `EIO` (the
 /// identity guard restores the agent's own identity while unwinding).
 fn run_request(
     agent: &Agent,
     identity: &Identity,
     req: Request,
+    ticket: Option<Ticket>,
 ) -> Result<kmount_proto::Done, WireError> {
-    let caller = req.caller;
     let op = req.op;
+    // The watcher and the journal's own files belong to the agent, not to a caller (a thread
+    // started while acting as a caller would keep the caller's identity).
+    let caller = match op {
+        Op::Watch { .. } | Op::AppliedSeq { .. } => None,
+        _ => req.caller,
+    };
+    if let Op::Journaled { session, .. } = op {
+        agent.journal.prepare(session);
+    }
     catch_unwind(AssertUnwindSafe(|| {
         let _as_caller = identity.assume(caller.as_ref()).map_err(|e| {
             let c = caller.as_ref().expect("assume only fails with a caller");
@@ -291,7 +407,10 @@ fn run_request(
                 ),
             )
         })?;
-        ops::execute(agent, op)
+        match (op, ticket) {
+            (Op::WalkNext { handle, max }, Some(t)) => ops::walk_next(agent, handle, max, Some(t)),
+            (op, _) => ops::execute(agent, op),
+        }
     }))
     .unwrap_or_else(|_| Err(WireError::new(libc::EIO, "internal error in kmount-agent")))
 }

@@ -212,7 +212,81 @@ fn every_op_through(dir: &str) -> Vec<Op> {
             path: at("secret"),
             mask: libc::R_OK,
         },
+        Op::WalkOpen { path: p(dir) },
+        Op::WalkOpen { path: at("sub") },
+        Op::Digest {
+            path: p(dir),
+            depth: 3,
+        },
+        Op::Digest {
+            path: at("sub"),
+            depth: 0,
+        },
+        Op::ReadPath {
+            path: at("secret"),
+            offset: 0,
+            len: 100,
+        },
+        Op::FsyncPath {
+            path: at("secret"),
+            datasync: false,
+        },
+        Op::WritePath {
+            path: at("secret"),
+            offset: 0,
+            data: b"overwritten".to_vec(),
+        },
+        Op::FallocatePath {
+            path: at("secret"),
+            mode: 0,
+            offset: 0,
+            len: 1 << 20,
+        },
+        Op::PutFile {
+            path: at("secret"),
+            data: b"replaced".to_vec(),
+            compressed: false,
+            mode: 0o666,
+            mtime: None,
+            atomic: true,
+        },
+        Op::PutFile {
+            path: at("secret"),
+            data: b"replaced".to_vec(),
+            compressed: false,
+            mode: 0o666,
+            mtime: None,
+            atomic: false,
+        },
+        Op::PutFile {
+            path: at("new"),
+            data: b"planted".to_vec(),
+            compressed: false,
+            mode: 0o666,
+            mtime: None,
+            atomic: true,
+        },
+        // Each in a session of its own: a failed seq blocks its session.
+        journaled(Op::Mkdir {
+            path: at("newdir"),
+            mode: 0o755,
+        }),
+        journaled(Op::Unlink { path: at("secret") }),
+        journaled(Op::WritePath {
+            path: at("secret"),
+            offset: 0,
+            data: b"x".to_vec(),
+        }),
     ]
+}
+
+fn journaled(op: Op) -> Op {
+    static SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    Op::Journaled {
+        session: SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed) | 0xc0f1_0000_0000,
+        seq: 1,
+        op: Box::new(op),
+    }
 }
 
 #[test]
@@ -262,6 +336,43 @@ fn symlinks_as_the_final_name_are_never_followed() {
                 },
             );
             refused(fx, Op::OpenDir { path: p(name) });
+            refused(fx, Op::WalkOpen { path: p(name) });
+            refused(
+                fx,
+                Op::Digest {
+                    path: p(name),
+                    depth: 1,
+                },
+            );
+            for atomic in [false, true] {
+                refused(
+                    fx,
+                    Op::PutFile {
+                        path: p(name),
+                        data: b"through".to_vec(),
+                        compressed: false,
+                        mode: 0o666,
+                        mtime: None,
+                        atomic,
+                    },
+                );
+            }
+            refused(
+                fx,
+                Op::ReadPath {
+                    path: p(name),
+                    offset: 0,
+                    len: 10,
+                },
+            );
+            refused(
+                fx,
+                Op::WritePath {
+                    path: p(name),
+                    offset: 0,
+                    data: b"through".to_vec(),
+                },
+            );
         }
         let set = |s: SetAttr| Op::SetAttr {
             node: node("tofile"),

@@ -2,7 +2,11 @@
 
 mod confinement;
 mod identity;
+mod journal;
 mod ops;
+mod pathops;
+mod tree;
+mod watch;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +15,7 @@ use kmount_proto::{Done, NodeRef, Op, RelPath, WireError};
 use tempfile::TempDir;
 
 use crate::confine::{Kernel, Root};
+use crate::journal::Journal;
 use crate::ops::{Agent, execute};
 
 /// A served root `<tmp>/root` beside a directory `<tmp>/outside` that must stay untouched.
@@ -35,16 +40,30 @@ impl Fx {
     }
 
     pub fn with(kernel: Kernel) -> Fx {
+        Fx::make(kernel, tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// For big trees: in memory (`/dev/shm`) when there is one, so building them is quick.
+    pub fn big() -> Fx {
+        let tmp = match std::path::Path::new("/dev/shm").is_dir() {
+            true => tempfile::tempdir_in("/dev/shm"),
+            false => tempfile::tempdir(),
+        };
+        Fx::make(Kernel::all(true), tmp.expect("tempdir"))
+    }
+
+    fn make(kernel: Kernel, tmp: TempDir) -> Fx {
         // The agent runs with umask 0 (modes arrive with the caller's umask applied).
         // SAFETY: umask cannot fail; every test wants 0.
         unsafe { libc::umask(0) };
-        let tmp = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir(tmp.path().join("root")).unwrap();
         std::fs::create_dir(tmp.path().join("outside")).unwrap();
+        std::fs::create_dir(tmp.path().join("state")).unwrap();
         let root = Root::open_with(&tmp.path().join("root"), kernel).expect("open root");
+        let journal = Journal::with_bases(vec![tmp.path().join("state")]);
         Fx {
+            agent: Agent::with_journal(root, journal),
             tmp,
-            agent: Agent::new(root),
         }
     }
 
@@ -101,6 +120,40 @@ impl Fx {
             Done::Data(d) => d,
             other => panic!("expected Data, got {other:?}"),
         }
+    }
+}
+
+/// A tree like a JavaScript project's: `files` regular files spread over nested package
+/// directories (about 12 per directory), with a symlink and an empty directory here and there.
+pub fn make_tree(root: &Path, files: usize) {
+    use std::os::unix::fs::symlink;
+    let mut made = 0usize;
+    let mut pkg = 0usize;
+    while made < files {
+        let dir = root.join(format!("node_modules/pkg{}/lib/sub{}", pkg / 8, pkg % 8));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..12 {
+            if made == files {
+                break;
+            }
+            std::fs::write(
+                dir.join(format!("file{i}.js")),
+                format!("module.exports = {pkg} + {i};\n"),
+            )
+            .unwrap();
+            made += 1;
+        }
+        if pkg.is_multiple_of(8) {
+            symlink("sub0/file0.js", dir.parent().unwrap().join("main.js")).unwrap();
+            std::fs::create_dir_all(dir.parent().unwrap().join("empty")).unwrap();
+        }
+        pkg += 1;
+    }
+}
+
+impl Drop for Fx {
+    fn drop(&mut self) {
+        self.agent.watch.shutdown(&self.agent.echo);
     }
 }
 
