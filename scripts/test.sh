@@ -42,6 +42,8 @@ if [ -x scripts/posix/fsx.sh ]; then
 else
   echo "kmount: scripts/posix/fsx.sh is missing" >&2; failed=$((failed + 1))
 fi
+# 5. Kubernetes targets against a real local cluster (started here; failing to start fails the tier)
+tier cluster bash -c 'set -eo pipefail; scripts/cluster-up.sh >/dev/null; . "${KMOUNT_CLUSTER_DIR:-/tmp/kmount-cluster}/env"; export KUBECONFIG KMOUNT_CLUSTER_DIR; cargo test -p kmount-tests --locked --test cluster -- --include-ignored --test-threads=2'
 
 echo "kmount tests: $(( $(date +%s) - start ))s" >&2
 echo "tiers: $passed passed, $failed failed"

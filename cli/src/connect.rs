@@ -36,6 +36,15 @@ pub fn plan(target: &Target, mountpoint: &Path) -> Result<Plan> {
                 shared: is_root,
             })
         }
+        // The agent runs as the container's user: files it creates belong to the app.
+        Target::Kube(k) => {
+            let agent = crate::install::LocalAgent::load(&agent_binary()?)?;
+            Ok(Plan {
+                connector: Box::new(crate::kube::KubeConnector::new(k.clone(), agent)),
+                identity: false,
+                shared: false,
+            })
+        }
         // The remote user owns what the mount creates; the mount is this user's alone.
         Target::Ssh(ssh) => Ok(Plan {
             connector: Box::new(crate::ssh::SshConnector::new(ssh)?),

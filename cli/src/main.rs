@@ -4,6 +4,7 @@ mod connect;
 mod control;
 mod daemon;
 mod install;
+mod kube;
 mod preflight;
 mod run;
 mod ssh;
@@ -56,6 +57,19 @@ struct MountArgs {
     /// An empty directory to mount on.
     #[arg(required = true)]
     mountpoint: Option<PathBuf>,
+    /// Kubernetes: the namespace of the pod or workload [default: the context's, else "default"].
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+    /// Kubernetes: the container [default: the pod's kubectl.kubernetes.io/default-container
+    /// annotation, else its first container].
+    #[arg(short = 'c', long, value_name = "NAME")]
+    container: Option<String>,
+    /// Kubernetes: the kubeconfig context to use [default: its current context].
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
+    /// Kubernetes: the kubeconfig file [default: $KUBECONFIG, else ~/.kube/config].
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,7 +124,15 @@ fn mount(args: MountArgs) -> Result<()> {
     };
     let ready = Ready::from_env();
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let checked = preflight_mount(&target_arg, &mountpoint_arg, &cwd);
+    let kube = kube::KubeOptions {
+        namespace: args.namespace,
+        container: args.container,
+        context: args.context,
+        kubeconfig: args
+            .kubeconfig
+            .map(|p| std::path::absolute(&p).unwrap_or(p)),
+    };
+    let checked = preflight_mount(&target_arg, &mountpoint_arg, &cwd, kube);
     let (target, mountpoint) = match checked {
         Ok(v) => v,
         Err(e) => {
@@ -128,16 +150,38 @@ fn mount(args: MountArgs) -> Result<()> {
     let dirs = StateDirs::for_current_user()?;
     dirs.create()?;
     let log = dirs.log_path(&mount_id(&mountpoint));
-    let target_arg = target.to_arg();
-    let line = daemon::spawn_background(&[target_arg.as_os_str(), mountpoint.as_os_str()], &log)?;
+    let mut daemon_args = match &target {
+        Target::Kube(k) => k.options.to_args(),
+        _ => Vec::new(),
+    };
+    daemon_args.push(target.to_arg());
+    daemon_args.push(mountpoint.clone().into_os_string());
+    let daemon_args: Vec<&std::ffi::OsStr> = daemon_args.iter().map(|a| a.as_os_str()).collect();
+    let line = daemon::spawn_background(&daemon_args, &log)?;
     println!("{line}");
     Ok(())
 }
 
 /// Every check that can fail before anything is mounted. Returns the target in its resolved
 /// form (a local root canonicalized) and the canonical mountpoint.
-fn preflight_mount(target_arg: &str, mountpoint: &Path, cwd: &Path) -> Result<(Target, PathBuf)> {
-    let target = Target::parse(target_arg, cwd)?;
+fn preflight_mount(
+    target_arg: &str,
+    mountpoint: &Path,
+    cwd: &Path,
+    kube: kube::KubeOptions,
+) -> Result<(Target, PathBuf)> {
+    let target = match Target::parse(target_arg, cwd)? {
+        Target::Kube(mut k) => {
+            k.options = kube;
+            Target::Kube(k)
+        }
+        other => {
+            if let Some(flag) = kube.given_flags().first() {
+                bail!("{flag} applies only to Kubernetes targets such as deploy/app:/app");
+            }
+            other
+        }
+    };
     preflight::check_fuse()?;
     let mountpoint = preflight::check_mountpoint(mountpoint)?;
     let target = match target {
@@ -147,6 +191,7 @@ fn preflight_mount(target_arg: &str, mountpoint: &Path, cwd: &Path) -> Result<(T
             Target::Local { root }
         }
         ssh @ Target::Ssh(_) => ssh,
+        Target::Kube(k) => Target::Kube(k),
     };
     Ok((target, mountpoint))
 }

@@ -9,6 +9,8 @@ use anyhow::{Context, Result, bail};
 pub enum Target {
     /// A directory on this machine, served by a local `kmount-agent` child process.
     Local { root: PathBuf },
+    /// A directory in a container: `[TYPE/]NAME:/path` (kubectl's notation).
+    Kube(crate::kube::KubeTarget),
     /// A directory on a host reached with the system `ssh` client.
     Ssh(crate::ssh::SshTarget),
 }
@@ -31,6 +33,9 @@ impl Target {
         if let Some(ssh) = crate::ssh::SshTarget::parse(arg) {
             return Ok(Target::Ssh(ssh?));
         }
+        if crate::kube::KubeTarget::looks_like(arg) {
+            return Ok(Target::Kube(crate::kube::KubeTarget::parse(arg)?));
+        }
         if arg.contains(':') {
             bail!(
                 "'{arg}' looks like a Kubernetes or ssh target; this build of kmount mounts local \
@@ -48,6 +53,7 @@ impl Target {
     pub fn to_arg(&self) -> std::ffi::OsString {
         match self {
             Target::Local { root } => root.as_os_str().to_owned(),
+            Target::Kube(k) => k.spec().into(),
             Target::Ssh(ssh) => ssh.to_string_form().into(),
         }
     }
@@ -56,6 +62,7 @@ impl Target {
     pub fn display(&self) -> String {
         match self {
             Target::Local { root } => root.display().to_string(),
+            Target::Kube(k) => k.to_string(),
             Target::Ssh(ssh) => ssh.to_string_form(),
         }
     }
@@ -121,10 +128,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("./src"), "{e}");
-        let e = Target::parse("deploy/app:/app", Path::new("/"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("local directories only"), "{e}");
+        assert!(matches!(
+            Target::parse("deploy/app:/app", Path::new("/")),
+            Ok(Target::Kube(_))
+        ));
         assert!(Target::parse("", Path::new("/")).is_err());
     }
 }

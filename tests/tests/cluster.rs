@@ -281,6 +281,16 @@ fn readme_deploy_app_mounts_as_written() {
     let list = run_timeout(s.kmount().arg("list"), MOUNT_TIMEOUT);
     assert!(list.stdout.contains("deploy/app:/app"), "{list}");
     s.unmount();
+    // The agent in the pod ends with the mount (no end of input reaches it before Kubernetes
+    // 1.29: the closed connection must).
+    eventually(Duration::from_secs(30), "the agent leaving the pod", || {
+        let procs = kexec(
+            "deploy/app",
+            &[],
+            "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done",
+        );
+        (!procs.contains("kmount-agent")).then_some(())
+    });
 }
 
 #[test]
