@@ -461,6 +461,9 @@ impl Shared {
                 g.map(|g| (e, g))
             })
             .collect();
+        if snapshot.is_empty() {
+            return self.flush();
+        }
         self.syncfs()?;
         for (e, g) in &snapshot {
             let mut st = lock(&e.state);
