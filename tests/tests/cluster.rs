@@ -674,6 +674,8 @@ fn save_to_event_latency() {
             "exec",
             "kmount-node",
             "--",
+            "timeout",
+            "120",
             "inotifywait",
             "-m",
             "-q",
@@ -725,6 +727,11 @@ fn save_to_event_latency() {
     }
     let _ = watcher.kill();
     let _ = watcher.wait();
+    kexec(
+        "kmount-node",
+        &[],
+        "pkill -f '[i]notifywait -m -q -e close_write,moved_to' || true",
+    );
     let mut lat: Vec<f64> = samples.iter().map(|(d, _)| d.as_secs_f64() * 1e3).collect();
     lat.sort_by(f64::total_cmp);
     eprintln!(
@@ -735,6 +742,92 @@ fn save_to_event_latency() {
         lat[lat.len() - 1],
         lat.len()
     );
+    s.unmount();
+}
+
+/// nodemon running in the pod restarts exactly once per save made through the mount.
+#[test]
+#[ignore = "needs the local cluster: scripts/test.sh runs it in the cluster tier"]
+fn nodemon_in_the_pod_restarts_once_per_save() {
+    kexec(
+        "kmount-node",
+        &[],
+        "rm -rf /srv/app/nm && mkdir -p /srv/app/nm && \
+         echo 'console.log(\"started\", require(\"fs\").readFileSync(__dirname + \"/v.txt\", \"utf8\").trim())' \
+         > /srv/app/nm/app.js && echo 0 > /srv/app/nm/v.txt",
+    );
+    let mut s = Scratch::new();
+    s.mount(&[], "kmount-node:/srv/app");
+    // `timeout` ends nodemon in the pod even if this test dies: a closed exec does not.
+    let mut nodemon = Command::new("kubectl")
+        .env("KUBECONFIG", kubeconfig())
+        .args([
+            "exec",
+            "kmount-node",
+            "--",
+            "timeout",
+            "120",
+            "nodemon",
+            "--watch",
+            "/srv/app/nm",
+            "--ext",
+            "js,txt",
+            "/srv/app/nm/app.js",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nodemon in the pod");
+    let (lines_tx, lines_rx) = mpsc::channel::<String>();
+    let stdout = nodemon.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let starts_until = |want: &str, quiet: Duration| -> Vec<String> {
+        let mut starts = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen_at: Option<Instant> = None;
+        loop {
+            if let Some(t) = seen_at
+                && t.elapsed() >= quiet
+            {
+                return starts;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nodemon did not print 'started {want}' (starts so far: {starts:?})"
+            );
+            if let Ok(line) = lines_rx.recv_timeout(Duration::from_millis(100))
+                && let Some(v) = line.strip_prefix("started ")
+            {
+                starts.push(v.to_string());
+                if v == want {
+                    seen_at = Some(Instant::now());
+                }
+            }
+        }
+    };
+    assert_eq!(starts_until("0", Duration::from_secs(2)), ["0"]);
+    for i in 1..=3 {
+        let v = i.to_string();
+        fs::write(s.m("nm/v.txt"), format!("{v}\n")).unwrap();
+        // Exactly one restart, and it sees the whole new content.
+        assert_eq!(
+            starts_until(&v, Duration::from_secs(3)),
+            [v.as_str()],
+            "save {i} did not restart nodemon exactly once{}",
+            s.logs()
+        );
+    }
+    let _ = nodemon.kill();
+    let _ = nodemon.wait();
+    kexec("kmount-node", &[], "pkill -f '[n]odemon --watch' || true");
     s.unmount();
 }
 
