@@ -1101,6 +1101,14 @@ impl Shared {
     /// The segment holding `seq` and a reader positioned on that record; for the first stored
     /// record when `seq` is before it; `None` when `seq` is after every written record.
     fn locate(&self, seq: u64) -> Result<Option<(u64, SegmentReader)>, JournalError> {
+        self.locate_retrying(seq, 3)
+    }
+
+    fn locate_retrying(
+        &self,
+        seq: u64,
+        retries: u32,
+    ) -> Result<Option<(u64, SegmentReader)>, JournalError> {
         let (info, file_len) = {
             let fs = lock(&self.file);
             let first = fs.segments.first().expect("one segment").first_seq;
@@ -1117,7 +1125,15 @@ impl Shared {
         let seq = seq.max(info.first_seq);
         let path = self.seg_path(info.first_seq);
         let (at_seq, offset) = info.seek_point(seq);
-        let file = File::open(&path).map_err(io_err(&path))?;
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            // Deleted since the list was read: all its records were applied meanwhile, and the
+            // list no longer has it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && retries > 0 => {
+                return self.locate_retrying(seq, retries - 1);
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
         let mut r = SegmentReader::new(file, offset, file_len).map_err(io_err(&path))?;
         let mut cur = at_seq;
         while cur < seq {

@@ -515,6 +515,70 @@ fn records_after_streams_across_segments_and_follows_new_commits() {
     assert_eq!(j.records_after(5).next().unwrap().unwrap().seq, 201);
 }
 
+/// The sender's pattern: follow the durable seq, mark records applied as they are "sent",
+/// while a writer keeps appending and the flusher deletes applied segments underneath.
+#[test]
+fn a_follower_sees_every_record_once_while_segments_are_deleted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = JournalOptions {
+        segment_bytes: 2048,
+        flush_interval: Duration::from_millis(1),
+        write_buffer: 512,
+    };
+    let (j, _) = Journal::open_with(tmp.path(), opts).unwrap();
+    let j = Arc::new(j);
+    let total = 3000u64;
+    let writer = {
+        let j = j.clone();
+        std::thread::spawn(move || {
+            for i in 1..=total {
+                j.append(write("f", i, &[i as u8; 100])).unwrap();
+                if i % 7 == 0 {
+                    j.commit().unwrap();
+                }
+            }
+            j.commit().unwrap();
+        })
+    };
+    let mut durable = j.watch_durable();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut reader = j.records_after(0);
+    let mut expected = 1;
+    let mut max_segments = 0;
+    rt.block_on(async {
+        while expected <= total {
+            for r in reader.by_ref() {
+                let r = r.unwrap();
+                assert_eq!(r.seq, expected);
+                assert_eq!(r.op, write("f", expected, &[expected as u8; 100]));
+                expected += 1;
+                if expected % 3 == 0 {
+                    j.mark_applied(r.seq);
+                }
+            }
+            max_segments = max_segments.max(j.stats().segments);
+            if expected <= total {
+                tokio::time::timeout(Duration::from_secs(10), durable.changed())
+                    .await
+                    .expect("no progress")
+                    .unwrap();
+            }
+        }
+    });
+    writer.join().unwrap();
+    j.mark_applied(total);
+    j.close().unwrap();
+    assert_eq!(segment_files(tmp.path()).len(), 1);
+    assert!(j.stats().bytes_written > 300_000);
+    assert!(
+        max_segments < 100,
+        "applied segments are deleted as it goes: {max_segments}"
+    );
+}
+
 #[test]
 fn pending_paths_follow_applied() {
     let tmp = tempfile::tempdir().unwrap();
