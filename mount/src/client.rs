@@ -25,7 +25,7 @@ use kmount_proto::{
     Caller, Done, Event, FromAgent, Hello, NodeRef, Op, ProtoError, Reply, Request, ToAgent,
     WireError, decode, encode, features, frame_len,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -314,8 +314,8 @@ enum Link {
 struct Conn {
     generation: u64,
     calls: Arc<Calls>,
-    /// callers --encoded request frames--> writer task
-    frames_tx: mpsc::Sender<Vec<u8>>,
+    /// callers --(request id, encoded frame)--> writer task
+    frames_tx: mpsc::Sender<(u64, Frame)>,
     /// The agent's features in this session.
     features: u64,
 }
@@ -375,11 +375,27 @@ impl EventSink {
     }
 }
 
-type ReplySlot = oneshot::Sender<Result<Done, WireError>>;
+/// An encoded request, shared so that it can go out again on a new stream without a copy.
+type Frame = Arc<Vec<u8>>;
+
+/// What a caller waiting for a reply gets.
+enum Answer {
+    Reply(Result<Done, WireError>),
+    /// The stream broke before any of the request was written: the agent never saw it.
+    Unsent,
+}
+
+type ReplySlot = oneshot::Sender<Answer>;
+
+struct Pending {
+    slot: ReplySlot,
+    /// The whole frame went into the stream (the agent may have seen it).
+    written: bool,
+}
 
 #[derive(Default)]
 struct CallState {
-    pending: HashMap<u64, ReplySlot>,
+    pending: HashMap<u64, Pending>,
     /// Why the stream is unusable; set once, never cleared.
     broken: Option<String>,
     /// Every [`Client`] is gone, so the end of the stream is expected.
@@ -398,8 +414,20 @@ impl Calls {
         if let Some(reason) = &st.broken {
             return Err(reason.clone());
         }
-        st.pending.insert(id, slot);
+        st.pending.insert(
+            id,
+            Pending {
+                slot,
+                written: false,
+            },
+        );
         Ok(())
+    }
+
+    fn mark_written(&self, id: u64) {
+        if let Some(p) = lock(&self.state).pending.get_mut(&id) {
+            p.written = true;
+        }
     }
 
     fn unregister(&self, id: u64) {
@@ -407,22 +435,27 @@ impl Calls {
     }
 
     fn complete(&self, reply: Reply) {
-        let slot = lock(&self.state).pending.remove(&reply.id);
-        match slot {
+        let pending = lock(&self.state).pending.remove(&reply.id);
+        match pending {
             // A send error means the caller stopped waiting; nothing to do.
-            Some(slot) => drop(slot.send(reply.result)),
+            Some(p) => drop(p.slot.send(Answer::Reply(reply.result))),
             None => tracing::debug!(id = reply.id, "reply to a request nobody waits for"),
         }
     }
 
-    /// Marks the stream broken and fails every pending call (their slots are dropped).
-    /// Returns whether the end was expected (every client is gone).
+    /// Marks the stream broken and ends every pending call: those never written learn so
+    /// ([`Answer::Unsent`]), the others lose their slot. Returns whether the end was expected
+    /// (every client is gone).
     fn break_all(&self, reason: String) -> bool {
         let mut st = lock(&self.state);
         if st.broken.is_none() {
             st.broken = Some(reason);
         }
-        st.pending.clear();
+        for (_, p) in st.pending.drain() {
+            if !p.written {
+                let _ = p.slot.send(Answer::Unsent);
+            }
+        }
         st.closing
     }
 
@@ -448,28 +481,30 @@ impl Drop for PendingGuard<'_> {
 
 /// Why a call on one stream got no reply.
 enum Failure {
-    /// The request never left: it can go out on the next stream.
-    Unsent(Vec<u8>, String),
+    /// The request never reached the stream: it can go out on the next one.
+    Unsent(String),
     /// It may have reached the agent.
     Lost(String),
 }
 
 impl Conn {
-    async fn call(&self, id: u64, frame: Vec<u8>) -> Result<Result<Done, WireError>, Failure> {
+    async fn call(&self, id: u64, frame: Frame) -> Result<Result<Done, WireError>, Failure> {
         let (slot_tx, slot_rx) = oneshot::channel();
         if let Err(reason) = self.calls.register(id, slot_tx) {
-            return Err(Failure::Unsent(frame, reason));
+            return Err(Failure::Unsent(reason));
         }
         let _guard = PendingGuard {
             calls: &self.calls,
             id,
         };
-        if let Err(mpsc::error::SendError(frame)) = self.frames_tx.send(frame).await {
-            return Err(Failure::Unsent(frame, self.calls.reason()));
+        if self.frames_tx.send((id, frame)).await.is_err() {
+            return Err(Failure::Unsent(self.calls.reason()));
         }
-        slot_rx
-            .await
-            .map_err(|_| Failure::Lost(self.calls.reason()))
+        match slot_rx.await {
+            Ok(Answer::Reply(result)) => Ok(result),
+            Ok(Answer::Unsent) => Err(Failure::Unsent(self.calls.reason())),
+            Err(_) => Err(Failure::Lost(self.calls.reason())),
+        }
     }
 }
 
@@ -503,6 +538,9 @@ fn replayable(op: &Op) -> bool {
             matches!(node, NodeRef::Path(_))
         }
         Op::Open { flags, .. } => flags & libc::O_TRUNC == 0,
+        // Creating a file that may exist already ends the same way twice (an O_TRUNC of a
+        // file just made empty changes nothing); with O_EXCL the second would fail.
+        Op::Create { flags, .. } => flags & libc::O_EXCL == 0,
         _ => false,
     }
 }
@@ -823,10 +861,11 @@ impl Client {
         let shared = &self.shared;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let replay = shared.connector.is_some() && generation.is_none() && replayable(&op);
-        let frame = encode(&ToAgent::Request(Request { id, caller, op }))
-            .map_err(|e| CallError::Encode(e.to_string()))?;
+        let frame: Frame = Arc::new(
+            encode(&ToAgent::Request(Request { id, caller, op }))
+                .map_err(|e| CallError::Encode(e.to_string()))?,
+        );
         let deadline = tokio::time::Instant::now() + shared.remote_timeout();
-        let mut frame = Some(frame);
         loop {
             let conn = match generation {
                 None => shared.wait_up(deadline).await?,
@@ -839,28 +878,22 @@ impl Client {
                     }
                 },
             };
-            let Some(f) = frame.take() else {
-                return Err(CallError::Disconnected(conn.calls.reason()));
-            };
-            let keep = replay.then(|| f.clone());
-            match conn.call(id, f).await {
+            match conn.call(id, frame.clone()).await {
                 Ok(result) => {
                     return result
                         .map(|done| (done, conn.generation))
                         .map_err(CallError::Remote);
                 }
-                Err(Failure::Unsent(f, reason)) => {
+                Err(Failure::Unsent(reason)) => {
                     shared.link_down(conn.generation, reason.clone());
                     if generation.is_some() || shared.connector.is_none() {
                         return Err(CallError::Disconnected(reason));
                     }
-                    frame = Some(f);
                 }
                 Err(Failure::Lost(reason)) => {
                     shared.link_down(conn.generation, reason.clone());
-                    match keep {
-                        Some(f) => frame = Some(f),
-                        None => return Err(CallError::Disconnected(reason)),
+                    if !replay {
+                        return Err(CallError::Disconnected(reason));
                     }
                 }
             }
@@ -1142,22 +1175,48 @@ async fn read_frame_async<R: AsyncRead + Unpin + ?Sized>(
     Ok(Some(payload))
 }
 
-/// Writes queued frames, batching whatever is queued into one flush.
+/// Bytes of queued frames gathered into one write.
+const WRITE_BATCH: usize = 256 << 10;
+
+/// Writes queued frames, gathering whatever is queued into one write. A frame counts as
+/// written once the stream accepted its last byte; frames the stream refused never reached
+/// the agent, and their callers are told so when the stream breaks.
 async fn write_loop(
-    writer: Box<dyn AsyncWrite + Send + Unpin>,
-    mut frames_rx: mpsc::Receiver<Vec<u8>>,
+    mut writer: Box<dyn AsyncWrite + Send + Unpin>,
+    mut frames_rx: mpsc::Receiver<(u64, Frame)>,
     calls: Arc<Calls>,
     shared: Weak<Shared>,
     generation: u64,
 ) {
-    let mut w = BufWriter::with_capacity(256 << 10, writer);
-    while let Some(frame) = frames_rx.recv().await {
+    let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
+    // (request id, end offset of its frame in `buf`)
+    let mut ends: Vec<(u64, usize)> = Vec::new();
+    while let Some((id, frame)) = frames_rx.recv().await {
+        buf.clear();
+        ends.clear();
+        buf.extend_from_slice(&frame);
+        ends.push((id, buf.len()));
+        while buf.len() < WRITE_BATCH {
+            let Ok((id, frame)) = frames_rx.try_recv() else {
+                break;
+            };
+            buf.extend_from_slice(&frame);
+            ends.push((id, buf.len()));
+        }
         let result = async {
-            w.write_all(&frame).await?;
-            while let Ok(more) = frames_rx.try_recv() {
-                w.write_all(&more).await?;
+            let (mut done, mut marked) = (0, 0);
+            while done < buf.len() {
+                let n = writer.write(&buf[done..]).await?;
+                if n == 0 {
+                    return Err(io::Error::from(io::ErrorKind::WriteZero));
+                }
+                done += n;
+                while marked < ends.len() && ends[marked].1 <= done {
+                    calls.mark_written(ends[marked].0);
+                    marked += 1;
+                }
             }
-            w.flush().await
+            writer.flush().await
         }
         .await;
         if let Err(e) = result {
@@ -1173,7 +1232,7 @@ async fn write_loop(
         }
     }
     // Every client is gone: closing our end tells the agent to finish.
-    let _ = w.shutdown().await;
+    let _ = writer.shutdown().await;
 }
 
 /// Reads replies and hands each to its caller, and remote changes to the event sink, until

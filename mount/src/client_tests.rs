@@ -1,5 +1,7 @@
 //! Client tests against a scripted fake agent over an in-memory duplex stream.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use kmount_proto::{MAGIC, PROTOCOL_VERSION, RelPath};
@@ -376,4 +378,220 @@ async fn the_stderr_of_a_failing_command_is_shown() {
     assert!(matches!(err, ClientError::NoSession { .. }), "{err:?}");
     assert!(msg.contains("cannot serve /srv/x"), "{msg}");
     assert!(msg.contains("exit status: 3"), "{msg}");
+}
+
+/// Hands out in-memory streams; the test side of each arrives on `agents_rx`. Fails while
+/// `refuse` is set.
+struct FakeConnector {
+    agents_tx: mpsc::UnboundedSender<DuplexStream>,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
+    connects: Arc<AtomicU64>,
+}
+
+impl Connector for FakeConnector {
+    fn connect(&self) -> ConnectFuture<'_> {
+        Box::pin(async move {
+            self.connects.fetch_add(1, Ordering::SeqCst);
+            if self.refuse.load(Ordering::SeqCst) {
+                return Err(io::Error::other("no agent right now"));
+            }
+            let (stream, theirs) = pair();
+            self.agents_tx
+                .send(theirs)
+                .map_err(|_| io::Error::other("test over"))?;
+            Ok(stream)
+        })
+    }
+
+    fn describe(&self) -> String {
+        "the fake agent".to_string()
+    }
+}
+
+struct Reconnecting {
+    client: Client,
+    agents_rx: mpsc::UnboundedReceiver<DuplexStream>,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
+    connects: Arc<AtomicU64>,
+}
+
+impl Reconnecting {
+    async fn new() -> (Self, FakeAgent) {
+        let (agents_tx, mut agents_rx) = mpsc::unbounded_channel();
+        let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let connects = Arc::new(AtomicU64::new(0));
+        let connector = Arc::new(FakeConnector {
+            agents_tx,
+            refuse: refuse.clone(),
+            connects: connects.clone(),
+        });
+        let client = tokio::spawn(Client::connect_shared(connector));
+        let agent = FakeAgent::accept(agents_rx.recv().await.unwrap(), features::TREE).await;
+        let client = client.await.unwrap().unwrap();
+        (
+            Self {
+                client,
+                agents_rx,
+                refuse,
+                connects,
+            },
+            agent,
+        )
+    }
+
+    async fn next_agent(&mut self) -> FakeAgent {
+        let theirs = timeout(Duration::from_secs(5), self.agents_rx.recv())
+            .await
+            .expect("no reconnection")
+            .unwrap();
+        FakeAgent::accept(theirs, features::TREE).await
+    }
+}
+
+fn lookup(name: &str) -> Op {
+    Op::Lookup {
+        path: RelPath::new(name.as_bytes().to_vec()).unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn a_broken_stream_is_replaced_and_reads_go_out_again() {
+    let (mut r, mut agent) = Reconnecting::new().await;
+    let mut events = r.client.take_events().unwrap();
+    assert_eq!(r.client.generation(), 1);
+    // in flight when the stream breaks: a read (sent again) and a change (not)
+    let read = tokio::spawn({
+        let c = r.client.clone();
+        async move { c.call(lookup("x"), None).await }
+    });
+    let change = tokio::spawn({
+        let c = r.client.clone();
+        async move {
+            c.call(
+                Op::Mkdir {
+                    path: RelPath::new(b"d".to_vec()).unwrap(),
+                    mode: 0o755,
+                },
+                None,
+            )
+            .await
+        }
+    });
+    let mut ops = [agent.recv_request().await.op, agent.recv_request().await.op];
+    ops.sort_by_key(|o| format!("{o:?}"));
+    assert!(matches!(ops[0], Op::Lookup { .. }), "{ops:?}");
+    assert!(matches!(ops[1], Op::Mkdir { .. }), "{ops:?}");
+    drop(agent);
+    let err = timeout(Duration::from_secs(5), change)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(err, CallError::Disconnected(_)), "{err:?}");
+    assert!(matches!(
+        timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap(),
+        Some(ClientEvent::Disconnected(_))
+    ));
+
+    let mut agent = r.next_agent().await;
+    let again = agent.recv_request().await;
+    assert_eq!(again.op, lookup("x"));
+    agent.reply(again.id, Ok(Done::Data(b"y".to_vec()))).await;
+    assert_eq!(
+        read.await.unwrap().unwrap(),
+        Done::Data(b"y".to_vec()),
+        "the read waited for the new stream"
+    );
+    assert_eq!(
+        timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap(),
+        Some(ClientEvent::Reconnected { generation: 2 })
+    );
+    assert_eq!(r.client.generation(), 2);
+    assert!(r.client.is_connected());
+    // A handle of the first session is void on the second.
+    let err = r.client.call_in(1, read_op(7), None).await.unwrap_err();
+    assert!(matches!(err, CallError::Disconnected(_)), "{err:?}");
+    let (done, generation) = tokio::join!(r.client.call_gen(Op::Ping, None), async {
+        let req = agent.recv_request().await;
+        agent.reply(req.id, Ok(Done::Ok)).await;
+    })
+    .0
+    .unwrap();
+    assert_eq!((done, generation), (Done::Ok, 2));
+}
+
+#[tokio::test]
+async fn calls_fail_after_the_remote_timeout_while_reconnecting_fails() {
+    let (mut r, agent) = Reconnecting::new().await;
+    r.client.set_remote_timeout(Duration::from_millis(300));
+    r.refuse.store(true, Ordering::SeqCst);
+    drop(agent);
+    // Give the reader a moment to notice.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    let err = timeout(Duration::from_secs(5), r.client.call(Op::Statfs, None))
+        .await
+        .expect("a call hangs while the agent is away")
+        .unwrap_err();
+    assert!(matches!(err, CallError::Disconnected(_)), "{err:?}");
+    assert!(err.to_string().contains("did not come back"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(matches!(r.client.status(), LinkStatus::Reconnecting { .. }));
+    // It keeps trying, with backoff, and comes back once the agent is there again.
+    r.refuse.store(false, Ordering::SeqCst);
+    let mut agent = r.next_agent().await;
+    assert!(
+        r.connects.load(Ordering::SeqCst) >= 3,
+        "tried again and again"
+    );
+    let call = tokio::spawn({
+        let c = r.client.clone();
+        async move { c.call(Op::Statfs, None).await }
+    });
+    let req = agent.recv_request().await;
+    agent.reply(req.id, Ok(Done::Ok)).await;
+    assert_eq!(call.await.unwrap().unwrap(), Done::Ok);
+}
+
+#[tokio::test]
+async fn remote_changes_reach_the_events_channel_in_order() {
+    let (client, mut agent) = connected(features::WATCH).await;
+    // Nobody listens yet: dropped.
+    agent
+        .send(&FromAgent::Events(vec![kmount_proto::Event::Remove {
+            path: RelPath::new(b"early".to_vec()).unwrap(),
+        }]))
+        .await;
+    // A round trip makes sure the early batch was read before the receiver is taken.
+    let ping = tokio::spawn({
+        let c = client.clone();
+        async move { c.call(Op::Ping, None).await }
+    });
+    let req = agent.recv_request().await;
+    agent.reply(req.id, Ok(Done::Ok)).await;
+    ping.await.unwrap().unwrap();
+    let mut events = client.take_events().unwrap();
+    assert!(client.take_events().is_none(), "one receiver");
+    for name in ["a", "b"] {
+        agent
+            .send(&FromAgent::Events(vec![kmount_proto::Event::Remove {
+                path: RelPath::new(name.as_bytes().to_vec()).unwrap(),
+            }]))
+            .await;
+    }
+    for name in ["a", "b"] {
+        let got = timeout(Duration::from_secs(2), events.recv())
+            .await
+            .unwrap();
+        assert_eq!(
+            got,
+            Some(ClientEvent::Changes(vec![kmount_proto::Event::Remove {
+                path: RelPath::new(name.as_bytes().to_vec()).unwrap(),
+            }]))
+        );
+    }
 }

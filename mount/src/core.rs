@@ -629,6 +629,29 @@ impl Core {
             .update_attr(id, attr, None, &mut Effects::default())
     }
 
+    /// `path`, which the tree has as node `id`, is the remote node `attr` now. The kernel is
+    /// answered `ESTALE` and looks the name up again: with a whole tree, the name leads to the
+    /// new node then (the watcher's word on it may still be on its way, or never come); else it
+    /// is forgotten and asked for.
+    fn name_moved(&self, id: u64, path: &RelPath, attr: &Attr) {
+        let mut t = self.tree.lock();
+        let parent = path
+            .split_last()
+            .and_then(|(p, name)| Some((t.resolve(&p)?, name)));
+        match parent {
+            Some((parent, name)) if self.whole_tree && t.is_complete(parent) => {
+                let mut fx = Effects::default();
+                t.upsert(parent, name, attr, None, false, &mut fx);
+                t.mark_stale(parent);
+                drop(t);
+                // The kernel's entry is replaced by the retry; other caches of the old node
+                // (its attributes) are the notifier's job, as for any remote change.
+                self.inval.send(fx.inval);
+            }
+            _ => t.drop_first_link(id, &mut Effects::default()),
+        }
+    }
+
     /// Registers an agent file handle as one of ours.
     fn add_file(&self, file: OpenFile) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
@@ -757,7 +780,7 @@ impl Core {
             )
             .await?;
         if id != ROOT_ID && self.tree.remote_of(id) != Some((attr.dev, attr.ino)) {
-            self.tree.drop_first_link(id);
+            self.name_moved(id, &path, &attr);
             return Err(err!(libc::ESTALE, "{path} is another file now"));
         }
         self.update(id, &attr);
@@ -964,7 +987,7 @@ impl Core {
             .await?;
         if id != ROOT_ID && self.tree.remote_of(id) != Some((attr.dev, attr.ino)) {
             self.close_quietly(generation, handle).await;
-            self.tree.drop_first_link(id);
+            self.name_moved(id, &path, &attr);
             return Err(err!(libc::ESTALE, "{path} is another file now"));
         }
         if let Err(e) = self.tree.opened(id) {

@@ -182,6 +182,8 @@ pub struct MountHandle {
     notifier: Notifier,
     mountpoint: PathBuf,
     core: Arc<Core>,
+    /// mount handle --commands--> remote task (whole-tree mounts only)
+    commands_tx: Option<tokio::sync::mpsc::Sender<remote::RemoteCommand>>,
 }
 
 impl MountHandle {
@@ -245,6 +247,26 @@ impl MountHandle {
     /// The state of the connection to the agent.
     pub fn link(&self) -> LinkStatus {
         self.core.client().status()
+    }
+
+    /// Compares the tree with the remote now and repairs what differs (changes already
+    /// received are applied first). Blocking; waits at most `timeout`.
+    pub fn reconcile_now(&self, timeout: Duration) -> Result<reconcile::Outcome, FsError> {
+        let Some(tx) = &self.commands_tx else {
+            return Err(err!(
+                libc::ENOTSUP,
+                "this mount has no local tree to reconcile (the agent cannot walk and watch)"
+            ));
+        };
+        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+        tx.try_send(remote::RemoteCommand::Reconcile(reply_tx))
+            .map_err(|_| err!(libc::EBUSY, "a reconciliation is already waiting"))?;
+        reply_rx.recv_timeout(timeout).map_err(|_| {
+            err!(
+                libc::ETIMEDOUT,
+                "the reconciliation took longer than {timeout:?}"
+            )
+        })?
     }
 
     /// Invalidations handed to the kernel so far.
@@ -328,10 +350,14 @@ pub fn mount(
     }
     let (inval, inval_queue) = invalidate::channel();
     let core = Arc::new(Core::new(client, tree, opts.identity, whole_tree, inval));
+    let mut commands_tx = None;
     if let Some(events_rx) = events_rx {
+        let (tx, commands_rx) = tokio::sync::mpsc::channel(4);
+        commands_tx = Some(tx);
         runtime.spawn(remote::run(
             core.clone(),
             events_rx,
+            commands_rx,
             core.shutdown_signal(),
             remote::RemoteSettings {
                 reconcile_interval: opts.reconcile_interval,
@@ -378,6 +404,7 @@ pub fn mount(
         notifier,
         mountpoint: mountpoint.to_path_buf(),
         core,
+        commands_tx,
     })
 }
 

@@ -247,7 +247,7 @@ async fn list(core: &Core, dir: &RelPath) -> Result<Vec<DirEntry>, FsError> {
 }
 
 /// Runs [`reconcile`] and records its outcome for status.
-pub async fn reconcile_and_record(core: &Core) {
+pub async fn reconcile_and_record(core: &Core) -> Result<Outcome, FsError> {
     let started = Instant::now();
     let result = reconcile(core).await;
     let ms = started.elapsed().as_secs_f64() * 1e3;
@@ -272,4 +272,5 @@ pub async fn reconcile_and_record(core: &Core) {
         }
         s.last_reconcile_outcome = Some(outcome);
     });
+    result
 }

@@ -493,12 +493,14 @@ async fn rescan_all(core: &Core, paths: Vec<RelPath>) {
 /// Applies a run of events, then their side effects (invalidations, refreshes, rescans).
 pub async fn handle_events(core: &Core, events: Vec<Event>) {
     let n = events.len() as u64;
+    tracing::debug!(?events, "remote changes");
     let mut fx = Effects::default();
     let rescans = {
         let mut t = core.tree().lock();
         apply_events(&mut t, events, &mut fx)
     };
     fx.dedup();
+    tracing::debug!(inval = ?fx.inval, ?rescans, "applied remote changes");
     core.invalidator().send(std::mem::take(&mut fx.inval));
     core.note_stale_content(&fx.stale_content);
     core.sync_stats(|s| s.events += n);
@@ -524,11 +526,19 @@ pub struct RemoteSettings {
     pub reconcile_interval: Duration,
 }
 
+/// Requests to the remote task (`mount handle --commands--> remote task`).
+#[derive(Debug)]
+pub enum RemoteCommand {
+    /// Reconcile now; the outcome goes back on the sender.
+    Reconcile(std::sync::mpsc::Sender<Result<crate::reconcile::Outcome, FsError>>),
+}
+
 /// The remote task: applies changes and connection events from `events_rx` and reconciles
 /// periodically, until `shutdown` turns true.
 pub async fn run(
     core: Arc<Core>,
     mut events_rx: mpsc::Receiver<ClientEvent>,
+    mut commands_rx: mpsc::Receiver<RemoteCommand>,
     mut shutdown: watch::Receiver<bool>,
     settings: RemoteSettings,
 ) {
@@ -543,10 +553,12 @@ pub async fn run(
             Stop,
             Event(ClientEvent),
             Reconcile,
+            Command(RemoteCommand),
         }
         let wake = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => Wake::Stop,
             ev = events_rx.recv() => ev.map_or(Wake::Stop, Wake::Event),
+            Some(cmd) = commands_rx.recv() => Wake::Command(cmd),
             _ = tick.tick() => Wake::Reconcile,
         };
         let first = match wake {
@@ -554,8 +566,18 @@ pub async fn run(
             Wake::Event(ev) => ev,
             Wake::Reconcile => {
                 if core.client().is_connected() {
-                    crate::reconcile::reconcile_and_record(&core).await;
+                    let _ = crate::reconcile::reconcile_and_record(&core).await;
                 }
+                continue;
+            }
+            Wake::Command(RemoteCommand::Reconcile(reply)) => {
+                // Changes already queued go first, so the comparison sees them applied.
+                let mut queued = Vec::new();
+                while let Ok(ev) = events_rx.try_recv() {
+                    queued.push(ev);
+                }
+                apply_queued(&core, queued).await;
+                let _ = reply.send(crate::reconcile::reconcile_and_record(&core).await);
                 continue;
             }
         };
@@ -564,23 +586,28 @@ pub async fn run(
         while let Ok(more) = events_rx.try_recv() {
             queued.push(more);
         }
-        let mut changes = Vec::new();
-        for ev in queued {
-            match ev {
-                ClientEvent::Changes(batch) => changes.extend(batch),
-                other => {
-                    if !changes.is_empty() {
-                        handle_events(&core, std::mem::take(&mut changes)).await;
-                    }
-                    handle_link_event(&core, other).await;
-                }
-            }
-        }
-        if !changes.is_empty() {
-            handle_events(&core, changes).await;
-        }
+        apply_queued(&core, queued).await;
     }
     tracing::debug!("the remote task ends");
+}
+
+/// Applies queued client events in order, runs of change batches as one.
+async fn apply_queued(core: &Core, queued: Vec<ClientEvent>) {
+    let mut changes = Vec::new();
+    for ev in queued {
+        match ev {
+            ClientEvent::Changes(batch) => changes.extend(batch),
+            other => {
+                if !changes.is_empty() {
+                    handle_events(core, std::mem::take(&mut changes)).await;
+                }
+                handle_link_event(core, other).await;
+            }
+        }
+    }
+    if !changes.is_empty() {
+        handle_events(core, changes).await;
+    }
 }
 
 async fn handle_link_event(core: &Core, ev: ClientEvent) {
@@ -598,7 +625,7 @@ async fn handle_link_event(core: &Core, ev: ClientEvent) {
             if let Err(e) = enable_watch(core.client()).await {
                 tracing::warn!("cannot turn the watcher on again after reconnecting: {e}");
             }
-            crate::reconcile::reconcile_and_record(core).await;
+            let _ = crate::reconcile::reconcile_and_record(core).await;
             tracing::info!(
                 generation,
                 "caught up with the remote after reconnecting in {:.0} ms",
