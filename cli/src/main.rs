@@ -1,8 +1,10 @@
 //! `kmount`: mount a directory of a container, a host or this machine through FUSE.
 
+mod config;
 mod connect;
 mod control;
 mod daemon;
+mod doctor;
 mod install;
 mod kube;
 mod preflight;
@@ -90,6 +92,22 @@ enum Command {
     /// List the active mounts: target, mountpoint, state and daemon pid.
     #[command(visible_alias = "ls", after_help = "Example:\n  kmount list")]
     List,
+    /// Check this machine (FUSE, fusermount3, inotify limits, the agent) and say what to fix.
+    #[command(
+        after_help = "Exit status: 0 when everything needed is there, 1 otherwise.\n\nExample:\n  kmount doctor"
+    )]
+    Doctor,
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  kmount completions bash > /etc/bash_completion.d/kmount\n  kmount completions zsh > \"${fpath[1]}/_kmount\"\n  kmount completions fish > ~/.config/fish/completions/kmount.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) on stdout.
+    #[command(after_help = "Example:\n  kmount man | man -l -")]
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -97,6 +115,27 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Unmount { mountpoint, all }) => unmount(mountpoint.as_deref(), all),
         Some(Command::List) => list(),
+        Some(Command::Doctor) => {
+            return if doctor::report(&doctor::local_checks()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Some(Command::Completions { shell }) => {
+            use clap::CommandFactory;
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "kmount", &mut script);
+            write_stdout(&script)
+        }
+        Some(Command::Man) => {
+            use clap::CommandFactory;
+            let mut page = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
+                Ok(()) => write_stdout(&page),
+                Err(e) => Err(e).context("cannot render the manual page"),
+            }
+        }
         None => mount(cli.mount),
     };
     match result {
@@ -105,6 +144,17 @@ fn main() -> ExitCode {
             eprintln!("kmount: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Writes generated text to stdout; a closed pipe (`| head`) is not an error.
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    match std::io::stdout().write_all(bytes) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("cannot write to stdout")
+        }
+        _ => Ok(()),
     }
 }
 
