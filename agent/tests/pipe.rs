@@ -1,119 +1,17 @@
 //! The real `kmount-agent` binary, driven over its stdin/stdout.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
+use std::process::Command;
 
+use common::{Agent, BIN, is_root, p};
 use kmount_proto::{
-    Caller, Done, FromAgent, Hello, MAX_FRAME_LEN, Op, PROTOCOL_VERSION, RelPath, Reply, Request,
-    ToAgent, WireError, decode, encode, features, read_frame,
+    Caller, Done, FromAgent, Hello, MAX_FRAME_LEN, Op, PROTOCOL_VERSION, Request, ToAgent, encode,
+    features,
 };
-
-const BIN: &str = env!("CARGO_BIN_EXE_kmount-agent");
-
-struct Agent {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    stdout: ChildStdout,
-}
-
-impl Agent {
-    fn spawn(args: &[&str], root: &Path) -> Agent {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .arg(root)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kmount-agent");
-        Agent {
-            stdin: child.stdin.take(),
-            stdout: child.stdout.take().unwrap(),
-            child,
-        }
-    }
-
-    fn recv(&mut self) -> Option<FromAgent> {
-        read_frame(&mut self.stdout)
-            .expect("reading a frame")
-            .map(|p| decode(&p).expect("decoding a frame"))
-    }
-
-    fn send(&mut self, msg: &ToAgent) {
-        self.send_raw(&encode(msg).unwrap());
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        let w = self.stdin.as_mut().expect("stdin open");
-        w.write_all(bytes).unwrap();
-        w.flush().unwrap();
-    }
-
-    /// Reads the agent's hello and answers with ours.
-    fn hello(&mut self) -> Hello {
-        let Some(FromAgent::Hello(h)) = self.recv() else {
-            panic!("no hello from the agent")
-        };
-        assert_eq!(h.version, PROTOCOL_VERSION);
-        assert!(h.software.starts_with("kmount-agent "), "{}", h.software);
-        self.send(&ToAgent::Hello(Hello::new(0, "pipe test")));
-        h
-    }
-
-    fn request(&mut self, id: u64, caller: Option<Caller>, op: Op) {
-        self.send(&ToAgent::Request(Request { id, caller, op }));
-    }
-
-    fn reply(&mut self) -> Reply {
-        match self.recv() {
-            Some(FromAgent::Reply(r)) => r,
-            other => panic!("expected a reply, got {other:?}"),
-        }
-    }
-
-    fn call(&mut self, op: Op) -> Result<Done, WireError> {
-        self.request(1, None, op);
-        let r = self.reply();
-        assert_eq!(r.id, 1);
-        r.result
-    }
-
-    fn close_stdin(&mut self) {
-        self.stdin = None;
-    }
-
-    fn finish(mut self) -> (ExitStatus, String) {
-        self.close_stdin();
-        let status = self.child.wait().unwrap();
-        let mut err = String::new();
-        self.child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (status, err)
-    }
-
-    /// A `/proc/PID/status` memory figure (`VmRSS`, `VmHWM`) in KiB.
-    fn mem_kib(&self, field: &str) -> u64 {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let line = s.lines().find(|l| l.starts_with(field)).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
-    }
-}
-
-fn p(s: &str) -> RelPath {
-    RelPath::new(s.as_bytes().to_vec()).unwrap()
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
 
 #[test]
 fn a_session_pipelines_requests_and_ends_cleanly_at_eof() {
@@ -122,6 +20,8 @@ fn a_session_pipelines_requests_and_ends_cleanly_at_eof() {
     let mut a = Agent::spawn(&[], tmp.path());
     let h = a.hello();
     assert_eq!(h.features & features::IDENTITY, 0);
+    let local_first = features::TREE | features::WATCH | features::JOURNAL;
+    assert_eq!(h.features & local_first, local_first);
 
     // Open a file, then fire many independent requests at once: reads at different offsets,
     // lookups, mkdirs, pings, an error. Replies may come in any order.
