@@ -206,6 +206,13 @@ enum Item {
         path: RelPath,
         reason: String,
     },
+    /// Two names swapped their nodes (`RENAME_EXCHANGE`).
+    Exchange {
+        a: RelPath,
+        b: RelPath,
+    },
+    /// Nothing (the first half of an exchange).
+    Skip,
 }
 
 #[derive(Debug, Default)]
@@ -591,6 +598,28 @@ impl Watcher {
             self.batch.touch(dir, false, now);
         } else if e.mask & libc::IN_MOVED_TO != 0 {
             match self.batch.moves.remove(&e.cookie) {
+                Some(i) if self.exchanged(i, &path) => {
+                    let Item::Move { from, .. } = &self.batch.items[i] else {
+                        unreachable!("moves only index Item::Move")
+                    };
+                    let other = from.clone();
+                    // RENAME_EXCHANGE: the two names swapped nodes. Replaying two renames would
+                    // lose one, so both names are reported with their new state instead, and a
+                    // directory among them is walked again (its watches get their right names
+                    // back by being added again).
+                    self.batch.items[i - 1] = Item::Skip;
+                    self.batch.items[i] = Item::Exchange {
+                        a: path.clone(),
+                        b: other.clone(),
+                    };
+                    for p in [path, other] {
+                        self.batch.touch(p.clone(), false, now);
+                        if self.is_dir_now(&p) {
+                            self.watch_tree(p, false, now);
+                        }
+                    }
+                    self.batch.touch(dir, false, now);
+                }
                 Some(i) => {
                     let Item::Move { from, to, .. } = &mut self.batch.items[i] else {
                         unreachable!("moves only index Item::Move")
@@ -629,6 +658,24 @@ impl Watcher {
         } else if e.mask & (libc::IN_MODIFY | libc::IN_ATTRIB | libc::IN_CLOSE_WRITE) != 0 {
             self.batch.touch(path, false, now);
         }
+    }
+
+    /// Whether the move at `i` (from `path`'s partner to `path`) is the second half of a
+    /// `RENAME_EXCHANGE`: the item just before it moved `path` to where this one came from.
+    fn exchanged(&self, i: usize, path: &RelPath) -> bool {
+        let Item::Move {
+            from: this_from, ..
+        } = &self.batch.items[i]
+        else {
+            return false;
+        };
+        i > 0
+            && matches!(&self.batch.items[i - 1], Item::Move { from, to: Some(to), .. }
+                if from == path && to == this_from)
+    }
+
+    fn is_dir_now(&self, path: &RelPath) -> bool {
+        matches!(look(&self.root, path), Some(Seen::Present(a)) if a.is_dir())
     }
 
     /// Watched directories and polled snapshots below `from` now live below `to`.
@@ -813,7 +860,8 @@ impl Watcher {
             Item::Move { from, to, .. } => {
                 echo.busy_path(from) || to.as_ref().is_some_and(|t| echo.busy_path(t))
             }
-            Item::Rescan { .. } => false,
+            Item::Exchange { a, b } => echo.busy_path(a) || echo.busy_path(b),
+            Item::Rescan { .. } | Item::Skip => false,
         });
         if held {
             let since = *self.batch.held_since.get_or_insert(now);
@@ -857,6 +905,20 @@ impl Watcher {
                     }
                 }
                 Item::Rescan { path, reason } => events.push(Event::Rescan { path, reason }),
+                Item::Exchange { a, b } => {
+                    // Both names are touched too; a directory's contents moved as a whole.
+                    for path in [a, b] {
+                        let seen = look(&self.root, &path);
+                        let dir = matches!(&seen, Some(Seen::Present(at)) if at.is_dir());
+                        if dir && !seen.is_some_and(|s| echo.is_echo(&path, &s)) {
+                            events.push(Event::Rescan {
+                                path,
+                                reason: "swapped with another name (rename exchange)".into(),
+                            });
+                        }
+                    }
+                }
+                Item::Skip => {}
             }
         }
         let mut touches: Vec<(RelPath, Touch)> = batch.touches.into_iter().collect();

@@ -494,3 +494,56 @@ fn queue_overflow_asks_for_a_rescan_and_keeps_watching() {
     assert!(got.contains(&"upsert d/later".to_string()), "{got:?}");
     assert_eq!(w.watched(), before);
 }
+
+fn exchange(fx: &Fx, a: &str, b: &str) {
+    let (ca, cb) = (
+        std::ffi::CString::new(fx.at(a).to_str().unwrap()).unwrap(),
+        std::ffi::CString::new(fx.at(b).to_str().unwrap()).unwrap(),
+    );
+    // SAFETY: both paths are NUL-terminated.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    assert_eq!(r, 0, "renameat2: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn an_exchange_is_reported_as_the_two_new_states() {
+    let fx = Fx::new();
+    fs::write(fx.at("f"), b"file").unwrap();
+    fs::create_dir(fx.at("d")).unwrap();
+    fs::write(fx.at("d/inner"), b"x").unwrap();
+    fs::write(fx.at("g"), b"other file").unwrap();
+    let (mut w, rx) = manual(&fx);
+    exchange(&fx, "f", "g");
+    let mut got = step(&mut w, &rx);
+    got.sort();
+    assert_eq!(got, ["upsert .", "upsert f", "upsert g"]);
+    // A file and a directory swap: both walked again, and the directory's watch follows it.
+    exchange(&fx, "f", "d");
+    let got = step(&mut w, &rx);
+    assert!(!got.iter().any(|e| e.starts_with("rename")), "{got:?}");
+    for want in ["rescan f", "upsert f", "upsert d"] {
+        assert!(
+            got.contains(&want.to_string()),
+            "{want} missing from {got:?}"
+        );
+    }
+    fs::write(fx.at("f/later"), b"x").unwrap();
+    let got = step(&mut w, &rx);
+    assert!(got.contains(&"upsert f/later".to_string()), "{got:?}");
+    // The agent's own exchange is not reported.
+    fx.agent.echo.set_enabled(true);
+    fx.ok(Op::Rename {
+        from: p("f"),
+        to: p("g"),
+        flags: libc::RENAME_EXCHANGE,
+    });
+    assert_eq!(step(&mut w, &rx), Vec::<String>::new());
+}
