@@ -46,7 +46,7 @@ pub struct Config {
 }
 
 /// The nearest `kmount.toml` at or above `start`.
-pub fn find(start: &Path) -> Option<PathBuf> {
+fn find(start: &Path) -> Option<PathBuf> {
     start
         .ancestors()
         .map(|d| d.join(FILE_NAME))

@@ -105,6 +105,14 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Mount every [[mount]] entry of the nearest kmount.toml.
+    #[command(
+        after_help = "kmount.toml (found in the current directory or the nearest parent):\n\n  [[mount]]\n  target = \"deploy/app:/app\"   # any target kmount accepts\n  mountpoint = \"mnt\"           # relative to the file\n  # optional: namespace, context, container\n\nExample:\n  kmount up"
+    )]
+    Up,
+    /// Unmount every [[mount]] entry of the nearest kmount.toml.
+    #[command(after_help = "Example:\n  kmount down")]
+    Down,
     /// Print the manual page (roff) on stdout.
     #[command(after_help = "Example:\n  kmount man | man -l -")]
     Man,
@@ -115,6 +123,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Unmount { mountpoint, all }) => unmount(mountpoint.as_deref(), all),
         Some(Command::List) => list(),
+        Some(Command::Up) => up(),
+        Some(Command::Down) => down(),
         Some(Command::Doctor) => {
             return if doctor::report(&doctor::local_checks()) {
                 ExitCode::SUCCESS
@@ -337,6 +347,98 @@ fn unmount_one(dirs: &StateDirs, mountpoint: &Path) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `kmount up`: mounts each entry of kmount.toml by running `kmount` for it, from the file's
+/// directory (so relative targets and mountpoints are relative to the file).
+fn up() -> Result<()> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let cfg = config::load_nearest(&cwd)?;
+    let base = cfg.path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let dirs = StateDirs::for_current_user()?;
+    let exe = std::env::current_exe().context("cannot find the kmount executable")?;
+    let mut failed = 0;
+    for (i, m) in cfg.mounts.iter().enumerate() {
+        let unsupported: Vec<&str> = [
+            (!m.exclude.is_empty(), "exclude"),
+            (!m.local_only.is_empty(), "local_only"),
+            (m.on_change.is_some(), "on_change"),
+        ]
+        .into_iter()
+        .filter_map(|(set, k)| set.then_some(k))
+        .collect();
+        if !unsupported.is_empty() {
+            eprintln!(
+                "kmount: error: {} [[mount]] #{}: {} not supported by this version of kmount yet; \
+                 remove it to mount this entry",
+                cfg.path.display(),
+                i + 1,
+                unsupported.join(", ")
+            );
+            failed += 1;
+            continue;
+        }
+        let mountpoint = absolute_mountpoint(&m.mountpoint)?;
+        if dirs
+            .record_for(&mountpoint)
+            .is_some_and(|r| pid_alive(r.pid))
+        {
+            println!("kmount: {} is already mounted", mountpoint.display());
+            continue;
+        }
+        if !mountpoint.exists() {
+            std::fs::create_dir_all(&mountpoint)
+                .with_context(|| format!("cannot create {}", mountpoint.display()))?;
+        }
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.current_dir(&base);
+        for (flag, value) in [
+            ("--namespace", &m.namespace),
+            ("--context", &m.context),
+            ("--container", &m.container),
+        ] {
+            if let Some(v) = value {
+                cmd.arg(flag).arg(v);
+            }
+        }
+        cmd.arg(&m.target).arg(&mountpoint);
+        let status = cmd.status().context("cannot run kmount")?;
+        if !status.success() {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} mount(s) in {} did not come up (see above)",
+            cfg.mounts.len(),
+            cfg.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `kmount down`: unmounts each entry of kmount.toml that is mounted.
+fn down() -> Result<()> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let cfg = config::load_nearest(&cwd)?;
+    let dirs = StateDirs::for_current_user()?;
+    let mut failed = 0;
+    for m in &cfg.mounts {
+        let mountpoint = absolute_mountpoint(&m.mountpoint)?;
+        let mounted = preflight::mounted_fs_type(&mountpoint)?.is_some();
+        if !mounted && dirs.record_for(&mountpoint).is_none() {
+            println!("kmount: {} is not mounted", mountpoint.display());
+            continue;
+        }
+        if let Err(e) = unmount_one(&dirs, &mountpoint) {
+            eprintln!("kmount: error: {e:#}");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} mount(s) could not be unmounted (see above)");
+    }
+    Ok(())
 }
 
 fn list() -> Result<()> {
