@@ -104,6 +104,29 @@ fn run(cmd: &mut Command, what: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// Options sshfs gets beyond its defaults: `no_contain_symlinks` where sshfs has it (Debian's
+/// security update made it reject symlinks containing `..`, which `node_modules/.bin` is made
+/// of: without it `git status` is wrong).
+pub fn sshfs_extra_options() -> Vec<String> {
+    let help = Command::new("sshfs")
+        .arg("--help")
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+        .unwrap_or_default();
+    if help.contains("no_contain_symlinks") {
+        vec!["-o".into(), "no_contain_symlinks".into()]
+    } else {
+        Vec::new()
+    }
+}
+
 fn is_mounted(path: &Path) -> bool {
     let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
         return false;
@@ -150,6 +173,7 @@ impl Session {
             Kind::Bindfs => run(Command::new("bindfs").arg(env.root).arg(&mnt), "bindfs")?,
             Kind::Sshfs => run(
                 Command::new("sshfs")
+                    .args(sshfs_extra_options())
                     .arg("-o")
                     .arg(format!(
                         "ssh_command={}",

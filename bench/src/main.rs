@@ -57,13 +57,13 @@ struct Opts {
     latency_samples: usize,
     /// Longest a single measurement may take, in s; a slower one is stopped and shown as
     /// "> cap".
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 30)]
     cap_s: u64,
     /// Longest a single latency sample may take, in s.
     #[arg(long, default_value_t = 5)]
     latency_cap_s: u64,
     /// A measurement slower than this (s) is not repeated.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 15)]
     slow_s: u64,
     /// Contenders to run.
     #[arg(
@@ -583,7 +583,7 @@ impl Bench<'_> {
              {} s is not repeated); `> {} s`: stopped at the cap. Every run checks its result \
              (entry count, file digest, clean `git status`, files on the remote); a wrong \
              result is shown as WRONG. Cold = fresh mount, kernel caches dropped ({}) and \
-             kmount's content cache emptied. sshfs runs with its defaults.\n",
+             kmount's content cache emptied. sshfs runs with its defaults{}.\n",
             o.reps,
             o.slow_s,
             o.cap_s,
@@ -591,6 +591,13 @@ impl Bench<'_> {
                 "done before every cold run"
             } else {
                 "NOT possible here: not root"
+            },
+            match contender::sshfs_extra_options().join(" ") {
+                o if o.is_empty() => String::new(),
+                o => format!(
+                    " plus `{o}` (without it, this sshfs refuses the `..` symlinks of \
+                     node_modules/.bin with EPERM and git status is wrong)"
+                ),
             }
         );
         for &ms in &o.rtt_ms {
