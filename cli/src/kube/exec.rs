@@ -381,6 +381,84 @@ impl AsyncWrite for ExecWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A reader over an in-memory pipe that, like kube-rs's on a failed connection, is never
+    /// closed by its writer.
+    fn reader(
+        stdout_like: bool,
+    ) -> (
+        ExecReader,
+        tokio::io::WriteHalf<tokio::io::SimplexStream>,
+        watch::Sender<Option<Exit>>,
+    ) {
+        let (r, w) = tokio::io::simplex(1024);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let reader = ExecReader {
+            inner: Box::new(r),
+            exit: ExitWatch::new(exit_rx),
+            failure_is_error: stdout_like.then(|| "the test command".to_string()),
+            _cancel_on_drop: None,
+        };
+        (reader, w, exit_tx)
+    }
+
+    #[tokio::test]
+    async fn output_is_drained_before_the_end() {
+        let (mut r, mut w, exit_tx) = reader(true);
+        w.write_all(b"last words").await.unwrap();
+        exit_tx.send(Some(Exit::Code(0))).unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"last words");
+    }
+
+    #[tokio::test]
+    async fn a_lost_connection_ends_an_open_pipe_with_an_error() {
+        let (mut r, mut w, exit_tx) = reader(false);
+        w.write_all(b"partial").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(r.read(&mut buf).await.unwrap(), 7);
+        // Nothing more arrives and the pipe stays open: only the exit ends the wait.
+        let pending = tokio::time::timeout(Duration::from_millis(50), r.read(&mut buf)).await;
+        assert!(pending.is_err(), "the read ended before the exec did");
+        exit_tx
+            .send(Some(Exit::Lost("connection reset".into())))
+            .unwrap();
+        let e = r.read(&mut buf).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        assert!(e.to_string().contains("connection reset"), "{e}");
+        drop(w);
+    }
+
+    #[tokio::test]
+    async fn a_killed_command_is_an_error_on_stdout_only() {
+        let (mut out, _w1, tx1) = reader(true);
+        let (mut err, _w2, tx2) = reader(false);
+        tx1.send(Some(Exit::Code(137))).unwrap();
+        tx2.send(Some(Exit::Code(137))).unwrap();
+        let mut buf = [0u8; 8];
+        let e = out.read(&mut buf).await.unwrap_err();
+        assert!(e.to_string().contains("code 137 (killed"), "{e}");
+        assert_eq!(err.read(&mut buf).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn writes_fail_once_the_command_is_gone() {
+        let (_r, w) = tokio::io::simplex(16);
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let mut writer = ExecWriter {
+            inner: Box::new(w),
+            exit: ExitWatch::new(exit_rx),
+        };
+        writer.write_all(b"fits").await.unwrap();
+        exit_tx.send(Some(Exit::Code(2))).unwrap();
+        // The pipe would accept more, but nobody reads it any more.
+        let e = writer.write_all(b"more").await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+        assert!(e.to_string().contains("exited with code 2"), "{e}");
+    }
 
     #[test]
     fn exit_codes_from_status() {
