@@ -89,6 +89,8 @@ pub struct Session {
     pub mount_time: Duration,
     /// `kmount unmount MNT` with the environment the mount was made with.
     kmount_unmount: Option<Command>,
+    /// The data root on the remote (to recognize the agent serving it).
+    remote_root: PathBuf,
 }
 
 fn run(cmd: &mut Command, what: &str) -> io::Result<()> {
@@ -168,6 +170,7 @@ impl Session {
                     mountpoint: None,
                     mount_time: Duration::ZERO,
                     kmount_unmount: None,
+                    remote_root: env.root.to_path_buf(),
                 });
             }
             Kind::Bindfs => run(Command::new("bindfs").arg(env.root).arg(&mnt), "bindfs")?,
@@ -207,6 +210,7 @@ impl Session {
             mountpoint: Some(mnt),
             mount_time,
             kmount_unmount,
+            remote_root: env.root.to_path_buf(),
         })
     }
 
@@ -220,29 +224,50 @@ impl Session {
     }
 
     fn unmount_inner(&mut self) -> io::Result<()> {
+        let servers = self.processes();
         let Some(mnt) = self.mountpoint.take() else {
             return Ok(());
         };
-        let result = match self.kmount_unmount.as_mut() {
-            Some(cmd) => run(cmd, "kmount unmount"),
-            None => run(
-                Command::new("fusermount3").arg("-u").arg(&mnt),
-                "fusermount3 -u",
-            ),
-        };
+        // A process killed at the cap can keep the mount busy for a moment.
+        let mut result = Ok(());
+        for _ in 0..20 {
+            result = match self.kmount_unmount.as_mut() {
+                Some(cmd) => run(cmd, "kmount unmount"),
+                None => run(
+                    Command::new("fusermount3").arg("-u").arg(&mnt),
+                    "fusermount3 -u",
+                ),
+            };
+            match &result {
+                Err(e) if e.to_string().contains("busy") => {
+                    std::thread::sleep(Duration::from_millis(250))
+                }
+                _ => break,
+            }
+        }
         if result.is_err() {
             force_unmount(&mnt);
+            // A lazily detached mount keeps its daemon alive; it must not linger into the
+            // next session (nor into its memory figures).
+            for (role, pid) in servers {
+                if !role.contains("remote") {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGTERM,
+                    );
+                }
+            }
         }
         result
     }
 
     /// The processes that serve this session: (role, pid).
-    pub fn processes(&self, env: &Env) -> Vec<(String, u32)> {
+    pub fn processes(&self) -> Vec<(String, u32)> {
         let Some(mnt) = &self.mountpoint else {
             return Vec::new();
         };
         let mnt = mnt.to_string_lossy().into_owned();
-        let root = env.root.to_string_lossy().into_owned();
+        let root = self.remote_root.to_string_lossy().into_owned();
         let mut out = Vec::new();
         for (pid, args) in all_processes() {
             let exe = args

@@ -485,7 +485,7 @@ impl Bench<'_> {
             }
             if rep + 1 == self.opts.reps || self.all_done(k, link) {
                 self.latencies(&s, link);
-                for (role, pid) in s.processes(&self.env) {
+                for (role, pid) in s.processes() {
                     if let Some((hwm, rss)) = memory_kib(pid) {
                         self.results.memory.push((link, k, role, hwm, rss));
                     }

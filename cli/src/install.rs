@@ -365,7 +365,7 @@ for t in {TMP_CANDIDATES}; do
   [ -n "$t" ] || continue
   b="$t/kmount-$u"
   f="$b/agent-{key}/kmount-agent"
-  if [ -f "$f" ] && [ ! -L "$f" ] && [ ! -L "$b" ] && [ -O "$b" ] && [ "$(($(wc -c < "$f")))" -eq {size} ]; then
+  if [ -f "$f" ] && [ -x "$f" ] && [ ! -L "$f" ] && [ ! -L "$b" ] && [ -O "$b" ] && [ "$(($(wc -c < "$f")))" -eq {size} ]; then
     echo "kmount-exec $f"
     exec "$f" {command}
   fi
