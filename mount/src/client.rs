@@ -219,9 +219,13 @@ pub enum CallError {
     /// The operation ran in the agent and failed there.
     #[error("{0}")]
     Remote(WireError),
-    /// The stream to the agent is gone; the text says how.
+    /// The stream to the agent is gone; the text says how. The request may have reached the
+    /// agent.
     #[error("the connection to the agent is gone: {0}")]
     Disconnected(String),
+    /// The stream broke before it took the request: the agent never saw it.
+    #[error("the connection to the agent is gone (the request was not sent): {0}")]
+    NotSent(String),
     #[error("cannot encode the request: {0}")]
     Encode(String),
 }
@@ -296,6 +300,8 @@ struct Shared {
     remote_timeout_ms: AtomicU64,
     link: watch::Sender<Link>,
     events: Arc<EventSink>,
+    /// Requests sent, by operation.
+    sent: Mutex<HashMap<&'static str, u64>>,
 }
 
 #[derive(Clone)]
@@ -804,6 +810,7 @@ impl Client {
                 remote_timeout_ms: AtomicU64::new(DEFAULT_REMOTE_TIMEOUT.as_millis() as u64),
                 link,
                 events,
+                sent: Mutex::new(HashMap::new()),
             }
         });
         Ok(Client { shared })
@@ -861,6 +868,7 @@ impl Client {
         let shared = &self.shared;
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let replay = shared.connector.is_some() && generation.is_none() && replayable(&op);
+        *lock(&shared.sent).entry(op_name(&op)).or_default() += 1;
         let frame: Frame = Arc::new(
             encode(&ToAgent::Request(Request { id, caller, op }))
                 .map_err(|e| CallError::Encode(e.to_string()))?,
@@ -900,6 +908,66 @@ impl Client {
         }
     }
 
+    /// Sends `op` now, in the order of calls to this method, and returns the wait for its
+    /// reply (with the session it came from). Nothing is sent again after a broken stream:
+    /// the caller (the journal sender) replays itself. A request the stream never took fails
+    /// with [`CallError::NotSent`].
+    pub async fn send_ordered(
+        &self,
+        op: Op,
+        caller: Option<Caller>,
+    ) -> Result<impl Future<Output = Result<(Done, u64), CallError>> + Send + 'static, CallError>
+    {
+        let shared = &self.shared;
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        *lock(&shared.sent).entry(op_name(&op)).or_default() += 1;
+        let frame: Frame = Arc::new(
+            encode(&ToAgent::Request(Request { id, caller, op }))
+                .map_err(|e| CallError::Encode(e.to_string()))?,
+        );
+        let conn = match &*shared.link.borrow() {
+            Link::Up(conn) => conn.clone(),
+            Link::Down { reason, .. } => return Err(CallError::NotSent(reason.clone())),
+        };
+        let (slot_tx, slot_rx) = oneshot::channel();
+        conn.calls
+            .register(id, slot_tx)
+            .map_err(CallError::NotSent)?;
+        if conn.frames_tx.send((id, frame)).await.is_err() {
+            conn.calls.unregister(id);
+            return Err(CallError::NotSent(conn.calls.reason()));
+        }
+        let weak = Arc::downgrade(shared);
+        Ok(async move {
+            let guard = PendingGuard {
+                calls: &conn.calls,
+                id,
+            };
+            let answer = slot_rx.await;
+            drop(guard);
+            let broke = |reason: String| {
+                if let Some(s) = weak.upgrade() {
+                    s.link_down(conn.generation, reason);
+                }
+            };
+            match answer {
+                Ok(Answer::Reply(r)) => r
+                    .map(|done| (done, conn.generation))
+                    .map_err(CallError::Remote),
+                Ok(Answer::Unsent) => {
+                    let reason = conn.calls.reason();
+                    broke(reason.clone());
+                    Err(CallError::NotSent(reason))
+                }
+                Err(_) => {
+                    let reason = conn.calls.reason();
+                    broke(reason.clone());
+                    Err(CallError::Disconnected(reason))
+                }
+            }
+        })
+    }
+
     /// Feature bits both ends supported in the first session ([`kmount_proto::features`]).
     pub fn features(&self) -> u64 {
         self.shared.features
@@ -921,6 +989,11 @@ impl Client {
             Link::Up(conn) => conn.generation,
             Link::Down { .. } => 0,
         }
+    }
+
+    /// Requests of kind `kind` (as [`op_name`] names them) sent so far.
+    pub fn requests_sent(&self, kind: &str) -> u64 {
+        lock(&self.shared.sent).get(kind).copied().unwrap_or(0)
     }
 
     /// Whether a broken stream is replaced by a new one.
@@ -1276,6 +1349,51 @@ async fn read_loop(
             // Dropping `child` kills it (kill_on_drop).
             Err(_) => tracing::warn!("the agent did not exit after its stream closed; killing it"),
         }
+    }
+}
+
+/// The name of an operation, for messages and counters.
+pub fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Lookup { .. } => "Lookup",
+        Op::GetAttr { .. } => "GetAttr",
+        Op::SetAttr { .. } => "SetAttr",
+        Op::OpenDir { .. } => "OpenDir",
+        Op::ReadDir { .. } => "ReadDir",
+        Op::Open { .. } => "Open",
+        Op::Create { .. } => "Create",
+        Op::Read { .. } => "Read",
+        Op::Write { .. } => "Write",
+        Op::Fsync { .. } => "Fsync",
+        Op::Fallocate { .. } => "Fallocate",
+        Op::Close { .. } => "Close",
+        Op::Mkdir { .. } => "Mkdir",
+        Op::Mknod { .. } => "Mknod",
+        Op::Symlink { .. } => "Symlink",
+        Op::Readlink { .. } => "Readlink",
+        Op::Link { .. } => "Link",
+        Op::Unlink { .. } => "Unlink",
+        Op::Rmdir { .. } => "Rmdir",
+        Op::Rename { .. } => "Rename",
+        Op::Statfs => "Statfs",
+        Op::GetXattr { .. } => "GetXattr",
+        Op::ListXattr { .. } => "ListXattr",
+        Op::SetXattr { .. } => "SetXattr",
+        Op::RemoveXattr { .. } => "RemoveXattr",
+        Op::Access { .. } => "Access",
+        Op::Ping => "Ping",
+        Op::Lseek { .. } => "Lseek",
+        Op::WalkOpen { .. } => "WalkOpen",
+        Op::WalkNext { .. } => "WalkNext",
+        Op::Watch { .. } => "Watch",
+        Op::Digest { .. } => "Digest",
+        Op::Journaled { .. } => "Journaled",
+        Op::AppliedSeq { .. } => "AppliedSeq",
+        Op::PutFile { .. } => "PutFile",
+        Op::ReadPath { .. } => "ReadPath",
+        Op::FsyncPath { .. } => "FsyncPath",
+        Op::WritePath { .. } => "WritePath",
+        Op::FallocatePath { .. } => "FallocatePath",
     }
 }
 

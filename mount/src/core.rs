@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
@@ -19,10 +19,11 @@ use kmount_proto::{
     features,
 };
 
-use crate::client::Client;
+use crate::client::{Client, op_name};
 use crate::err;
 use crate::error::FsError;
 use crate::invalidate::Invalidator;
+use crate::local::{PendingSet, WriteBack};
 use crate::remote::SyncStats;
 use crate::tree::{Change, Effects, Listed, ROOT_ID, Tree};
 
@@ -245,6 +246,10 @@ pub struct Core {
     sync: Mutex<SyncStats>,
     /// Turns true when the mount ends; background tasks stop.
     shutdown: watch::Sender<bool>,
+    /// Local-first changes and cached contents (an agent with a journal lane).
+    pub(crate) write_back: Option<Arc<WriteBack>>,
+    remote_timeout: Duration,
+    this: OnceLock<Weak<Core>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -323,6 +328,8 @@ impl Core {
         identity: bool,
         whole_tree: bool,
         inval: Invalidator,
+        write_back: Option<WriteBack>,
+        remote_timeout: Duration,
     ) -> Self {
         let identity = identity && client.features() & features::IDENTITY != 0;
         Self {
@@ -337,7 +344,36 @@ impl Core {
             mutations: AtomicU64::new(0),
             sync: Mutex::new(SyncStats::default()),
             shutdown: watch::channel(false).0,
+            write_back: write_back.map(Arc::new),
+            remote_timeout,
+            this: OnceLock::new(),
         }
+    }
+
+    /// Wraps the core in an `Arc` that tasks it starts can hold on to.
+    pub fn into_arc(self) -> Arc<Core> {
+        let core = Arc::new(self);
+        let _ = core.this.set(Arc::downgrade(&core));
+        core
+    }
+
+    /// This core, for tasks that outlive a request.
+    pub(crate) fn me(&self) -> Option<Arc<Core>> {
+        self.this.get().and_then(Weak::upgrade)
+    }
+
+    /// How long a request that needs the remote waits for it.
+    pub fn remote_timeout(&self) -> Duration {
+        self.remote_timeout
+    }
+
+    /// The write-back state, when changes are local-first.
+    pub fn write_back(&self) -> Option<&WriteBack> {
+        self.wb()
+    }
+
+    pub(crate) fn alloc_fh(&self) -> u64 {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Ends background work: the invalidator is disarmed and tasks watching
@@ -359,9 +395,21 @@ impl Core {
 
     /// Remote files (st_dev, st_ino) whose cached contents no longer belong to them.
     pub fn note_stale_content(&self, keys: &[(u64, u64)]) {
-        if !keys.is_empty() {
-            tracing::trace!(count = keys.len(), "remote contents changed");
+        let Some(wb) = self.wb() else { return };
+        for &key in keys {
+            let key = wb.content_key(key);
+            if let Some(entry) = wb.cache.lookup(&key)
+                && !entry.has_local_changes()
+            {
+                drop(entry);
+                wb.cache.remove(&key);
+            }
         }
+    }
+
+    /// Paths with local changes not yet applied remotely (write-back mode).
+    pub fn pending_set(&self) -> Option<PendingSet> {
+        self.wb().map(WriteBack::pending_set)
     }
 
     /// The attributes of the served directory.
@@ -680,6 +728,7 @@ impl Core {
         parent: u64,
         name: &[u8],
     ) -> Result<NodeAttr, FsError> {
+        let parent = self.tree.canon(parent);
         if self.whole_tree {
             check_name(name)?;
             let mut t = self.tree.lock();
@@ -730,6 +779,7 @@ impl Core {
     /// else by path. A path that now leads to another inode means the node is stale:
     /// `ESTALE`, which makes the kernel look the name up again.
     pub async fn getattr(&self, caller: Option<Caller>, id: u64) -> Result<NodeAttr, FsError> {
+        let id = self.tree.canon(id);
         if self.whole_tree {
             let t = self.tree.lock();
             if !t.is_stale(id)
@@ -759,15 +809,16 @@ impl Core {
     async fn fetch_attr(&self, caller: &Option<Caller>, id: u64) -> Result<NodeAttr, FsError> {
         if let Some((h, generation)) = self.handle_of(id) {
             let node = NodeRef::Handle(h);
-            match self
-                .call_in(generation, Op::GetAttr { node }, caller)
-                .await?
-            {
-                Done::Attr(attr) => {
+            match self.call_in(generation, Op::GetAttr { node }, caller).await {
+                Ok(Done::Attr(attr)) => {
                     self.update(id, &attr);
                     return Ok(NodeAttr::from_remote(id, &attr));
                 }
-                other => return Err(unexpected("GetAttr", &other)),
+                Ok(other) => return Err(unexpected("GetAttr", &other)),
+                // The kernel's RELEASE of that handle raced this GETATTR (close() then stat()):
+                // the handle is gone, the path is still right.
+                Err(e) if e.errno == libc::EBADF => {}
+                Err(e) => return Err(e),
             }
         }
         let path = self.tree.path(id)?;
@@ -794,6 +845,10 @@ impl Core {
         fh: Option<u64>,
         set: SetAttr,
     ) -> Result<NodeAttr, FsError> {
+        let id = self.tree.canon(id);
+        if self.wb().is_some() {
+            return self.wb_setattr(caller, id, fh, set).await;
+        }
         let (node, generation) = self.node_ref(id, fh)?;
         let attr = match self
             .call_node(generation, Op::SetAttr { node, set }, &caller)
@@ -809,6 +864,7 @@ impl Core {
     }
 
     pub async fn readlink(&self, caller: Option<Caller>, id: u64) -> Result<Vec<u8>, FsError> {
+        let id = self.tree.canon(id);
         if self.whole_tree
             && let Some(target) = self.tree.lock().symlink(id)
         {
@@ -832,6 +888,10 @@ impl Core {
         mode: u32,
         rdev: u32,
     ) -> Result<NodeAttr, FsError> {
+        let parent = self.tree.canon(parent);
+        if self.wb().is_some() {
+            return self.wb_mknod(caller, parent, name, mode, user_dev(rdev)).await;
+        }
         let path = self.tree.child_path(parent, name)?;
         let op = Op::Mknod {
             path,
@@ -851,6 +911,10 @@ impl Core {
         name: &[u8],
         mode: u32,
     ) -> Result<NodeAttr, FsError> {
+        let parent = self.tree.canon(parent);
+        if self.wb().is_some() {
+            return self.wb_mkdir(caller, parent, name, mode).await;
+        }
         let path = self.tree.child_path(parent, name)?;
         let op = Op::Mkdir {
             path,
@@ -868,6 +932,10 @@ impl Core {
         parent: u64,
         name: &[u8],
     ) -> Result<(), FsError> {
+        let parent = self.tree.canon(parent);
+        if self.wb().is_some() {
+            return self.wb_remove(caller, parent, name, false).await;
+        }
         let path = self.tree.child_path(parent, name)?;
         self.call_ok(Op::Unlink { path }, &caller).await?;
         self.removed(parent, name);
@@ -880,6 +948,10 @@ impl Core {
         parent: u64,
         name: &[u8],
     ) -> Result<(), FsError> {
+        let parent = self.tree.canon(parent);
+        if self.wb().is_some() {
+            return self.wb_remove(caller, parent, name, true).await;
+        }
         let path = self.tree.child_path(parent, name)?;
         self.call_ok(Op::Rmdir { path }, &caller).await?;
         self.removed(parent, name);
@@ -906,6 +978,10 @@ impl Core {
         name: &[u8],
         target: &[u8],
     ) -> Result<NodeAttr, FsError> {
+        let parent = self.tree.canon(parent);
+        if self.wb().is_some() {
+            return self.wb_symlink(caller, parent, name, target).await;
+        }
         let path = self.tree.child_path(parent, name)?;
         let op = Op::Symlink {
             path,
@@ -927,6 +1003,13 @@ impl Core {
         new_name: &[u8],
         flags: u32,
     ) -> Result<(), FsError> {
+        let parent = self.tree.canon(parent);
+        let new_parent = self.tree.canon(new_parent);
+        if self.wb().is_some() {
+            return self
+                .wb_rename(caller, parent, name, new_parent, new_name, flags)
+                .await;
+        }
         let from = self.tree.child_path(parent, name)?;
         let to = self.tree.child_path(new_parent, new_name)?;
         self.call_ok(Op::Rename { from, to, flags }, &caller)
@@ -960,6 +1043,11 @@ impl Core {
         new_parent: u64,
         new_name: &[u8],
     ) -> Result<NodeAttr, FsError> {
+        let id = self.tree.canon(id);
+        let new_parent = self.tree.canon(new_parent);
+        if self.wb().is_some() {
+            return self.wb_link(caller, id, new_parent, new_name).await;
+        }
         let from = self.tree.path(id)?;
         let to = self.tree.child_path(new_parent, new_name)?;
         let attr = self.call_attr(Op::Link { from, to }, &caller).await?;
@@ -975,6 +1063,10 @@ impl Core {
         id: u64,
         flags: i32,
     ) -> Result<Opened, FsError> {
+        let id = self.tree.canon(id);
+        if self.wb().is_some() {
+            return self.wb_open(caller, id, flags).await;
+        }
         let path = self.tree.path(id)?;
         let (handle, attr, generation) = self
             .call_opened(
@@ -1018,6 +1110,9 @@ impl Core {
         offset: u64,
         size: u32,
     ) -> Result<Vec<u8>, FsError> {
+        if self.wb().is_some() {
+            return self.wb_read(fh, offset, size).await;
+        }
         let file = self.live_file(fh).await?;
         let op = Op::Read {
             handle: file.handle,
@@ -1037,6 +1132,9 @@ impl Core {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<u32, FsError> {
+        if self.wb().is_some() {
+            return self.wb_write(caller, fh, offset, data).await;
+        }
         let file = self.live_file(fh).await?;
         let op = Op::Write {
             handle: file.handle,
@@ -1055,6 +1153,9 @@ impl Core {
     /// whole tree, the file's attributes after them are fetched now, so the tree holds them
     /// even when the agent goes away.
     pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
+        if self.wb().is_some() {
+            return self.wb_flush(fh).await;
+        }
         if !self.whole_tree {
             return Ok(());
         }
@@ -1077,6 +1178,10 @@ impl Core {
     }
 
     pub async fn release(&self, id: u64, fh: u64) -> Result<(), FsError> {
+        let id = self.tree.canon(id);
+        if self.wb().is_some() {
+            return self.wb_release(id, fh).await;
+        }
         let Some(file) = self.remove_file(fh) else {
             return Err(err!(libc::EBADF, "no open file {fh}"));
         };
@@ -1108,6 +1213,9 @@ impl Core {
         fh: u64,
         datasync: bool,
     ) -> Result<(), FsError> {
+        if self.wb().is_some() {
+            return self.wb_fsync(caller, fh, datasync).await;
+        }
         let file = self.live_file(fh).await?;
         let op = Op::Fsync {
             handle: file.handle,
@@ -1121,6 +1229,7 @@ impl Core {
 
     /// Opens directory `id` for listing; the listing itself is taken at the first readdir.
     pub async fn opendir(&self, caller: Option<Caller>, id: u64) -> Result<u64, FsError> {
+        let id = self.tree.canon(id);
         let local = self.whole_tree && self.tree.lock().is_complete(id);
         let agent_handle = if local {
             None
@@ -1238,6 +1347,7 @@ impl Core {
     where
         F: FnMut(&DirItem<'_>) -> bool + Send,
     {
+        let id = self.tree.canon(id);
         let st = self.dir_state(&caller, fh, offset).await?;
         let Some(listing) = st.listing.as_ref() else {
             return Ok(());
@@ -1307,6 +1417,7 @@ impl Core {
     where
         F: FnMut(&DirItem<'_>) -> bool + Send,
     {
+        let id = self.tree.canon(id);
         let st = self.dir_state(&caller, fh, offset).await?;
         let Some(listing) = st.listing.as_ref() else {
             return Ok(());
@@ -1385,6 +1496,7 @@ impl Core {
     }
 
     pub async fn releasedir(&self, id: u64, fh: u64) -> Result<(), FsError> {
+        let id = self.tree.canon(id);
         let state = self.dirs().remove(&fh);
         let Some(state) = state else {
             return Err(err!(libc::EBADF, "no directory handle {fh}"));
@@ -1412,6 +1524,18 @@ impl Core {
         value: &[u8],
         flags: i32,
     ) -> Result<(), FsError> {
+        let id = self.tree.canon(id);
+        if self.wb().is_some() {
+            let (name, value) = (name.to_vec(), value.to_vec());
+            return self
+                .wb_setxattr(caller, id, |node| Op::SetXattr {
+                    node,
+                    name,
+                    value,
+                    flags,
+                })
+                .await;
+        }
         let (node, generation) = self.node_ref(id, None)?;
         let op = Op::SetXattr {
             node,
@@ -1431,12 +1555,25 @@ impl Core {
         name: &[u8],
         size: u32,
     ) -> Result<Xattr, FsError> {
+        let id = self.tree.canon(id);
+        if self.wb_no_caps(id, name) {
+            return Err(err!(libc::ENODATA, "no capabilities"));
+        }
+        if self.wb().is_some() && name != b"security.capability" {
+            self.wb_settle(id).await?;
+        }
         let (node, generation) = self.node_ref(id, None)?;
         let op = Op::GetXattr {
             node,
             name: name.to_vec(),
         };
-        match self.call_node(generation, op, &caller).await? {
+        let got = self.call_node(generation, op, &caller).await;
+        match &got {
+            Ok(_) => self.wb_caps_seen(id, name, false),
+            Err(e) if e.errno == libc::ENODATA => self.wb_caps_seen(id, name, true),
+            Err(_) => {}
+        }
+        match got? {
             Done::Data(d) => sized(d, size),
             other => Err(unexpected("GetXattr", &other)),
         }
@@ -1448,6 +1585,10 @@ impl Core {
         id: u64,
         size: u32,
     ) -> Result<Xattr, FsError> {
+        let id = self.tree.canon(id);
+        if self.wb().is_some() {
+            self.wb_settle(id).await?;
+        }
         let (node, generation) = self.node_ref(id, None)?;
         let op = Op::ListXattr { node };
         match self.call_node(generation, op, &caller).await? {
@@ -1462,6 +1603,13 @@ impl Core {
         id: u64,
         name: &[u8],
     ) -> Result<(), FsError> {
+        let id = self.tree.canon(id);
+        if self.wb().is_some() {
+            let name = name.to_vec();
+            return self
+                .wb_setxattr(caller, id, |node| Op::RemoveXattr { node, name })
+                .await;
+        }
         let (node, generation) = self.node_ref(id, None)?;
         let op = Op::RemoveXattr {
             node,
@@ -1474,6 +1622,10 @@ impl Core {
 
     /// `access(2)`; the kernel only asks without `default_permissions`.
     pub async fn access(&self, caller: Option<Caller>, id: u64, mask: i32) -> Result<(), FsError> {
+        let id = self.tree.canon(id);
+        if self.wb().is_some() {
+            return self.wb_access(&caller, id, mask);
+        }
         let path = self.tree.path(id)?;
         self.call_ok(Op::Access { path, mask }, &caller).await
     }
@@ -1487,6 +1639,10 @@ impl Core {
         mode: u32,
         flags: i32,
     ) -> Result<Created, FsError> {
+        let parent = self.tree.canon(parent);
+        if self.wb().is_some() {
+            return self.wb_create(caller, parent, name, mode, flags).await;
+        }
         let path = self.tree.child_path(parent, name)?;
         let op = Op::Create {
             path,
@@ -1518,6 +1674,9 @@ impl Core {
         len: u64,
         mode: i32,
     ) -> Result<(), FsError> {
+        if self.wb().is_some() {
+            return self.wb_fallocate(caller, fh, offset, len, mode).await;
+        }
         let file = self.live_file(fh).await?;
         let op = Op::Fallocate {
             handle: file.handle,
@@ -1544,6 +1703,11 @@ impl Core {
         if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
             return Err(err!(libc::EINVAL, "lseek whence {whence} is the kernel's"));
         }
+        if self.wb().is_some() {
+            let offset =
+                u64::try_from(offset).map_err(|_| err!(libc::ENXIO, "negative offset"))?;
+            return self.wb_lseek(caller, fh, offset, whence).await;
+        }
         let offset = u64::try_from(offset).map_err(|_| err!(libc::ENXIO, "negative offset"))?;
         let file = self.live_file(fh).await?;
         let op = Op::Lseek {
@@ -1558,49 +1722,6 @@ impl Core {
     }
 }
 
-fn op_name(op: &Op) -> &'static str {
-    match op {
-        Op::Lookup { .. } => "Lookup",
-        Op::GetAttr { .. } => "GetAttr",
-        Op::SetAttr { .. } => "SetAttr",
-        Op::OpenDir { .. } => "OpenDir",
-        Op::ReadDir { .. } => "ReadDir",
-        Op::Open { .. } => "Open",
-        Op::Create { .. } => "Create",
-        Op::Read { .. } => "Read",
-        Op::Write { .. } => "Write",
-        Op::Fsync { .. } => "Fsync",
-        Op::Fallocate { .. } => "Fallocate",
-        Op::Close { .. } => "Close",
-        Op::Mkdir { .. } => "Mkdir",
-        Op::Mknod { .. } => "Mknod",
-        Op::Symlink { .. } => "Symlink",
-        Op::Readlink { .. } => "Readlink",
-        Op::Link { .. } => "Link",
-        Op::Unlink { .. } => "Unlink",
-        Op::Rmdir { .. } => "Rmdir",
-        Op::Rename { .. } => "Rename",
-        Op::Statfs => "Statfs",
-        Op::GetXattr { .. } => "GetXattr",
-        Op::ListXattr { .. } => "ListXattr",
-        Op::SetXattr { .. } => "SetXattr",
-        Op::RemoveXattr { .. } => "RemoveXattr",
-        Op::Access { .. } => "Access",
-        Op::Ping => "Ping",
-        Op::Lseek { .. } => "Lseek",
-        Op::WalkOpen { .. } => "WalkOpen",
-        Op::WalkNext { .. } => "WalkNext",
-        Op::Watch { .. } => "Watch",
-        Op::Digest { .. } => "Digest",
-        Op::Journaled { .. } => "Journaled",
-        Op::AppliedSeq { .. } => "AppliedSeq",
-        Op::PutFile { .. } => "PutFile",
-        Op::ReadPath { .. } => "ReadPath",
-        Op::FsyncPath { .. } => "FsyncPath",
-        Op::WritePath { .. } => "WritePath",
-        Op::FallocatePath { .. } => "FallocatePath",
-    }
-}
 
 #[cfg(test)]
 mod tests {

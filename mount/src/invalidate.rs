@@ -42,6 +42,9 @@ pub struct InvalStats {
     pub sent: AtomicU64,
     /// Invalidations the kernel refused (other than "not cached").
     pub failed: AtomicU64,
+    /// Batches queued, and batches the notifier thread has finished (or dropped).
+    pub queued: AtomicU64,
+    pub done: AtomicU64,
 }
 
 /// The sending side; cheap to clone. Queueing never blocks.
@@ -87,8 +90,24 @@ impl Invalidator {
         if batch.is_empty() || !self.armed.load(Ordering::Acquire) {
             return;
         }
+        self.stats.queued.fetch_add(1, Ordering::AcqRel);
         // The thread is gone only after the session ended; nothing to invalidate then.
-        let _ = self.inval_tx.send(batch);
+        if self.inval_tx.send(batch).is_err() {
+            self.stats.done.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Waits (at most `timeout`) until every invalidation queued before the call has been
+    /// handed to the kernel.
+    pub fn drain(&self, timeout: std::time::Duration) {
+        let target = self.stats.queued.load(Ordering::Acquire);
+        let deadline = std::time::Instant::now() + timeout;
+        while self.stats.done.load(Ordering::Acquire) < target
+            && self.armed.load(Ordering::Acquire)
+            && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
     }
 
     /// Stops every later invalidation, queued or not, from reaching the kernel.
@@ -139,6 +158,7 @@ impl InvalQueue {
                             tracing::debug!(?inval, "invalidation refused: {e}");
                         }
                     }
+                    self.stats.done.fetch_add(1, Ordering::AcqRel);
                 }
             })
     }

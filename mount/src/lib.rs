@@ -22,9 +22,11 @@ pub mod error;
 mod fuse;
 pub mod invalidate;
 pub mod journal;
+pub mod local;
 pub mod reconcile;
 pub mod remote;
 pub mod rules;
+pub mod sender;
 pub mod tree;
 
 use std::io;
@@ -104,6 +106,37 @@ pub struct MountOptions {
     pub remote_timeout: Duration,
     /// Told how the walk that builds the tree progresses.
     pub progress: Option<Progress>,
+    /// Where cached file contents are kept (per target; see [`target_dirs`]). With
+    /// `journal_dir` and an agent that keeps a journal lane, changes are local-first:
+    /// written to the journal and sent in the background.
+    pub cache_dir: Option<PathBuf>,
+    /// The durable write-back journal (per target).
+    pub journal_dir: Option<PathBuf>,
+    /// Bytes of file contents kept in the cache at most (files with unsent changes aside).
+    pub cache_limit: u64,
+}
+
+/// The cache and journal directories for `target` (the target as the user names it): under
+/// `$XDG_CACHE_HOME/kmount/<id>` and `$XDG_STATE_HOME/kmount/journal/<id>` (or `~/.cache`,
+/// `~/.local/state`), `<id>` a hash of the target.
+pub fn target_dirs(target: &str) -> (PathBuf, PathBuf) {
+    let id = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(target.as_bytes()));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/tmp"));
+    let xdg = |var: &str, fallback: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .unwrap_or_else(|| home.join(fallback))
+    };
+    (
+        xdg("XDG_CACHE_HOME", ".cache").join("kmount").join(&id),
+        xdg("XDG_STATE_HOME", ".local/state")
+            .join("kmount")
+            .join("journal")
+            .join(&id),
+    )
 }
 
 impl Default for MountOptions {
@@ -120,6 +153,9 @@ impl Default for MountOptions {
             reconcile_interval: Duration::from_secs(30),
             remote_timeout: DEFAULT_REMOTE_TIMEOUT,
             progress: None,
+            cache_dir: None,
+            journal_dir: None,
+            cache_limit: 2 << 30,
         }
     }
 }
@@ -160,6 +196,60 @@ pub enum MountError {
     },
     #[error("cannot start the FUSE session thread: {0}")]
     Thread(#[source] io::Error),
+    #[error("{0}")]
+    Journal(#[from] journal::JournalError),
+    #[error("{0}")]
+    Cache(#[from] content::ContentError),
+}
+
+/// Changes made through the mount and not yet applied remotely.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pending {
+    pub records: u64,
+    /// Their size in the journal.
+    pub bytes: u64,
+    /// The paths they name, sorted.
+    pub paths: Vec<RelPath>,
+}
+
+/// The state of a mount, for `kmount status`.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub link: LinkStatus,
+    /// Names and attributes answered from a complete local tree.
+    pub whole_tree: bool,
+    /// Changes are local-first (journal, content cache).
+    pub write_back: bool,
+    pub pending: Pending,
+    /// The journal's applied and last seqs.
+    pub applied_seq: u64,
+    pub tail_seq: u64,
+    pub sync: SyncStats,
+    pub conflicts: Vec<local::Conflict>,
+    /// The change the remote refuses (the sender retries it), if any.
+    pub blocked: Option<local::RemoteError>,
+    pub recent_errors: Vec<local::RemoteError>,
+    pub cache_usage: u64,
+    pub cache_limit: u64,
+    pub cache_entries: usize,
+    pub tree: tree::TreeCounts,
+}
+
+/// [`MountHandle::flush_and_unmount`] could not apply every change in time; the mount is
+/// still there.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} change(s) ({} bytes) not yet applied remotely{}; first paths: {}",
+    pending.records,
+    pending.bytes,
+    blocked.as_ref().map(|b| format!(" (the remote refuses one: {})", b.message)).unwrap_or_default(),
+    pending.paths.iter().take(5).map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+)]
+pub struct FlushError {
+    pub pending: Pending,
+    pub blocked: Option<local::RemoteError>,
+    /// The mount, still mounted.
+    pub handle: Box<MountHandle>,
 }
 
 /// Unmounts a live mount; cheap to clone and usable from any thread (e.g. a signal handler
@@ -184,6 +274,8 @@ pub struct MountHandle {
     core: Arc<Core>,
     /// mount handle --commands--> remote task (whole-tree mounts only)
     commands_tx: Option<tokio::sync::mpsc::Sender<remote::RemoteCommand>>,
+    /// Closed when every background task holding the core has ended.
+    tasks_done: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl MountHandle {
@@ -206,6 +298,10 @@ impl MountHandle {
             None => Ok(()),
         };
         self.core.shutdown();
+        if let Some(done) = self.tasks_done.take() {
+            // Background tasks let go of the core (and with it the journal and cache locks).
+            let _ = done.recv_timeout(Duration::from_secs(10));
+        }
         result
     }
 
@@ -267,6 +363,101 @@ impl MountHandle {
                 "the reconciliation took longer than {timeout:?}"
             )
         })?
+    }
+
+    /// Changes not yet applied remotely (`None`: not a write-back mount).
+    pub fn pending(&self) -> Option<Pending> {
+        let wb = self.core.write_back()?;
+        let (records, bytes) = wb.journal.pending().unwrap_or((0, 0));
+        Some(Pending {
+            records,
+            bytes,
+            paths: wb.journal.pending_paths(),
+        })
+    }
+
+    /// Waits until every change made so far is applied remotely, at most `timeout`. The
+    /// error says why not (the remote refuses a change, the agent is unreachable, time ran
+    /// out).
+    pub fn wait_applied(&self, timeout: Duration) -> Result<(), FsError> {
+        let Some(wb) = self.core.write_back() else {
+            return Ok(());
+        };
+        wb.journal.commit()?;
+        let tail = wb.journal.tail();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if wb.journal.applied() >= tail {
+                // What landing changed (inode numbers of new files) reaches the kernel too.
+                self.core.invalidator().drain(Duration::from_secs(1));
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                let (records, _) = wb.journal.pending().unwrap_or((0, 0));
+                return Err(match wb.blocked() {
+                    Some(b) => FsError::new(
+                        b.errno,
+                        format!(
+                            "{records} change(s) not applied: the remote refuses one{}: {}",
+                            b.path.map(|p| format!(" to {p}")).unwrap_or_default(),
+                            b.message
+                        ),
+                    ),
+                    None => err!(
+                        libc::ETIMEDOUT,
+                        "{records} change(s) not applied within {timeout:?}"
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until every change is applied remotely (at most `timeout`), then unmounts.
+    /// When time runs out, the mount stays and the error says what is not applied.
+    pub fn flush_and_unmount(self, timeout: Duration) -> Result<(), FlushError> {
+        if let Err(e) = self.wait_applied(timeout) {
+            tracing::warn!("not unmounting: {e}");
+            let pending = self.pending().unwrap_or_default();
+            let blocked = self.core.write_back().and_then(|wb| wb.blocked());
+            return Err(FlushError {
+                pending,
+                blocked,
+                handle: Box::new(self),
+            });
+        }
+        self.unmount().map_err(|e| {
+            tracing::warn!("cannot unmount: {e}");
+            e
+        }).ok();
+        Ok(())
+    }
+
+    /// A snapshot of the mount's state.
+    pub fn status(&self) -> Status {
+        let wb = self.core.write_back();
+        let (applied_seq, tail_seq) = wb.map_or((0, 0), |w| (w.journal.applied(), w.journal.tail()));
+        Status {
+            link: self.link(),
+            whole_tree: self.whole_tree(),
+            write_back: wb.is_some(),
+            pending: self.pending().unwrap_or_default(),
+            applied_seq,
+            tail_seq,
+            sync: self.sync_stats(),
+            conflicts: wb.map(|w| w.conflicts()).unwrap_or_default(),
+            blocked: wb.and_then(|w| w.blocked()),
+            recent_errors: wb.map(|w| w.recent_errors()).unwrap_or_default(),
+            cache_usage: wb.map_or(0, |w| w.cache.usage()),
+            cache_limit: wb.map_or(0, |w| w.cache.limit()),
+            cache_entries: wb.map_or(0, |w| w.cache.len()),
+            tree: self.tree_counts(),
+        }
+    }
+
+    /// Requests sent to the agent so far, by kind (`"ReadPath"`, `"Journaled"`, ...).
+    pub fn requests_sent(&self, kind: &str) -> u64 {
+        self.core.client().requests_sent(kind)
     }
 
     /// Invalidations handed to the kernel so far.
@@ -342,28 +533,97 @@ pub fn mount(
         block_on(&runtime, async move {
             remote::enable_watch(&c).await?;
             let p = progress.as_ref().map(|p| &*p.0);
-            remote::walk(&c, &t, &RelPath::root(), 0, false, p).await
+            remote::walk(&c, &t, &RelPath::root(), 0, false, p, None).await
         })
         .map_err(MountError::Walk)?;
         tree = Arc::try_unwrap(shared)
             .map_err(|_| MountError::Walk(err!(libc::EIO, "the walk did not end cleanly")))?;
     }
     let (inval, inval_queue) = invalidate::channel();
-    let core = Arc::new(Core::new(client, tree, opts.identity, whole_tree, inval));
+    let mut recovered = None;
+    let write_back = match (&opts.cache_dir, &opts.journal_dir) {
+        (Some(cache_dir), Some(journal_dir))
+            if whole_tree && client.features() & features::JOURNAL != 0 =>
+        {
+            let (journal, recovery) = journal::Journal::open(journal_dir)?;
+            let cache = content::ContentCache::open(cache_dir, opts.cache_limit)?;
+            if recovery.records > 0 {
+                tracing::info!(
+                    "the journal holds {} change(s) of an earlier run; sending them",
+                    recovery.records
+                );
+                recovered = Some(recovery);
+            }
+            Some(local::WriteBack::new(journal, cache))
+        }
+        (Some(_), Some(_)) => {
+            tracing::info!(
+                "the agent ({}) keeps no journal; changes go to it directly",
+                client.peer().software
+            );
+            None
+        }
+        _ => None,
+    };
+    let core = Core::new(
+        client,
+        tree,
+        opts.identity,
+        whole_tree,
+        inval,
+        write_back,
+        opts.remote_timeout,
+    )
+    .into_arc();
+    let (tasks_tx, tasks_done) = std::sync::mpsc::channel::<()>();
     let mut commands_tx = None;
     if let Some(events_rx) = events_rx {
         let (tx, commands_rx) = tokio::sync::mpsc::channel(4);
         commands_tx = Some(tx);
-        runtime.spawn(remote::run(
-            core.clone(),
-            events_rx,
-            commands_rx,
-            core.shutdown_signal(),
-            remote::RemoteSettings {
-                reconcile_interval: opts.reconcile_interval,
-            },
-        ));
+        let (core, done) = (core.clone(), tasks_tx.clone());
+        let reconcile_interval = opts.reconcile_interval;
+        runtime.spawn(async move {
+            let shutdown = core.shutdown_signal();
+            let settings = remote::RemoteSettings { reconcile_interval };
+            remote::run(core, events_rx, commands_rx, shutdown, settings).await;
+            drop(done);
+        });
     }
+    if core.write_back().is_some() {
+        let (c, done) = (core.clone(), tasks_tx.clone());
+        runtime.spawn(async move {
+            let shutdown = c.shutdown_signal();
+            sender::run(c, shutdown).await;
+            drop(done);
+        });
+        if let (Some(recovery), Some(commands)) = (recovered, commands_tx.clone()) {
+            // What an earlier run changed is in the tree once it has landed remotely.
+            let (c, done) = (core.clone(), tasks_tx.clone());
+            runtime.spawn(async move {
+                let mut shutdown = c.shutdown_signal();
+                let landed = async {
+                    match c.write_back() {
+                        Some(wb) => wb.journal.wait_applied(recovery.tail).await.is_ok(),
+                        None => false,
+                    }
+                };
+                let landed = tokio::select! {
+                    l = landed => l,
+                    _ = shutdown.wait_for(|s| *s) => false,
+                };
+                if landed {
+                    let dirs: Vec<RelPath> = recovery
+                        .pending_paths
+                        .iter()
+                        .map(|p| p.split_last().map_or(RelPath::root(), |(d, _)| d))
+                        .collect();
+                    let _ = commands.send(remote::RemoteCommand::Rescan(dirs)).await;
+                }
+                drop(done);
+            });
+        }
+    }
+    drop(tasks_tx);
     let ttl = if whole_tree {
         opts.cached_ttl
     } else {
@@ -405,6 +665,7 @@ pub fn mount(
         mountpoint: mountpoint.to_path_buf(),
         core,
         commands_tx,
+        tasks_done: Some(tasks_done),
     })
 }
 

@@ -184,12 +184,17 @@ async fn relist(
             return Ok(None);
         }
         out.relisted += 1;
-        let mut keep = HashSet::new();
+        let pending = core.pending_set().unwrap_or_default();
+        let mut keep: HashSet<Vec<u8>> = remote::pending_children(&t, id, dir, &pending)
+            .into_iter()
+            .collect();
         for e in entries {
             let Some(attr) = e.attr else { continue };
             keep.insert(e.name.clone());
             let existing = t.child(id, &e.name);
-            if existing.is_some_and(|c| t.touched(c) > since) {
+            if existing.is_some_and(|c| t.touched(c) > since)
+                || dir.join(&e.name).is_ok_and(|p| pending.covers(&p))
+            {
                 continue;
             }
             let got = t.upsert(id, &e.name, &attr, e.symlink, false, &mut fx);

@@ -22,6 +22,7 @@ use crate::client::{Client, ClientEvent};
 use crate::core::Core;
 use crate::err;
 use crate::error::FsError;
+use crate::local::PendingSet;
 use crate::tree::{Effects, ROOT_ID, Tree, TreeState};
 
 /// Entries asked for per `WalkNext`.
@@ -74,10 +75,12 @@ struct WalkApply {
     /// Entries whose parent has not come yet, by parent path.
     orphans: HashMap<Vec<u8>, Vec<TreeEntry>>,
     progress: WalkProgress,
+    /// Paths with local changes not yet applied: the local state stands.
+    pending: Option<PendingSet>,
 }
 
 impl WalkApply {
-    fn new(at: RelPath, at_id: u64, since: u64) -> Self {
+    fn new(at: RelPath, at_id: u64, since: u64, pending: Option<PendingSet>) -> Self {
         let mut dirs = HashMap::new();
         dirs.insert(at.as_bytes().to_vec(), at_id);
         Self {
@@ -89,6 +92,7 @@ impl WalkApply {
             skip: HashSet::new(),
             orphans: HashMap::new(),
             progress: WalkProgress::default(),
+            pending,
         }
     }
 
@@ -113,7 +117,10 @@ impl WalkApply {
             }
             self.seen.entry(parent).or_default().insert(name.clone());
             let existing = t.child(parent, &name);
-            let id = if self.skip.contains(&parent) || t.touched(parent) > self.since {
+            let id = if self.pending.as_ref().is_some_and(|p| p.covers(&e.path)) {
+                // Changed locally and not yet applied: the local state stands.
+                existing.filter(|&id| t.is_dir(id) && e.attr.is_dir())
+            } else if self.skip.contains(&parent) || t.touched(parent) > self.since {
                 // Changed here during the walk: only nodes that are still what the walk saw
                 // are kept up to date.
                 self.skip.insert(parent);
@@ -144,20 +151,39 @@ impl WalkApply {
 
     /// Removes what the walk did not see (a re-walk of an existing subtree).
     fn sweep(&self, t: &mut TreeState, fx: &mut Effects) {
-        let empty = HashSet::new();
-        for &dir in self.dirs.values() {
+        for (path, &dir) in &self.dirs {
             if self.skip.contains(&dir) || t.touched(dir) > self.since || !t.is_dir(dir) {
                 continue;
             }
-            let keep = self.seen.get(&dir).unwrap_or(&empty);
-            t.retain_children(dir, keep, fx);
+            let mut keep = self.seen.get(&dir).cloned().unwrap_or_default();
+            if let Some(pending) = &self.pending
+                && let Ok(path) = RelPath::new(path.clone())
+            {
+                keep.extend(pending_children(t, dir, &path, pending));
+            }
+            t.retain_children(dir, &keep, fx);
         }
     }
+}
+
+/// Names in directory `dir` (at `path`) whose local changes are not applied yet: a listing of
+/// the remote must not remove them.
+pub fn pending_children(
+    t: &TreeState,
+    dir: u64,
+    path: &RelPath,
+    pending: &PendingSet,
+) -> Vec<Vec<u8>> {
+    t.child_names(dir)
+        .into_iter()
+        .filter(|name| path.join(name).is_ok_and(|p| pending.touches(&p)))
+        .collect()
 }
 
 /// Walks the subtree at `at` (the whole tree for the root) and applies it to `tree`.
 /// `since`: the local-change sequence number when the walk began (nodes changed locally since
 /// are left alone). `sweep`: remove what the walk did not find (off for the first walk).
+/// `pending`: paths with local changes not yet applied, left as they are.
 pub async fn walk(
     client: &Client,
     tree: &Tree,
@@ -165,6 +191,7 @@ pub async fn walk(
     since: u64,
     sweep: bool,
     progress: Option<&ProgressFn>,
+    pending: Option<PendingSet>,
 ) -> Result<Effects, FsError> {
     let at_id = tree
         .lock()
@@ -182,7 +209,7 @@ pub async fn walk(
             ));
         }
     };
-    let mut apply = WalkApply::new(at.clone(), at_id, since);
+    let mut apply = WalkApply::new(at.clone(), at_id, since, pending);
     let mut fx = Effects::default();
     let mut in_flight = JoinSet::new();
     let next = |set: &mut JoinSet<_>| {
@@ -288,10 +315,27 @@ fn complete_dir(t: &TreeState, path: &RelPath) -> Option<u64> {
     t.resolve(path).filter(|&id| t.is_complete(id))
 }
 
-/// Applies watcher events to the tree; returns the paths to walk again.
-pub fn apply_events(t: &mut TreeState, events: Vec<Event>, fx: &mut Effects) -> Vec<RelPath> {
+/// Applies watcher events to the tree; returns the paths to walk again. Events for paths with
+/// local changes not yet applied (`pending`) are left out: the local state is newer.
+pub fn apply_events(
+    t: &mut TreeState,
+    events: Vec<Event>,
+    fx: &mut Effects,
+    pending: Option<&PendingSet>,
+) -> Vec<RelPath> {
     let mut rescans = Vec::new();
     for event in events {
+        if let Some(p) = pending {
+            let skip = match &event {
+                Event::Upsert { path, .. } | Event::Remove { path } => p.covers(path),
+                Event::Rename { from, to } => p.covers(from) || p.covers(to),
+                Event::Rescan { .. } => false,
+            };
+            if skip {
+                tracing::debug!(?event, "left out: the path has local changes not yet sent");
+                continue;
+            }
+        }
         match event {
             Event::Upsert {
                 path,
@@ -420,6 +464,10 @@ pub async fn refresh(core: &Core, ids: &[u64]) -> (Effects, Vec<RelPath>) {
 /// Walks `path` again and applies the difference; a path that no longer exists is removed.
 pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
     let since = core.mutation_seq();
+    if core.pending_set().is_some_and(|p| p.covers(path)) {
+        // Its local state is newer; the walk after its changes land settles it.
+        return Ok(());
+    }
     let mut fx = Effects::default();
     if let Some((parent_path, name)) = path.split_last() {
         let got = core
@@ -459,7 +507,16 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
             _ => {}
         }
     }
-    let walked = walk(core.client(), core.tree(), path, since, true, None).await?;
+    let walked = walk(
+        core.client(),
+        core.tree(),
+        path,
+        since,
+        true,
+        None,
+        core.pending_set(),
+    )
+    .await?;
     fx.inval.extend(walked.inval);
     fx.refresh.extend(walked.refresh);
     fx.stale_content.extend(walked.stale_content);
@@ -495,9 +552,10 @@ pub async fn handle_events(core: &Core, events: Vec<Event>) {
     let n = events.len() as u64;
     tracing::debug!(?events, "remote changes");
     let mut fx = Effects::default();
+    let pending = core.pending_set().filter(|p| !p.is_empty());
     let rescans = {
         let mut t = core.tree().lock();
-        apply_events(&mut t, events, &mut fx)
+        apply_events(&mut t, events, &mut fx, pending.as_ref())
     };
     fx.dedup();
     tracing::debug!(inval = ?fx.inval, ?rescans, "applied remote changes");
@@ -531,6 +589,8 @@ pub struct RemoteSettings {
 pub enum RemoteCommand {
     /// Reconcile now; the outcome goes back on the sender.
     Reconcile(std::sync::mpsc::Sender<Result<crate::reconcile::Outcome, FsError>>),
+    /// Walk these paths again (their local changes from an earlier run have landed).
+    Rescan(Vec<RelPath>),
 }
 
 /// The remote task: applies changes and connection events from `events_rx` and reconciles
@@ -568,6 +628,10 @@ pub async fn run(
                 if core.client().is_connected() {
                     let _ = crate::reconcile::reconcile_and_record(&core).await;
                 }
+                continue;
+            }
+            Wake::Command(RemoteCommand::Rescan(paths)) => {
+                rescan_all(&core, paths).await;
                 continue;
             }
             Wake::Command(RemoteCommand::Reconcile(reply)) => {

@@ -62,6 +62,7 @@ fn events_build_and_change_the_tree() {
             upsert("f", 13, libc::S_IFREG),
         ],
         &mut fx,
+        None,
     );
     assert!(rescans.is_empty());
     assert_eq!(names(&t, "a/b"), vec!["c"]);
@@ -75,6 +76,7 @@ fn events_build_and_change_the_tree() {
             Event::Remove { path: p("f") },
         ],
         &mut fx,
+        None,
     );
     assert!(rescans.is_empty());
     assert_eq!(names(&t, ""), vec!["a", "b2"]);
@@ -103,6 +105,7 @@ fn what_the_tree_cannot_follow_is_walked_again() {
             },
         ],
         &mut fx,
+        None,
     );
     // "x/y" and "a" collapse to their known ancestors: the root covers everything.
     assert_eq!(rescans, vec![RelPath::root()]);
@@ -114,7 +117,7 @@ fn what_the_tree_cannot_follow_is_walked_again() {
 fn only_nodes_the_kernel_holds_are_invalidated() {
     let t = tree();
     let mut fx = Effects::default();
-    apply_events(&mut t.lock(), vec![upsert("f", 13, libc::S_IFREG)], &mut fx);
+    apply_events(&mut t.lock(), vec![upsert("f", 13, libc::S_IFREG)], &mut fx, None);
     // the root is always known: its listing changed
     assert!(fx.inval.contains(&Inval::Inode {
         ino: ROOT_ID,
@@ -132,6 +135,7 @@ fn only_nodes_the_kernel_holds_are_invalidated() {
             symlink: None,
         }],
         &mut fx,
+        None,
     );
     assert!(fx.inval.is_empty(), "{:?}", fx.inval);
     assert_eq!(fx.stale_content, vec![(DEV, 13)]);
@@ -146,6 +150,7 @@ fn only_nodes_the_kernel_holds_are_invalidated() {
             symlink: None,
         }],
         &mut fx,
+        None,
     );
     assert_eq!(fx.inval, vec![Inval::Inode { ino: f, data: true }]);
 }

@@ -40,7 +40,7 @@ const MAX_DEPTH: usize = 4096;
 
 type Link = (u64, Vec<u8>);
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Node {
     /// Remote (st_dev, st_ino).
     remote: (u64, u64),
@@ -168,6 +168,8 @@ pub struct Tree {
 pub struct TreeState {
     nodes: HashMap<u64, Node>,
     by_remote: HashMap<(u64, u64), u64>,
+    /// Renumbered ids the kernel still holds -> their successors.
+    aliases: HashMap<u64, u64>,
     root_dev: u64,
     next_synthetic: u64,
 }
@@ -186,6 +188,7 @@ impl Tree {
             inner: Mutex::new(TreeState {
                 nodes,
                 by_remote,
+                aliases: HashMap::new(),
                 root_dev: root.dev,
                 next_synthetic: SYNTHETIC_BASE,
             }),
@@ -224,6 +227,12 @@ impl Tree {
 
     pub fn forget(&self, id: u64, n: u64) {
         self.lock().forget(id, n);
+    }
+
+    /// See [`TreeState::canon`].
+    pub fn canon(&self, id: u64) -> u64 {
+        let t = self.lock();
+        if t.aliases.is_empty() { id } else { t.canon(id) }
     }
 
     pub fn path(&self, id: u64) -> Result<RelPath, FsError> {
@@ -705,6 +714,90 @@ impl TreeState {
         }
     }
 
+    /// Node `id`, made here, now exists remotely as `attr`: it takes that remote identity
+    /// (its node id stays: the kernel knows it by that).
+    pub fn rebind(&mut self, id: u64, attr: &Attr) {
+        let key = (attr.dev, attr.ino);
+        let Some(node) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut node.remote, key);
+        if self.by_remote.get(&old) == Some(&id) {
+            self.by_remote.remove(&old);
+        }
+        if self.by_remote.get(&key) != Some(&ROOT_ID) {
+            self.by_remote.insert(key, id);
+        }
+    }
+
+    /// Gives node `id` (not open) the node id its remote inode number calls for, when that
+    /// differs and is free: a node made here got a synthetic id, and `stat` should show the
+    /// remote's number once the node exists there. Its names (and a directory's children)
+    /// move to the new id; the names are invalidated, so the kernel looks them up again. The
+    /// old id, while the kernel still holds it, forwards to the new one ([`TreeState::canon`]).
+    /// Returns the new id.
+    pub fn renumber(&mut self, id: u64, fx: &mut Effects) -> Option<u64> {
+        let node = self.nodes.get(&id)?;
+        let (dev, ino) = node.remote;
+        if node.open > 0
+            || dev != self.root_dev
+            || ino <= ROOT_ID
+            || ino >= SYNTHETIC_BASE
+            || ino == id
+            || self.nodes.contains_key(&ino)
+            || node.links.is_empty()
+        {
+            return None;
+        }
+        let mut old = self.nodes.remove(&id)?;
+        let mut new = old.clone();
+        new.nlookup = 0;
+        new.open = 0;
+        old.links.clear();
+        old.children.clear();
+        old.complete = false;
+        for (parent, name) in &new.links {
+            if let Some(p) = self.nodes.get_mut(parent) {
+                p.children.insert(name.clone(), ino);
+            }
+            if self.kernel_knows(*parent) {
+                fx.inval.push(Inval::Entry {
+                    parent: *parent,
+                    name: name.clone(),
+                });
+            }
+        }
+        for (name, child) in &new.children {
+            if let Some(c) = self.nodes.get_mut(child) {
+                for link in c.links.iter_mut() {
+                    if link.0 == id && link.1 == *name {
+                        link.0 = ino;
+                    }
+                }
+            }
+        }
+        self.nodes.insert(ino, new);
+        self.by_remote.insert((dev, ino), ino);
+        if old.nlookup > 0 {
+            self.nodes.insert(id, old);
+            self.aliases.insert(id, ino);
+        }
+        Some(ino)
+    }
+
+    /// The node an id stands for: itself, or for an id the kernel still holds after
+    /// [`TreeState::renumber`], its successor.
+    pub fn canon(&self, id: u64) -> u64 {
+        let mut cur = id;
+        for _ in 0..16 {
+            match self.aliases.get(&cur) {
+                Some(&next) => cur = next,
+                None => break,
+            }
+        }
+        cur
+    }
+
     /// Removes every child of directory `dir` whose name is not in `keep` (after a fresh
     /// listing of it).
     pub fn retain_children(&mut self, dir: u64, keep: &HashSet<Vec<u8>>, fx: &mut Effects) {
@@ -917,6 +1010,7 @@ impl TreeState {
             if self.by_remote.get(&node.remote) == Some(&id) {
                 self.by_remote.remove(&node.remote);
             }
+            self.aliases.remove(&id);
         }
     }
 

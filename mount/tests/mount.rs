@@ -44,6 +44,8 @@ struct Mounted {
     rt: tokio::runtime::Runtime,
     remote: TempDir,
     mnt: TempDir,
+    /// The content cache and journal (write-back mode); removed last.
+    _state: TempDir,
 }
 
 impl Mounted {
@@ -54,9 +56,19 @@ impl Mounted {
 
     fn with_agent_args(mut opts: MountOptions, mut agent_args: Vec<OsString>) -> Option<Self> {
         init_logging();
-        if std::env::var_os("KMOUNT_TEST_PASSTHROUGH").is_some() {
-            // Every request to the agent, as with an agent that cannot walk or watch.
-            opts.whole_tree = false;
+        // KMOUNT_TEST_MODE: `writeback` (the default: local-first, as kmount runs), `tree`
+        // (names and attributes local, changes sent at once), `passthrough` (every request to
+        // the agent, as with an agent that cannot walk or watch).
+        let mode = std::env::var("KMOUNT_TEST_MODE").unwrap_or_else(|_| "writeback".into());
+        let state = tempfile::tempdir().unwrap();
+        match mode.as_str() {
+            "passthrough" => opts.whole_tree = false,
+            "tree" => {}
+            "writeback" => {
+                opts.cache_dir = Some(state.path().join("cache"));
+                opts.journal_dir = Some(state.path().join("journal"));
+            }
+            other => panic!("KMOUNT_TEST_MODE={other}: expected writeback, tree or passthrough"),
         }
         if !Path::new("/dev/fuse").exists() {
             eprintln!("SKIPPED: /dev/fuse is missing, no FUSE mount test can run here");
@@ -80,6 +92,7 @@ impl Mounted {
             rt,
             remote,
             mnt,
+            _state: state,
         })
     }
 
@@ -87,7 +100,13 @@ impl Mounted {
         self.mnt.path().join(rel)
     }
 
+    /// A path in the served directory. Changes made through the mount reach it in the
+    /// background (write-back): they are waited for first, as `kmount wait` does.
     fn r(&self, rel: &str) -> PathBuf {
+        if let Some(h) = &self.handle {
+            h.wait_applied(Duration::from_secs(20))
+                .expect("changes made through the mount did not reach the served directory");
+        }
         self.remote.path().join(rel)
     }
 
@@ -553,7 +572,16 @@ fn a_dead_agent_gives_eio_not_a_hang() {
     } else {
         assert_eq!(looked_up.unwrap_err().raw_os_error(), Some(libc::EIO));
     }
-    assert_eq!(created.unwrap_err().raw_os_error(), Some(libc::EIO));
+    if m.handle.as_ref().unwrap().status().write_back {
+        // Kept in the local journal until an agent takes it.
+        created.unwrap();
+        assert_eq!(fs::read(m.m("new-file")).unwrap(), b"y");
+        let pending = m.handle.as_ref().unwrap().pending().unwrap();
+        assert!(pending.records >= 2, "{pending:?}");
+        assert!(pending.paths.iter().any(|p| p.as_bytes() == b"new-file"));
+    } else {
+        assert_eq!(created.unwrap_err().raw_os_error(), Some(libc::EIO));
+    }
     m.unmount();
 }
 
@@ -598,6 +626,9 @@ fn identity_creates_files_as_the_caller() {
         return;
     };
     fs::set_permissions(m.remote.path(), fs::Permissions::from_mode(0o777)).unwrap();
+    eventually("the root's new mode", Duration::from_secs(2), || {
+        fs::metadata(m.mnt.path()).unwrap().mode() & 0o777 == 0o777
+    });
     fs::create_dir(m.r("private")).unwrap();
     fs::set_permissions(m.r("private"), fs::Permissions::from_mode(0o700)).unwrap();
     let run_as = |script: &str| {

@@ -1,0 +1,272 @@
+//! The sender: takes the journal's durable records to the agent, in seq order, as
+//! `Op::Journaled { session, seq, op }`, with up to [`MAX_IN_FLIGHT`] in flight.
+//!
+//! Invariants:
+//! - It starts (and, after any failure or reconnection, starts again) from
+//!   `max(agent's AppliedSeq, journal's applied) + 1`, so every record is applied exactly once
+//!   in order (the agent skips seqs it has applied).
+//! - Replies are taken in seq order; the journal's applied seq moves only over an unbroken run
+//!   of successes.
+//! - A record the remote refuses stops the sender there: the error is kept (status, `fsync`),
+//!   logged, and the record is sent again after a backoff (100 ms doubling to 30 s).
+//! - A record that was in flight when the stream broke and fails on replay with `EEXIST` or
+//!   `ENOENT` did its work before the break: it counts as applied.
+//! - When a record is applied, the nodes it was the last change of are settled: their remote
+//!   identity and attributes are adopted ([`Core::settle`]).
+
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kmount_proto::{Done, Op};
+use tokio::sync::watch;
+
+use crate::client::CallError;
+use crate::core::Core;
+use crate::journal::{Batch, Record, coalesce, op_paths};
+use crate::local::RemoteError;
+
+/// Journaled requests in flight at once.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// Records read from the journal per round.
+const READ_RECORDS: usize = 256;
+/// Bytes of records read per round (about).
+const READ_BYTES: usize = 8 << 20;
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+type Reply = std::pin::Pin<Box<dyn Future<Output = Result<(Done, u64), CallError>> + Send>>;
+type InFlight = (Batch, u64, Reply);
+
+/// Why a run of the sender ended.
+enum Stop {
+    Shutdown,
+    /// Start again (after a failure, a reconnection, a refused coalesced batch).
+    Restart,
+}
+
+/// Sends the journal until `shutdown` turns true.
+pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
+    let Some(wb) = core.wb() else { return };
+    let mut backoff = BACKOFF_FIRST;
+    // Seqs in flight when a stream broke: their effect may already be in place.
+    let mut interrupted: HashSet<u64> = HashSet::new();
+    let mut coalescing = true;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        match run_once(&core, &mut shutdown, &mut interrupted, &mut coalescing, &mut backoff).await {
+            Stop::Shutdown => return,
+            Stop::Restart => {}
+        }
+        let blocked = wb.blocked().is_some();
+        let pause = if blocked { backoff } else { BACKOFF_FIRST };
+        if blocked {
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+async fn run_once(
+    core: &Arc<Core>,
+    shutdown: &mut watch::Receiver<bool>,
+    interrupted: &mut HashSet<u64>,
+    coalescing: &mut bool,
+    backoff: &mut Duration,
+) -> Stop {
+    let wb = core.wb().expect("the sender runs in write-back mode");
+    let client = core.client().clone();
+    let journal = &wb.journal;
+    let session = journal.session();
+    let mut durable = journal.watch_durable();
+    // A stream first.
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Stop::Shutdown,
+            up = client.wait_connected(Duration::from_secs(3600)) => if up { break },
+        }
+    }
+    let generation = client.generation();
+    let agent_applied = match client.call(Op::AppliedSeq { session }, None).await {
+        Ok(Done::Seq(n)) => n,
+        Ok(other) => {
+            tracing::warn!("the agent answered AppliedSeq with {other:?}");
+            return Stop::Restart;
+        }
+        Err(e) => {
+            tracing::debug!("cannot ask the agent how far the journal got: {e}");
+            return Stop::Restart;
+        }
+    };
+    if agent_applied > journal.applied() {
+        let before = journal.applied();
+        journal.mark_applied(agent_applied);
+        core.settle(before + 1, journal.applied(), None).await;
+    }
+    let mut next = journal.applied() + 1;
+    let mut reader = journal.records_after(next - 1);
+    let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+    let mut pending_records: VecDeque<Record> = VecDeque::new();
+    loop {
+        // Fill the window.
+        while in_flight.len() < MAX_IN_FLIGHT {
+            if pending_records.is_empty() {
+                let mut bytes = 0;
+                while pending_records.len() < READ_RECORDS && bytes < READ_BYTES {
+                    match reader.next() {
+                        Some(Ok(r)) => {
+                            bytes += record_size(&r.op);
+                            pending_records.push_back(r);
+                        }
+                        Some(Err(e)) => {
+                            tracing::error!("cannot read the local journal: {e}");
+                            wb.set_blocked(Some(RemoteError {
+                                errno: libc::EIO,
+                                path: None,
+                                message: format!("cannot read the local journal: {e}"),
+                                seq: Some(next),
+                                at: SystemTime::now(),
+                            }));
+                            return Stop::Restart;
+                        }
+                        None => break,
+                    }
+                }
+            }
+            if pending_records.is_empty() {
+                break;
+            }
+            let records: Vec<Record> = pending_records.drain(..).collect();
+            let batches = if *coalescing {
+                coalesce(&records)
+            } else {
+                records
+                    .iter()
+                    .map(|r| Batch {
+                        first_seq: r.seq,
+                        seq: r.seq,
+                        caller: r.caller.clone(),
+                        op: r.op.clone(),
+                    })
+                    .collect()
+            };
+            for b in batches {
+                let op = Op::Journaled {
+                    session,
+                    seq: b.seq,
+                    op: Box::new(b.op.clone()),
+                };
+                // Sent here, in seq order; the replies are awaited below.
+                let reply: Reply = match client.send_ordered(op, b.caller.clone()).await {
+                    Ok(wait) => Box::pin(wait),
+                    Err(e) => Box::pin(std::future::ready(Err(e))),
+                };
+                next = b.seq + 1;
+                in_flight.push_back((b, generation, reply));
+            }
+        }
+        // Wait for the oldest reply, new records, or the end.
+        let Some((batch, sent_in, reply)) = in_flight.pop_front() else {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return Stop::Shutdown,
+                r = durable.changed() => if r.is_err() { return Stop::Shutdown },
+            }
+            continue;
+        };
+        let result = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return Stop::Shutdown,
+            r = reply => r,
+        };
+        match result {
+            Ok((done, _)) => {
+                interrupted.remove(&batch.seq);
+                if wb.blocked().is_some() {
+                    tracing::info!("the remote accepted seq {} again; sending on", batch.seq);
+                    wb.set_blocked(None);
+                }
+                *backoff = BACKOFF_FIRST;
+                // Settled before it counts as applied: whoever waits for it then sees the
+                // nodes with their remote identity.
+                core.settle(batch.first_seq, batch.seq, Some((&batch.op, done, sent_in)))
+                    .await;
+                journal.mark_applied(batch.seq);
+            }
+            Err(CallError::Remote(e)) => {
+                let replayed = interrupted.remove(&batch.seq);
+                if replayed && matches!(e.errno, libc::EEXIST | libc::ENOENT) {
+                    tracing::debug!(
+                        seq = batch.seq,
+                        "a change sent before the connection broke had landed: {e}"
+                    );
+                    journal.mark_applied(batch.seq);
+                    core.settle(batch.first_seq, batch.seq, None).await;
+                    continue;
+                }
+                if e.errno == libc::EPROTO && batch.first_seq != batch.seq && *coalescing {
+                    tracing::warn!(
+                        "the agent wants every journal record one by one ({e}); sending them \
+                         uncoalesced"
+                    );
+                    *coalescing = false;
+                    return Stop::Restart;
+                }
+                if e.errno == libc::ECANCELED {
+                    // An earlier one failed and was handled; start again from it.
+                    return Stop::Restart;
+                }
+                let path = op_paths(&batch.op).first().map(|p| (*p).clone());
+                tracing::warn!(
+                    seq = batch.seq,
+                    "the remote refused a change{}: {e}; it stays in the journal and is sent \
+                     again",
+                    path.as_ref().map(|p| format!(" to {p}")).unwrap_or_default()
+                );
+                wb.set_blocked(Some(RemoteError {
+                    errno: e.errno,
+                    path,
+                    message: e.message.clone(),
+                    seq: Some(batch.seq),
+                    at: SystemTime::now(),
+                }));
+                return Stop::Restart;
+            }
+            Err(CallError::NotSent(reason)) => {
+                tracing::debug!("the journal stream broke before seq {}: {reason}", batch.seq);
+                return Stop::Restart;
+            }
+            Err(CallError::Disconnected(reason)) => {
+                tracing::debug!("the journal stream broke: {reason}");
+                interrupted.insert(batch.seq);
+                // Those behind it may have reached the agent too.
+                for (b, _, _) in in_flight.drain(..) {
+                    interrupted.insert(b.seq);
+                }
+                return Stop::Restart;
+            }
+            Err(CallError::Encode(e)) => {
+                tracing::error!(seq = batch.seq, "cannot encode a journal record: {e}");
+                wb.set_blocked(Some(RemoteError {
+                    errno: libc::EIO,
+                    path: None,
+                    message: e,
+                    seq: Some(batch.seq),
+                    at: SystemTime::now(),
+                }));
+                return Stop::Restart;
+            }
+        }
+    }
+}
+
+fn record_size(op: &Op) -> usize {
+    match op {
+        Op::WritePath { data, .. } | Op::PutFile { data, .. } => data.len() + 64,
+        _ => 128,
+    }
+}
