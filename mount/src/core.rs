@@ -890,7 +890,9 @@ impl Core {
     ) -> Result<NodeAttr, FsError> {
         let parent = self.tree.canon(parent);
         if self.wb().is_some() {
-            return self.wb_mknod(caller, parent, name, mode, user_dev(rdev)).await;
+            return self
+                .wb_mknod(caller, parent, name, mode, user_dev(rdev))
+                .await;
         }
         let path = self.tree.child_path(parent, name)?;
         let op = Op::Mknod {
@@ -1704,8 +1706,7 @@ impl Core {
             return Err(err!(libc::EINVAL, "lseek whence {whence} is the kernel's"));
         }
         if self.wb().is_some() {
-            let offset =
-                u64::try_from(offset).map_err(|_| err!(libc::ENXIO, "negative offset"))?;
+            let offset = u64::try_from(offset).map_err(|_| err!(libc::ENXIO, "negative offset"))?;
             return self.wb_lseek(caller, fh, offset, whence).await;
         }
         let offset = u64::try_from(offset).map_err(|_| err!(libc::ENXIO, "negative offset"))?;
@@ -1721,7 +1722,6 @@ impl Core {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {

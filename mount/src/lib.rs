@@ -426,17 +426,20 @@ impl MountHandle {
                 handle: Box::new(self),
             });
         }
-        self.unmount().map_err(|e| {
-            tracing::warn!("cannot unmount: {e}");
-            e
-        }).ok();
+        self.unmount()
+            .map_err(|e| {
+                tracing::warn!("cannot unmount: {e}");
+                e
+            })
+            .ok();
         Ok(())
     }
 
     /// A snapshot of the mount's state.
     pub fn status(&self) -> Status {
         let wb = self.core.write_back();
-        let (applied_seq, tail_seq) = wb.map_or((0, 0), |w| (w.journal.applied(), w.journal.tail()));
+        let (applied_seq, tail_seq) =
+            wb.map_or((0, 0), |w| (w.journal.applied(), w.journal.tail()));
         Status {
             link: self.link(),
             whole_tree: self.whole_tree(),

@@ -293,7 +293,6 @@ impl WriteBack {
     pub(crate) fn file(&self, fh: u64) -> Option<WbFile> {
         lock(&self.files).get(&fh).cloned()
     }
-
 }
 
 /// What one local change does to the tree before it is journaled.
@@ -481,10 +480,8 @@ impl Core {
         let fmt = mode & libc::S_IFMT;
         let fmt = if fmt == 0 { libc::S_IFREG } else { fmt };
         let mode = fmt | (mode & 0o7777);
-        self.make_node(&caller, parent, name, mode, 0, rdev, None, |path| Op::Mknod {
-            path,
-            mode,
-            rdev,
+        self.make_node(&caller, parent, name, mode, 0, rdev, None, |path| {
+            Op::Mknod { path, mode, rdev }
         })
         .await
     }
@@ -544,7 +541,11 @@ impl Core {
         let perm = mode & 0o7777;
         if let Some(existing) = self.tree().child(parent, name) {
             if flags & libc::O_EXCL != 0 {
-                return Err(err!(libc::EEXIST, "{} exists", String::from_utf8_lossy(name)));
+                return Err(err!(
+                    libc::EEXIST,
+                    "{} exists",
+                    String::from_utf8_lossy(name)
+                ));
             }
             // Raced with another creator: open what is there.
             let attr = self.getattr(caller.clone(), existing).await?;
@@ -555,21 +556,22 @@ impl Core {
                 fh: opened.fh,
             });
         }
-        let attr = self.make_node(
-            &caller,
-            parent,
-            name,
-            libc::S_IFREG | perm,
-            0,
-            0,
-            None,
-            |path| Op::Create {
-                path,
-                flags: libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                mode: perm,
-            },
-        )
-        .await?;
+        let attr = self
+            .make_node(
+                &caller,
+                parent,
+                name,
+                libc::S_IFREG | perm,
+                0,
+                0,
+                None,
+                |path| Op::Create {
+                    path,
+                    flags: libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                    mode: perm,
+                },
+            )
+            .await?;
         let (remote, validity) = {
             let t = self.tree().lock();
             let remote = t
@@ -611,7 +613,14 @@ impl Core {
             attr.ctime = now();
             let symlink = t.symlink(id).map(<[u8]>::to_vec);
             t.update_attr(id, &attr, symlink.clone(), &mut Effects::default());
-            let got = t.upsert(new_parent, new_name, &attr, symlink, false, &mut Effects::default());
+            let got = t.upsert(
+                new_parent,
+                new_name,
+                &attr,
+                symlink,
+                false,
+                &mut Effects::default(),
+            );
             t.count_lookup(got);
             Self::dir_changed(t, new_parent, 0);
             Ok((
@@ -706,7 +715,8 @@ impl Core {
                 .ok_or_else(|| err!(libc::ENOENT, "{from} does not exist"))?;
             let dst = t.child(new_parent, new_name);
             let src_dir = t.is_dir(src);
-            if src_dir && to.as_bytes().starts_with(from.as_bytes())
+            if src_dir
+                && to.as_bytes().starts_with(from.as_bytes())
                 && to.as_bytes().get(from.as_bytes().len()) == Some(&b'/')
             {
                 return Err(err!(libc::EINVAL, "cannot move {from} into itself"));
@@ -721,7 +731,9 @@ impl Core {
                 }
                 if !exchange {
                     match (src_dir, t.is_dir(d)) {
-                        (true, false) => return Err(err!(libc::ENOTDIR, "{to} is not a directory")),
+                        (true, false) => {
+                            return Err(err!(libc::ENOTDIR, "{to} is not a directory"));
+                        }
                         (false, true) => return Err(err!(libc::EISDIR, "{to} is a directory")),
                         (true, true) if !t.listing(d).is_empty() => {
                             return Err(err!(libc::ENOTEMPTY, "{to} is not empty"));
@@ -735,13 +747,24 @@ impl Core {
             let replaced = dst.filter(|_| !exchange);
             let replaced_remote = replaced.and_then(|d| t.remote_of(d));
             let replaced_dir = replaced.is_some_and(|d| t.is_dir(d));
-            t.rename(parent, name, new_parent, new_name, exchange, &mut Effects::default());
+            t.rename(
+                parent,
+                name,
+                new_parent,
+                new_name,
+                exchange,
+                &mut Effects::default(),
+            );
             let ts = now();
             for id in [Some(src), dst].into_iter().flatten() {
                 if let Ok(mut a) = t.attr(id).cloned() {
                     a.ctime = ts;
                     if Some(id) == replaced {
-                        a.nlink = if replaced_dir { 0 } else { a.nlink.saturating_sub(1) };
+                        a.nlink = if replaced_dir {
+                            0
+                        } else {
+                            a.nlink.saturating_sub(1)
+                        };
                     }
                     t.update_attr(id, &a, None, &mut Effects::default());
                 }
@@ -754,7 +777,10 @@ impl Core {
                         moved_dirs(src_dir) - moved_dirs(dst.is_some_and(|d| t.is_dir(d))),
                     )
                 } else {
-                    (-moved_dirs(src_dir), moved_dirs(src_dir) - moved_dirs(replaced_dir))
+                    (
+                        -moved_dirs(src_dir),
+                        moved_dirs(src_dir) - moved_dirs(replaced_dir),
+                    )
                 };
                 Self::dir_changed(t, parent, a);
                 Self::dir_changed(t, new_parent, b);
@@ -931,7 +957,10 @@ impl Core {
         set: SetAttr,
     ) -> Result<NodeAttr, FsError> {
         if let Some(size) = set.size {
-            let entry = match fh.and_then(|fh| self.wb_file(fh).ok()).filter(|f| f.id == id) {
+            let entry = match fh
+                .and_then(|fh| self.wb_file(fh).ok())
+                .filter(|f| f.id == id)
+            {
                 Some(f) => f.entry,
                 None => self.entry_for(id)?.0,
             };
@@ -1021,7 +1050,12 @@ impl Core {
         })
     }
 
-    pub(crate) async fn wb_read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+    pub(crate) async fn wb_read(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<Vec<u8>, FsError> {
         let f = self.wb_file(fh)?;
         let len = u64::from(size);
         if !f.entry.missing(offset, len).is_empty() {
@@ -1172,7 +1206,10 @@ impl Core {
             .await?
         {
             Done::Ok => Ok(()),
-            other => Err(err!(libc::EIO, "the agent answered FsyncPath with {other:?}")),
+            other => Err(err!(
+                libc::EIO,
+                "the agent answered FsyncPath with {other:?}"
+            )),
         }
     }
 
@@ -1326,9 +1363,13 @@ impl Core {
         Ok(())
     }
 
-
     /// `access(2)` against the tree's attributes, as the kernel's `generic_permission` does.
-    pub(crate) fn wb_access(&self, caller: &Option<Caller>, id: u64, mask: i32) -> Result<(), FsError> {
+    pub(crate) fn wb_access(
+        &self,
+        caller: &Option<Caller>,
+        id: u64,
+        mask: i32,
+    ) -> Result<(), FsError> {
         let t = self.tree().lock();
         let a = t.attr(id)?;
         let Some(c) = caller else {
@@ -1342,11 +1383,7 @@ impl Core {
         let perm = if c.uid == 0 {
             // root: read and write always, execute when anyone may
             let x = a.mode & 0o111 != 0 || a.is_dir();
-            if mask & 1 != 0 && !x {
-                0
-            } else {
-                7
-            }
+            if mask & 1 != 0 && !x { 0 } else { 7 }
         } else if c.uid == a.uid {
             (a.mode >> 6) & 7
         } else if c.gid == a.gid || c.groups.contains(&a.gid) {

@@ -117,7 +117,12 @@ fn what_the_tree_cannot_follow_is_walked_again() {
 fn only_nodes_the_kernel_holds_are_invalidated() {
     let t = tree();
     let mut fx = Effects::default();
-    apply_events(&mut t.lock(), vec![upsert("f", 13, libc::S_IFREG)], &mut fx, None);
+    apply_events(
+        &mut t.lock(),
+        vec![upsert("f", 13, libc::S_IFREG)],
+        &mut fx,
+        None,
+    );
     // the root is always known: its listing changed
     assert!(fx.inval.contains(&Inval::Inode {
         ino: ROOT_ID,

@@ -165,9 +165,15 @@ impl Rules {
             local_only.push(layer(Source::File(path.clone()), lo)?);
         }
         let numbered = |v: &[String]| -> Vec<(usize, String)> {
-            v.iter().enumerate().map(|(i, p)| (i + 1, p.clone())).collect()
+            v.iter()
+                .enumerate()
+                .map(|(i, p)| (i + 1, p.clone()))
+                .collect()
         };
-        local_only.push(layer(Source::Flag("--local-only"), numbered(&cfg.local_only))?);
+        local_only.push(layer(
+            Source::Flag("--local-only"),
+            numbered(&cfg.local_only),
+        )?);
         exclude.push(layer(Source::Flag("--exclude"), numbered(&cfg.exclude))?);
         Ok(Rules {
             exclude,
@@ -208,13 +214,12 @@ impl Rules {
 fn layer(source: Source, lines: Vec<(usize, String)>) -> Result<Layer, RulesError> {
     let mut b = GitignoreBuilder::new("/");
     for (line, pattern) in &lines {
-        b.add_line(None, pattern)
-            .map_err(|e| RulesError::Pattern {
-                source_name: source.to_string(),
-                line: *line,
-                pattern: pattern.clone(),
-                error: e.to_string(),
-            })?;
+        b.add_line(None, pattern).map_err(|e| RulesError::Pattern {
+            source_name: source.to_string(),
+            line: *line,
+            pattern: pattern.clone(),
+            error: e.to_string(),
+        })?;
     }
     let matcher = b.build().map_err(|e| RulesError::Pattern {
         source_name: source.to_string(),
@@ -310,10 +315,7 @@ mod tests {
             local_only: vec!["*.log".into(), ".env".into()],
             ..Default::default()
         });
-        assert_eq!(
-            r.class(Path::new("node_modules"), true),
-            Class::Excluded
-        );
+        assert_eq!(r.class(Path::new("node_modules"), true), Class::Excluded);
         assert_eq!(
             r.class(Path::new("node_modules/a/index.js"), false),
             Class::Excluded

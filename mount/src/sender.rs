@@ -57,7 +57,15 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         if *shutdown.borrow() {
             return;
         }
-        match run_once(&core, &mut shutdown, &mut interrupted, &mut coalescing, &mut backoff).await {
+        match run_once(
+            &core,
+            &mut shutdown,
+            &mut interrupted,
+            &mut coalescing,
+            &mut backoff,
+        )
+        .await
+        {
             Stop::Shutdown => return,
             Stop::Restart => {}
         }
@@ -225,7 +233,9 @@ async fn run_once(
                     seq = batch.seq,
                     "the remote refused a change{}: {e}; it stays in the journal and is sent \
                      again",
-                    path.as_ref().map(|p| format!(" to {p}")).unwrap_or_default()
+                    path.as_ref()
+                        .map(|p| format!(" to {p}"))
+                        .unwrap_or_default()
                 );
                 wb.set_blocked(Some(RemoteError {
                     errno: e.errno,
@@ -237,7 +247,10 @@ async fn run_once(
                 return Stop::Restart;
             }
             Err(CallError::NotSent(reason)) => {
-                tracing::debug!("the journal stream broke before seq {}: {reason}", batch.seq);
+                tracing::debug!(
+                    "the journal stream broke before seq {}: {reason}",
+                    batch.seq
+                );
                 return Stop::Restart;
             }
             Err(CallError::Disconnected(reason)) => {

@@ -232,7 +232,11 @@ impl Tree {
     /// See [`TreeState::canon`].
     pub fn canon(&self, id: u64) -> u64 {
         let t = self.lock();
-        if t.aliases.is_empty() { id } else { t.canon(id) }
+        if t.aliases.is_empty() {
+            id
+        } else {
+            t.canon(id)
+        }
     }
 
     pub fn path(&self, id: u64) -> Result<RelPath, FsError> {
