@@ -28,6 +28,7 @@ const EXAMPLES: &str = "\
 Examples:
   kmount ./src ./mnt           mount ./src at ./mnt (in the background)
   kmount -f ~/project /tmp/p   the same in the foreground; Ctrl-C unmounts
+  kmount me@box:/srv/app ./mnt mount /srv/app of host box over ssh
   kmount list                  show the active mounts
   kmount unmount ./mnt         flush and unmount
   kmount unmount --all         unmount every kmount mount";
@@ -53,7 +54,8 @@ struct MountArgs {
     /// Stay in the foreground; Ctrl-C unmounts.
     #[arg(short, long)]
     foreground: bool,
-    /// What to mount: a local directory (starting with '/', '.' or '~').
+    /// What to mount: a local directory (starting with '/', '.' or '~'), a directory in a
+    /// container ([TYPE/]NAME:/path) or on an ssh host (user@host:/path, ssh://host:port/path).
     #[arg(required = true)]
     target: Option<String>,
     /// An empty directory to mount on.
