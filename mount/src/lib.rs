@@ -415,16 +415,16 @@ impl MountHandle {
 
     /// Waits until every change is applied remotely (at most `timeout`), then unmounts.
     /// When time runs out, the mount stays and the error says what is not applied.
-    pub fn flush_and_unmount(self, timeout: Duration) -> Result<(), FlushError> {
+    pub fn flush_and_unmount(self, timeout: Duration) -> Result<(), Box<FlushError>> {
         if let Err(e) = self.wait_applied(timeout) {
             tracing::warn!("not unmounting: {e}");
             let pending = self.pending().unwrap_or_default();
             let blocked = self.core.write_back().and_then(|wb| wb.blocked());
-            return Err(FlushError {
+            return Err(Box::new(FlushError {
                 pending,
                 blocked,
                 handle: Box::new(self),
-            });
+            }));
         }
         self.unmount()
             .map_err(|e| {

@@ -277,10 +277,6 @@ impl WriteBack {
         lock(&self.conflicts).clone()
     }
 
-    pub(crate) fn add_conflict(&self, c: Conflict) {
-        lock(&self.conflicts).push(c);
-    }
-
     /// The key the cached bytes of a node are kept under.
     pub fn content_key(&self, remote: (u64, u64)) -> CacheKey {
         if remote.0 == LOCAL_DEV {
@@ -293,6 +289,14 @@ impl WriteBack {
     pub(crate) fn file(&self, fh: u64) -> Option<WbFile> {
         lock(&self.files).get(&fh).cloned()
     }
+}
+
+/// A node to make: its mode (type included), size, device number and symlink target.
+struct NewNode {
+    mode: u32,
+    size: u64,
+    rdev: u64,
+    symlink: Option<Vec<u8>>,
 }
 
 /// What one local change does to the tree before it is journaled.
@@ -400,15 +404,11 @@ impl Core {
         caller: &Option<Caller>,
         parent: u64,
         name: &[u8],
-        mode: u32,
-        size: u64,
-        rdev: u64,
-        symlink: Option<Vec<u8>>,
+        new: NewNode,
         op: impl FnOnce(RelPath) -> Op,
     ) -> Result<NodeAttr, FsError> {
         let wb = self.wb().expect("write-back mode");
-        let (made, seq) =
-            self.make_node_now(caller, parent, name, mode, size, rdev, symlink, op)?;
+        let (made, seq) = self.make_node_now(caller, parent, name, new, op)?;
         let mut attr = made;
         if let Some((seq, true)) = seq
             && self.client().is_connected()
@@ -433,16 +433,12 @@ impl Core {
     }
 
     /// The local half of [`Core::make_node`].
-    #[allow(clippy::too_many_arguments)]
     fn make_node_now(
         &self,
         caller: &Option<Caller>,
         parent: u64,
         name: &[u8],
-        mode: u32,
-        size: u64,
-        rdev: u64,
-        symlink: Option<Vec<u8>>,
+        new: NewNode,
         op: impl FnOnce(RelPath) -> Op,
     ) -> Result<(NodeAttr, Option<(u64, bool)>), FsError> {
         self.change_seq(|t| {
@@ -451,6 +447,12 @@ impl Core {
             if t.child(parent, name).is_some() {
                 return Err(err!(libc::EEXIST, "{path} exists"));
             }
+            let NewNode {
+                mode,
+                size,
+                rdev,
+                symlink,
+            } = new;
             let (uid, gid, sgid_parent) = self.owner(t, caller, parent);
             let mut mode = mode;
             if sgid_parent && mode & libc::S_IFMT == libc::S_IFDIR {
@@ -480,8 +482,16 @@ impl Core {
         let fmt = mode & libc::S_IFMT;
         let fmt = if fmt == 0 { libc::S_IFREG } else { fmt };
         let mode = fmt | (mode & 0o7777);
-        self.make_node(&caller, parent, name, mode, 0, rdev, None, |path| {
-            Op::Mknod { path, mode, rdev }
+        let new = NewNode {
+            mode,
+            size: 0,
+            rdev,
+            symlink: None,
+        };
+        self.make_node(&caller, parent, name, new, |path| Op::Mknod {
+            path,
+            mode,
+            rdev,
         })
         .await
     }
@@ -494,16 +504,16 @@ impl Core {
         mode: u32,
     ) -> Result<NodeAttr, FsError> {
         let perm = mode & 0o7777;
-        self.make_node(
-            &caller,
-            parent,
-            name,
-            libc::S_IFDIR | perm,
-            4096,
-            0,
-            None,
-            |path| Op::Mkdir { path, mode: perm },
-        )
+        let new = NewNode {
+            mode: libc::S_IFDIR | perm,
+            size: 4096,
+            rdev: 0,
+            symlink: None,
+        };
+        self.make_node(&caller, parent, name, new, |path| Op::Mkdir {
+            path,
+            mode: perm,
+        })
         .await
     }
 
@@ -516,16 +526,16 @@ impl Core {
     ) -> Result<NodeAttr, FsError> {
         let len = target.len() as u64;
         let target = target.to_vec();
-        self.make_node(
-            &caller,
-            parent,
-            name,
-            libc::S_IFLNK | 0o777,
-            len,
-            0,
-            Some(target.clone()),
-            |path| Op::Symlink { path, target },
-        )
+        let new = NewNode {
+            mode: libc::S_IFLNK | 0o777,
+            size: len,
+            rdev: 0,
+            symlink: Some(target.clone()),
+        };
+        self.make_node(&caller, parent, name, new, |path| Op::Symlink {
+            path,
+            target,
+        })
         .await
     }
 
@@ -556,21 +566,18 @@ impl Core {
                 fh: opened.fh,
             });
         }
+        let new = NewNode {
+            mode: libc::S_IFREG | perm,
+            size: 0,
+            rdev: 0,
+            symlink: None,
+        };
         let attr = self
-            .make_node(
-                &caller,
-                parent,
-                name,
-                libc::S_IFREG | perm,
-                0,
-                0,
-                None,
-                |path| Op::Create {
-                    path,
-                    flags: libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-                    mode: perm,
-                },
-            )
+            .make_node(&caller, parent, name, new, |path| Op::Create {
+                path,
+                flags: libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                mode: perm,
+            })
             .await?;
         let (remote, validity) = {
             let t = self.tree().lock();
@@ -823,10 +830,10 @@ impl Core {
             )
         };
         let key = wb.content_key(remote);
-        if remote.0 == LOCAL_DEV || wb.pending_seq(id).is_some() {
-            if let Some(e) = wb.cache.lookup(&key) {
-                return Ok((e, false));
-            }
+        if (remote.0 == LOCAL_DEV || wb.pending_seq(id).is_some())
+            && let Some(e) = wb.cache.lookup(&key)
+        {
+            return Ok((e, false));
         }
         let validity = Validity::of(&attr);
         if let Some(e) = wb.cache.get(&key, &validity) {

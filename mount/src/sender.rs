@@ -99,6 +99,11 @@ async fn run_once(
             _ = shutdown.wait_for(|s| *s) => return Stop::Shutdown,
             up = client.wait_connected(Duration::from_secs(3600)) => if up { break },
         }
+        if !client.reconnects() {
+            // Gone for good: the records wait in the journal for the next kmount.
+            let _ = shutdown.wait_for(|s| *s).await;
+            return Stop::Shutdown;
+        }
     }
     let generation = client.generation();
     let agent_applied = match client.call(Op::AppliedSeq { session }, None).await {
