@@ -25,7 +25,7 @@ pub const DEFAULT_LOCAL_ONLY: &[&str] = &[
     "4913",
     "*~",
     // emacs: autosave and lock files
-    "#*#",
+    "\\#*#",
     ".#*",
     // JetBrains IDEs: safe-write temporaries
     "*___jb_tmp___",
@@ -296,7 +296,7 @@ mod tests {
         let d = r.classify(Path::new("src/.main.rs.swp"), false);
         let rule = d.rule.unwrap();
         assert_eq!(rule.source, Source::Default);
-        assert_eq!(rule.to_string(), "default:1:.*.sw[a-p]");
+        assert_eq!(rule.to_string(), "default:2:*.swp");
     }
 
     #[test]
@@ -363,7 +363,7 @@ mod tests {
     #[test]
     fn bad_patterns_name_their_line() {
         let e = Rules::new(&RulesConfig {
-            exclude: vec!["ok".into(), "a[".into()],
+            exclude: vec!["ok".into(), "a[z-a]".into()],
             ..Default::default()
         })
         .unwrap_err()
