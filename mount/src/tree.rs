@@ -909,7 +909,14 @@ impl TreeState {
         let (is_dir, other_links) = match self.nodes.get_mut(&id) {
             Some(node) => {
                 node.links.retain(|l| *l != link);
-                (node.is_dir(), !node.links.is_empty())
+                let other_links = !node.links.is_empty();
+                if !other_links {
+                    // Gone from the remote but perhaps still open here: `fstat` on it must
+                    // say so (nlink 0, ctime of the unlink), as a local disk does.
+                    node.attr.nlink = 0;
+                    node.attr.ctime = crate::core::timespec(std::time::SystemTime::now());
+                }
+                (node.is_dir(), other_links)
             }
             None => (false, false),
         };
