@@ -51,7 +51,7 @@ pub fn software() -> String {
 
 /// Our hello: `IDENTITY` only when identity switching is really possible.
 pub fn hello(identity: &Identity) -> Hello {
-    let mut features = features::TREE | features::WATCH | features::JOURNAL;
+    let mut features = features::TREE | features::WATCH | features::JOURNAL | features::RUNS_AS;
     if identity.active() {
         features |= features::IDENTITY;
     }
@@ -82,8 +82,18 @@ where
         return EXIT_BROKEN;
     }
     match read_hello(&mut input, &ours) {
-        Ok(true) => {}
-        Ok(false) => return EXIT_OK, // the mount left before saying hello
+        Ok(Some(theirs)) => {
+            if theirs & ours.features & features::RUNS_AS != 0 {
+                // SAFETY: geteuid and getegid cannot fail.
+                let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+                let runs_as = FromAgent::RunsAs { uid, gid };
+                if let Err(e) = write_frame(&mut output, &runs_as) {
+                    eprintln!("kmount-agent: cannot send who it runs as: {e}");
+                    return EXIT_BROKEN;
+                }
+            }
+        }
+        Ok(None) => return EXIT_OK, // the mount left before saying hello
         Err(message) => {
             return fatal(output, &message, EXIT_REFUSED);
         }
@@ -159,15 +169,15 @@ fn fatal<W: Write>(mut output: BufWriter<W>, message: &str, code: i32) -> i32 {
     code
 }
 
-/// Reads and checks the mount's hello. `Ok(false)`: the input ended before it.
-fn read_hello<R: Read>(input: &mut R, ours: &Hello) -> Result<bool, String> {
+/// Reads and checks the mount's hello; its features, `None` when the input ended before it.
+fn read_hello<R: Read>(input: &mut R, ours: &Hello) -> Result<Option<u64>, String> {
     let Some(frame) = read_payload(input, None).map_err(|e| e.to_string())? else {
-        return Ok(false);
+        return Ok(None);
     };
     match decode::<ToAgent>(&frame.payload) {
         Ok(ToAgent::Hello(theirs)) => ours
             .check_peer(&theirs)
-            .map(|()| true)
+            .map(|()| Some(theirs.features))
             .map_err(|e| format!("{e} (this side is {})", ours.software)),
         Ok(ToAgent::Request(_)) => {
             Err("the mount sent a request before its hello; it is not a kmount mount".into())

@@ -164,6 +164,38 @@ fn big_writes_and_reads_stay_within_memory_bounds() {
 }
 
 #[test]
+fn the_agent_says_who_it_runs_as_when_asked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = Agent::spawn(&[], tmp.path());
+    let Some(FromAgent::Hello(h)) = a.recv() else {
+        panic!("no hello")
+    };
+    assert_ne!(h.features & features::RUNS_AS, 0);
+    a.send(&ToAgent::Hello(Hello::new(features::RUNS_AS, "owner test")));
+    a.request(1, None, Op::Ping);
+    // SAFETY: geteuid and getegid cannot fail.
+    let me = unsafe { (libc::geteuid(), libc::getegid()) };
+    assert_eq!(
+        a.recv(),
+        Some(FromAgent::RunsAs {
+            uid: me.0,
+            gid: me.1
+        })
+    );
+    let Some(FromAgent::Reply(r)) = a.recv() else {
+        panic!("no reply to the ping")
+    };
+    assert_eq!((r.id, r.result), (1, Ok(Done::Ok)));
+    a.close_stdin();
+    assert_eq!(a.recv(), None);
+
+    // A mount that does not ask is not told.
+    let mut a = Agent::spawn(&[], tmp.path());
+    a.hello();
+    assert_eq!(a.call(Op::Ping), Ok(Done::Ok));
+}
+
+#[test]
 fn version_mismatch_is_fatal_and_names_both_versions() {
     let tmp = tempfile::tempdir().unwrap();
     let mut a = Agent::spawn(&[], tmp.path());

@@ -5,7 +5,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use kmount_mount::{Connector, LocalConnector};
+use kmount_mount::{Client, Connector, LocalConnector, OwnerMap};
 
 use crate::target::Target;
 
@@ -17,6 +17,26 @@ pub struct Plan {
     pub identity: bool,
     /// Other users may use the mount, with the kernel checking file modes.
     pub shared: bool,
+    /// Files of the user the agent runs as appear owned by the local user (as sshfs's
+    /// `idmap=user`): for containers and ssh hosts, where that user is someone else's.
+    pub map_owner: bool,
+}
+
+impl Plan {
+    /// The owner map for a session with `client`: the agent's user (as it reported) shown as
+    /// the user running kmount. `None` for local targets, where owners are real, and for agents
+    /// that do not say who they run as.
+    pub fn owner_map(&self, client: &Client) -> Option<OwnerMap> {
+        owner_map(self.map_owner, client.agent_user())
+    }
+}
+
+fn owner_map(map_owner: bool, agent_user: Option<(u32, u32)>) -> Option<OwnerMap> {
+    if !map_owner {
+        return None;
+    }
+    let (uid, gid) = agent_user?;
+    Some(OwnerMap::to_current_user(uid, gid))
 }
 
 /// Builds the plan for `target` mounted at `mountpoint`.
@@ -34,22 +54,27 @@ pub fn plan(target: &Target, mountpoint: &Path) -> Result<Plan> {
                 connector: Box::new(LocalConnector::new(agent_binary()?, root.clone(), args)),
                 identity: is_root,
                 shared: is_root,
+                map_owner: false,
             })
         }
-        // The agent runs as the container's user: files it creates belong to the app.
+        // The agent runs as the container's user: files it creates belong to the app, and
+        // appear as the local user's.
         Target::Kube(k) => {
             let agent = crate::install::LocalAgent::load(&agent_binary()?)?;
             Ok(Plan {
                 connector: Box::new(crate::kube::KubeConnector::new(k.clone(), agent)),
                 identity: false,
                 shared: false,
+                map_owner: true,
             })
         }
-        // The remote user owns what the mount creates; the mount is this user's alone.
+        // The remote user owns what the mount creates, and appears as the local user; the
+        // mount is this user's alone.
         Target::Ssh(ssh) => Ok(Plan {
             connector: Box::new(crate::ssh::SshConnector::new(ssh)?),
             identity: false,
             shared: false,
+            map_owner: true,
         }),
     }
 }
@@ -76,4 +101,29 @@ pub fn agent_binary() -> Result<PathBuf> {
         );
     }
     Ok(p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_targets_map_the_agent_user_to_the_local_user() {
+        let me = (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        );
+        assert_eq!(
+            owner_map(true, Some((1000, 1001))),
+            Some(OwnerMap {
+                remote_uid: 1000,
+                remote_gid: 1001,
+                local_uid: me.0,
+                local_gid: me.1,
+            })
+        );
+        // Local targets keep the real owners; an agent that does not say maps nothing.
+        assert_eq!(owner_map(false, Some((1000, 1001))), None);
+        assert_eq!(owner_map(true, None), None);
+    }
 }

@@ -55,6 +55,7 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
         allow_other: plan.shared,
         default_permissions: plan.shared,
         identity: plan.identity,
+        owner_map: plan.owner_map(&client),
         ..MountOptions::default()
     };
     let handle = kmount_mount::mount(runtime.handle().clone(), client, mountpoint, &opts)

@@ -296,6 +296,8 @@ struct Shared {
     /// The first session's hello; the mount chose its mode by its features.
     peer: Hello,
     features: u64,
+    /// Who the first session's agent runs as (uid, gid), when it said.
+    runs_as: Option<(u32, u32)>,
     /// Milliseconds a call waits for a lost connection to come back.
     remote_timeout_ms: AtomicU64,
     link: watch::Sender<Link>,
@@ -558,6 +560,8 @@ struct Handshaken {
     child: Option<Child>,
     theirs: Hello,
     features: u64,
+    /// The uid and gid the agent runs as, when it said.
+    runs_as: Option<(u32, u32)>,
 }
 
 /// Completes the hello exchange on `stream`.
@@ -574,8 +578,8 @@ async fn handshake(stream: BoxedStream, what: &str) -> Result<Handshaken, Client
         hello_exchange(&mut reader, &mut writer, &ours),
     )
     .await;
-    let theirs = match exchange {
-        Ok(Ok(theirs)) => theirs,
+    let (theirs, runs_as) = match exchange {
+        Ok(Ok(answer)) => answer,
         Ok(Err(failure)) => {
             return Err(failure.into_error(what, &stderr, child.as_mut()).await);
         }
@@ -595,11 +599,13 @@ async fn handshake(stream: BoxedStream, what: &str) -> Result<Handshaken, Client
         child,
         theirs,
         features,
+        runs_as,
     })
 }
 
 /// Features this side supports.
-const OUR_FEATURES: u64 = features::IDENTITY | features::TREE | features::WATCH | features::JOURNAL;
+const OUR_FEATURES: u64 =
+    features::IDENTITY | features::TREE | features::WATCH | features::JOURNAL | features::RUNS_AS;
 
 /// Starts the reader and writer tasks of a new stream.
 fn start_conn(
@@ -799,6 +805,7 @@ impl Client {
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
             let peer = h.theirs.clone();
             let features = h.features;
+            let runs_as = h.runs_as;
             let conn = start_conn(h, 1, weak.clone(), events.clone());
             let (link, _) = watch::channel(Link::Up(conn));
             Shared {
@@ -807,6 +814,7 @@ impl Client {
                 connector,
                 peer,
                 features,
+                runs_as,
                 remote_timeout_ms: AtomicU64::new(DEFAULT_REMOTE_TIMEOUT.as_millis() as u64),
                 link,
                 events,
@@ -978,6 +986,12 @@ impl Client {
         &self.shared.peer
     }
 
+    /// The uid and gid the agent of the first session runs as, when it said (agents that
+    /// announce [`features::RUNS_AS`]).
+    pub fn agent_user(&self) -> Option<(u32, u32)> {
+        self.shared.runs_as
+    }
+
     /// True while a stream is up.
     pub fn is_connected(&self) -> bool {
         matches!(&*self.shared.link.borrow(), Link::Up(c) if !c.calls.is_broken())
@@ -1112,13 +1126,13 @@ async fn stderr_note(stderr: &Option<StderrTail>, wait: Duration) -> String {
     }
 }
 
-/// Sends our hello and a ping, reads the agent's hello and the ping's reply. An agent that
-/// cannot serve answers the ping with `FromAgent::Fatal`.
+/// Sends our hello and a ping, reads the agent's hello, who it runs as (when it says) and the
+/// ping's reply. An agent that cannot serve answers the ping with `FromAgent::Fatal`.
 async fn hello_exchange(
     reader: &mut (dyn AsyncRead + Send + Unpin),
     writer: &mut (dyn AsyncWrite + Send + Unpin),
     ours: &Hello,
-) -> Result<Hello, HelloFailure> {
+) -> Result<(Hello, Option<(u32, u32)>), HelloFailure> {
     let encode_failed = |e: ProtoError| HelloFailure::Io(io::Error::other(e.to_string()));
     let mut out = encode(&ToAgent::Hello(ours.clone())).map_err(encode_failed)?;
     out.extend(
@@ -1149,26 +1163,33 @@ async fn hello_exchange(
         Err(e) => return Err(HelloFailure::Version(e)),
     }
 
-    match read_frame_async(reader).await {
-        Ok(Some(p)) => match decode::<FromAgent>(&p) {
-            Ok(FromAgent::Reply(Reply { id: 0, result })) => match result {
-                Ok(_) => {}
-                Err(e) => return Err(HelloFailure::Refused(e)),
+    let mut runs_as = None;
+    loop {
+        match read_frame_async(reader).await {
+            Ok(Some(p)) => match decode::<FromAgent>(&p) {
+                Ok(FromAgent::RunsAs { uid, gid }) if runs_as.is_none() => {
+                    runs_as = Some((uid, gid));
+                    continue;
+                }
+                Ok(FromAgent::Reply(Reply { id: 0, result })) => match result {
+                    Ok(_) => break,
+                    Err(e) => return Err(HelloFailure::Refused(e)),
+                },
+                Ok(FromAgent::Fatal(msg)) => return Err(HelloFailure::Fatal(msg)),
+                _ => return Err(HelloFailure::NotKmount { got: p }),
             },
-            Ok(FromAgent::Fatal(msg)) => return Err(HelloFailure::Fatal(msg)),
-            _ => return Err(HelloFailure::NotKmount { got: p }),
-        },
-        Ok(None) | Err(ProtoError::Truncated) => {
-            return Err(match write_result {
-                Err(e) => HelloFailure::Io(e),
-                Ok(()) => HelloFailure::Ended { got: Vec::new() },
-            });
+            Ok(None) | Err(ProtoError::Truncated) => {
+                return Err(match write_result {
+                    Err(e) => HelloFailure::Io(e),
+                    Ok(()) => HelloFailure::Ended { got: Vec::new() },
+                });
+            }
+            Err(ProtoError::Io(e)) => return Err(HelloFailure::Io(e)),
+            Err(_) => return Err(HelloFailure::NotKmount { got: Vec::new() }),
         }
-        Err(ProtoError::Io(e)) => return Err(HelloFailure::Io(e)),
-        Err(_) => return Err(HelloFailure::NotKmount { got: Vec::new() }),
     }
     write_result.map_err(HelloFailure::Io)?;
-    Ok(theirs)
+    Ok((theirs, runs_as))
 }
 
 /// Reads the first frame, keeping whatever arrived for the error message when it is not a
@@ -1326,6 +1347,8 @@ async fn read_loop(
                 Ok(FromAgent::Fatal(msg)) => break format!("the agent stopped: {msg}"),
                 Ok(FromAgent::Hello(_)) => break "the agent sent a second hello".to_string(),
                 Ok(FromAgent::Events(batch)) => events.emit(ClientEvent::Changes(batch)),
+                // Only expected during the hello exchange; harmless later.
+                Ok(FromAgent::RunsAs { .. }) => {}
                 Err(e) => break format!("malformed message from the agent: {e}"),
             },
             Ok(None) => break "the agent closed the connection".to_string(),

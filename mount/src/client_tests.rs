@@ -307,6 +307,33 @@ async fn version_mismatch_names_both_versions() {
 }
 
 #[tokio::test]
+async fn the_agent_user_comes_with_the_hello_exchange() {
+    let (stream, theirs) = pair();
+    tokio::spawn(async move {
+        let mut a = FakeAgent::new(theirs);
+        a.send(&FromAgent::Hello(Hello::new(features::RUNS_AS, "fake")))
+            .await;
+        let Some(ToAgent::Hello(h)) = a.recv().await else {
+            panic!("no hello from the client")
+        };
+        assert_ne!(h.features & features::RUNS_AS, 0);
+        a.send(&FromAgent::RunsAs {
+            uid: 1000,
+            gid: 1001,
+        })
+        .await;
+        let ping = a.recv_request().await;
+        a.reply(ping.id, Ok(Done::Ok)).await;
+        while a.recv().await.is_some() {}
+    });
+    let client = Client::from_stream(stream, "the fake agent").await.unwrap();
+    assert_eq!(client.agent_user(), Some((1000, 1001)));
+    // An agent that does not say leaves it unknown.
+    let (client, _agent) = connected(0).await;
+    assert_eq!(client.agent_user(), None);
+}
+
+#[tokio::test]
 async fn fatal_after_hello_is_shown_verbatim() {
     const WHY: &str = "kmount-agent: /srv/app does not exist";
     let (stream, theirs) = pair();

@@ -22,6 +22,7 @@ use tracing::Instrument;
 
 use crate::core::{Core, NodeAttr, Xattr, timespec};
 use crate::error::FsError;
+use crate::owner::{self, OwnerMap};
 
 /// Capabilities asked of the kernel when it offers them. Left out on purpose:
 /// - `FUSE_WRITEBACK_CACHE`: it trusts the local size and mtime over the remote's and breaks
@@ -43,12 +44,34 @@ const MAX_READAHEAD: u32 = 1 << 20;
 pub(crate) struct FuseFs {
     core: Arc<Core>,
     runtime: tokio::runtime::Handle,
+    out: AttrOut,
+}
+
+/// How attributes are handed to the kernel: for how long, and with whose owner.
+#[derive(Clone, Copy)]
+struct AttrOut {
     ttl: Duration,
+    owners: Option<OwnerMap>,
+}
+
+impl AttrOut {
+    fn attr(&self, a: &NodeAttr) -> FileAttr {
+        fuse_attr(a, self.owners.as_ref())
+    }
 }
 
 impl FuseFs {
-    pub(crate) fn new(core: Arc<Core>, runtime: tokio::runtime::Handle, ttl: Duration) -> Self {
-        Self { core, runtime, ttl }
+    pub(crate) fn new(
+        core: Arc<Core>,
+        runtime: tokio::runtime::Handle,
+        ttl: Duration,
+        owners: Option<OwnerMap>,
+    ) -> Self {
+        Self {
+            core,
+            runtime,
+            out: AttrOut { ttl, owners },
+        }
     }
 
     fn caller(&self, req: &Request) -> Option<kmount_proto::Caller> {
@@ -138,7 +161,8 @@ fn file_type(kind: u32) -> FileType {
     }
 }
 
-fn fuse_attr(a: &NodeAttr) -> FileAttr {
+fn fuse_attr(a: &NodeAttr, owners: Option<&OwnerMap>) -> FileAttr {
+    let (uid, gid) = owner::shown(owners, a.uid, a.gid);
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
@@ -150,8 +174,8 @@ fn fuse_attr(a: &NodeAttr) -> FileAttr {
         kind: file_type(a.kind()),
         perm: a.perm(),
         nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
+        uid,
+        gid,
         rdev: a.rdev,
         blksize: a.blksize,
         flags: 0,
@@ -208,13 +232,13 @@ impl Filesystem for FuseFs {
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let span = tracing::debug_span!("lookup", req = req.unique().0, ino = parent.0, ?name);
-        let (core, caller, name, ttl) =
-            (self.core.clone(), self.caller(req), bytes(name), self.ttl);
+        let (core, caller, name, out) =
+            (self.core.clone(), self.caller(req), bytes(name), self.out);
         self.respond(
             span,
             reply,
             async move { core.lookup(caller, parent.0, &name).await },
-            move |r, a| r.entry(&ttl, &fuse_attr(&a), Generation(0)),
+            move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
         );
     }
 
@@ -224,12 +248,12 @@ impl Filesystem for FuseFs {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let span = tracing::debug_span!("getattr", req = req.unique().0, ino = ino.0);
-        let (core, caller, ttl) = (self.core.clone(), self.caller(req), self.ttl);
+        let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
         self.respond(
             span,
             reply,
             async move { core.getattr(caller, ino.0).await },
-            move |r, a| r.attr(&ttl, &fuse_attr(&a)),
+            move |r, a| r.attr(&out.ttl, &out.attr(&a)),
         );
     }
 
@@ -252,6 +276,7 @@ impl Filesystem for FuseFs {
         reply: ReplyAttr,
     ) {
         let span = tracing::debug_span!("setattr", req = req.unique().0, ino = ino.0);
+        let (uid, gid) = owner::requested(self.out.owners.as_ref(), uid, gid);
         let set = SetAttr {
             mode: mode.map(|m| m & 0o7777),
             uid,
@@ -260,12 +285,12 @@ impl Filesystem for FuseFs {
             atime: atime.map(set_time),
             mtime: mtime.map(set_time),
         };
-        let (core, caller, ttl) = (self.core.clone(), self.caller(req), self.ttl);
+        let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
         self.respond(
             span,
             reply,
             async move { core.setattr(caller, ino.0, fh.map(|f| f.0), set).await },
-            move |r, a| r.attr(&ttl, &fuse_attr(&a)),
+            move |r, a| r.attr(&out.ttl, &out.attr(&a)),
         );
     }
 
@@ -291,13 +316,13 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let span = tracing::debug_span!("mknod", req = req.unique().0, ino = parent.0, ?name);
-        let (core, caller, name, ttl) =
-            (self.core.clone(), self.caller(req), bytes(name), self.ttl);
+        let (core, caller, name, out) =
+            (self.core.clone(), self.caller(req), bytes(name), self.out);
         self.respond(
             span,
             reply,
             async move { core.mknod(caller, parent.0, &name, mode, rdev).await },
-            move |r, a| r.entry(&ttl, &fuse_attr(&a), Generation(0)),
+            move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
         );
     }
 
@@ -311,13 +336,13 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let span = tracing::debug_span!("mkdir", req = req.unique().0, ino = parent.0, ?name);
-        let (core, caller, name, ttl) =
-            (self.core.clone(), self.caller(req), bytes(name), self.ttl);
+        let (core, caller, name, out) =
+            (self.core.clone(), self.caller(req), bytes(name), self.out);
         self.respond(
             span,
             reply,
             async move { core.mkdir(caller, parent.0, &name, mode).await },
-            move |r, a| r.entry(&ttl, &fuse_attr(&a), Generation(0)),
+            move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
         );
     }
 
@@ -352,13 +377,13 @@ impl Filesystem for FuseFs {
         reply: ReplyEntry,
     ) {
         let span = tracing::debug_span!("symlink", req = req.unique().0, ino = parent.0, name = ?link_name);
-        let (core, caller, ttl) = (self.core.clone(), self.caller(req), self.ttl);
+        let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
         let (name, target) = (bytes(link_name), bytes(target.as_os_str()));
         self.respond(
             span,
             reply,
             async move { core.symlink(caller, parent.0, &name, &target).await },
-            move |r, a| r.entry(&ttl, &fuse_attr(&a), Generation(0)),
+            move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
         );
     }
 
@@ -408,13 +433,13 @@ impl Filesystem for FuseFs {
             new_ino = newparent.0,
             name = ?newname
         );
-        let (core, caller, ttl) = (self.core.clone(), self.caller(req), self.ttl);
+        let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
         let name = bytes(newname);
         self.respond(
             span,
             reply,
             async move { core.link(caller, ino.0, newparent.0, &name).await },
-            move |r, a| r.entry(&ttl, &fuse_attr(&a), Generation(0)),
+            move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
         );
     }
 
@@ -615,7 +640,7 @@ impl Filesystem for FuseFs {
             fh = fh.0,
             offset
         );
-        let (core, caller, ttl) = (self.core.clone(), self.caller(req), self.ttl);
+        let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
         self.run(
             async move {
                 let result = core
@@ -624,8 +649,8 @@ impl Filesystem for FuseFs {
                             INodeNo(item.ino),
                             item.offset,
                             OsStr::from_bytes(item.name),
-                            &ttl,
-                            &fuse_attr(attr),
+                            &out.ttl,
+                            &out.attr(attr),
                             Generation(0),
                         ),
                         None => false,
@@ -768,16 +793,16 @@ impl Filesystem for FuseFs {
         reply: ReplyCreate,
     ) {
         let span = tracing::debug_span!("create", req = req.unique().0, ino = parent.0, ?name);
-        let (core, caller, name, ttl) =
-            (self.core.clone(), self.caller(req), bytes(name), self.ttl);
+        let (core, caller, name, out) =
+            (self.core.clone(), self.caller(req), bytes(name), self.out);
         self.respond(
             span,
             reply,
             async move { core.create(caller, parent.0, &name, mode, flags).await },
             move |r, c| {
                 r.created(
-                    &ttl,
-                    &fuse_attr(&c.attr),
+                    &out.ttl,
+                    &out.attr(&c.attr),
                     Generation(0),
                     FileHandle(c.fh),
                     FopenFlags::FOPEN_KEEP_CACHE,
@@ -840,5 +865,51 @@ impl Filesystem for FuseFs {
     ) {
         // The kernel falls back to reading and writing.
         reply.error(Errno::ENOSYS);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(uid: u32, gid: u32) -> NodeAttr {
+        NodeAttr {
+            ino: 7,
+            size: 3,
+            blocks: 8,
+            atime: SystemTime::UNIX_EPOCH,
+            mtime: SystemTime::UNIX_EPOCH,
+            ctime: SystemTime::UNIX_EPOCH,
+            mode: libc::S_IFREG | 0o644,
+            nlink: 1,
+            uid,
+            gid,
+            rdev: 0,
+            blksize: 4096,
+        }
+    }
+
+    #[test]
+    fn the_kernel_sees_the_agent_user_as_the_local_user() {
+        let map = OwnerMap {
+            remote_uid: 1000,
+            remote_gid: 1000,
+            local_uid: 0,
+            local_gid: 0,
+        };
+        let out = AttrOut {
+            ttl: Duration::from_secs(1),
+            owners: Some(map),
+        };
+        let a = out.attr(&attr(1000, 1000));
+        assert_eq!((a.uid, a.gid, a.perm, a.ino), (0, 0, 0o644, INodeNo(7)));
+        let a = out.attr(&attr(33, 1000));
+        assert_eq!((a.uid, a.gid), (33, 0));
+        let plain = AttrOut {
+            ttl: Duration::from_secs(1),
+            owners: None,
+        };
+        let a = plain.attr(&attr(1000, 1000));
+        assert_eq!((a.uid, a.gid), (1000, 1000));
     }
 }

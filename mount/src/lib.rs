@@ -23,6 +23,7 @@ mod fuse;
 pub mod invalidate;
 pub mod journal;
 pub mod local;
+pub mod owner;
 pub mod reconcile;
 pub mod remote;
 pub mod rules;
@@ -41,6 +42,7 @@ pub use client::{
 };
 pub use error::FsError;
 pub use fuser::{Notifier, SessionUnmounter};
+pub use owner::OwnerMap;
 pub use remote::{SyncStats, WalkProgress};
 
 use fuser::{Config, MountOption, Session, SessionACL};
@@ -114,6 +116,9 @@ pub struct MountOptions {
     pub journal_dir: Option<PathBuf>,
     /// Bytes of file contents kept in the cache at most (files with unsent changes aside).
     pub cache_limit: u64,
+    /// Files of the agent's user shown as the local user's (and chowns to the local user sent
+    /// as the agent's user); see [`OwnerMap`].
+    pub owner_map: Option<OwnerMap>,
 }
 
 /// The cache and journal directories for `target` (the target as the user names it): under
@@ -156,6 +161,7 @@ impl Default for MountOptions {
             cache_dir: None,
             journal_dir: None,
             cache_limit: 2 << 30,
+            owner_map: None,
         }
     }
 }
@@ -632,7 +638,17 @@ pub fn mount(
     } else {
         opts.attr_ttl
     };
-    let fs = FuseFs::new(core.clone(), runtime, ttl.max(MIN_ATTR_TTL));
+    let owner_map = opts.owner_map.filter(|m| !m.is_identity());
+    if let Some(m) = &owner_map {
+        tracing::info!(
+            "files of the remote user {}:{} appear owned by {}:{}",
+            m.remote_uid,
+            m.remote_gid,
+            m.local_uid,
+            m.local_gid
+        );
+    }
+    let fs = FuseFs::new(core.clone(), runtime, ttl.max(MIN_ATTR_TTL), owner_map);
 
     let mut config = Config::default();
     config.mount_options = vec![

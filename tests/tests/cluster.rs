@@ -849,27 +849,64 @@ fn nodemon_in_the_pod_restarts_once_per_save() {
 }
 
 /// Files of the container's user (uid 1000) appear owned by the local user, so that editors
-/// treat them as the user's own; the container still enforces its own permissions (see
-/// `non_root_pod_files_belong_to_the_app_user`).
+/// treat them as the user's own; the container still enforces its own permissions, and its
+/// errno reaches the local program (see also `non_root_pod_files_belong_to_the_app_user`).
+/// Works in the pod's /tmp, not /work, so that it can run beside the tests that empty /work.
 #[test]
 #[ignore = "needs the local cluster: scripts/test.sh runs it in the cluster tier"]
 fn files_appear_owned_by_the_local_user() {
     kexec(
         "kmount-nonroot",
         &[],
-        "rm -rf /work/* ; echo x > /work/owned",
+        "rm -rf /tmp/kmount-owner && mkdir /tmp/kmount-owner && cd /tmp/kmount-owner && \
+         echo x > owned && echo ro > readonly && chmod 444 readonly",
     );
     let mut s = Scratch::new();
-    s.mount(&[], "kmount-nonroot:/work");
-    let md = fs::metadata(s.m("owned")).unwrap();
+    s.mount(&[], "kmount-nonroot:/tmp/kmount-owner");
     let me = (
         nix::unistd::getuid().as_raw(),
         nix::unistd::getgid().as_raw(),
     );
-    s.unmount();
+    let owner = |rel: &str| {
+        let md = fs::metadata(s.m(rel)).unwrap();
+        (md.uid(), md.gid())
+    };
     assert_eq!(
-        (md.uid(), md.gid()),
+        owner("owned"),
         me,
         "a file of the container's user 1000 should appear owned by the local user"
     );
+    assert_eq!(owner("."), me, "so should the directory it made");
+    // The local user writes its "own" file and makes new ones; in the container they stay
+    // (or are made) the app user's.
+    fs::write(
+        s.m("owned"),
+        "edited
+",
+    )
+    .unwrap();
+    fs::write(
+        s.m("new.txt"),
+        "new
+",
+    )
+    .unwrap();
+    assert_eq!(owner("new.txt"), me);
+    // A chown to the local user is a chown to the app user there (allowed: nothing changes).
+    std::os::unix::fs::chown(s.m("new.txt"), Some(me.0), Some(me.1)).unwrap();
+    assert_eq!(owner("new.txt"), me);
+    assert_eq!(
+        kexec(
+            "kmount-nonroot",
+            &[],
+            "cd /tmp/kmount-owner && stat -c '%u:%g %n' owned new.txt && cat owned"
+        ),
+        "1000:1000 owned\n1000:1000 new.txt\nedited\n"
+    );
+    // The container's permissions still apply: its user cannot write a 0444 file, even though
+    // the local user is root.
+    let err = fs::write(s.m("readonly"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    s.unmount();
+    kexec("kmount-nonroot", &[], "rm -rf /tmp/kmount-owner");
 }
