@@ -69,6 +69,18 @@ pub async fn resolve(cluster: &Cluster, target: &KubeTarget) -> Result<Resolved>
 
     let selector = workload_selector(cluster, target).await?;
     let candidates = list_pods(cluster, &pods, Some(&selector)).await?;
+    choose_workload_pod(target, &candidates, &selector, &cluster.namespace)
+}
+
+/// Chooses among `candidates`, the pods of the workload `target` names (`selector` and
+/// `namespace` only appear in messages): the newest running one, ready ones first. Pods being
+/// deleted never count, so after a pod is deleted its replacement is found, or waited for.
+fn choose_workload_pod(
+    target: &KubeTarget,
+    candidates: &[Pod],
+    selector: &str,
+    namespace: &str,
+) -> Result<Resolved> {
     let live: Vec<&Pod> = candidates
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none() && phase(p) == "Running")
@@ -89,13 +101,13 @@ pub async fn resolve(cluster: &Cluster, target: &KubeTarget) -> Result<Resolved>
             "{} has no pods (selector {selector}); see `kubectl describe {} -n {}`",
             target.object(),
             target.object(),
-            cluster.namespace
+            namespace
         )));
     } else {
         return Ok(Resolved::Starting(anyhow!(
             "{} has no running pod yet; {}",
             target.object(),
-            describe_pods(&candidates, "its pods", &cluster.namespace)
+            describe_pods(candidates, "its pods", namespace)
         )));
     };
     if pool.len() > 1 && !target.kind.replicas_interchangeable() {
@@ -474,6 +486,165 @@ pub fn selector_string(sel: &LabelSelector) -> String {
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+    use serde_json::json;
+
+    fn target(spec: &str) -> KubeTarget {
+        KubeTarget::parse(spec).unwrap()
+    }
+
+    #[derive(Clone, Copy)]
+    enum State {
+        /// Running and ready.
+        Ready,
+        /// Running, container running, not ready.
+        Unready,
+        /// Pending, container waiting (ContainerCreating).
+        Creating,
+        /// Running, being deleted.
+        Deleting,
+    }
+
+    /// A pod of one container "main", created `created` seconds into the day.
+    fn pod(name: &str, created: u32, state: State) -> Pod {
+        let running = json!({"running": {"startedAt": "2026-01-01T00:00:00Z"}});
+        let waiting = json!({"waiting": {"reason": "ContainerCreating"}});
+        let (phase, ready, container_state) = match state {
+            State::Ready | State::Deleting => ("Running", true, running),
+            State::Unready => ("Running", false, running),
+            State::Creating => ("Pending", false, waiting),
+        };
+        let mut metadata = json!({
+            "name": name,
+            "uid": format!("uid-{name}"),
+            "creationTimestamp": format!("2026-01-01T{:02}:{:02}:{:02}Z",
+                created / 3600, created / 60 % 60, created % 60),
+        });
+        if matches!(state, State::Deleting) {
+            metadata["deletionTimestamp"] = json!("2026-01-01T23:00:00Z");
+        }
+        serde_json::from_value(json!({
+            "metadata": metadata,
+            "spec": {"containers": [{"name": "main", "image": "debian"}]},
+            "status": {
+                "phase": phase,
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                "containerStatuses": [{
+                    "name": "main", "ready": ready, "restartCount": 0, "image": "debian",
+                    "imageID": "", "state": container_state,
+                }],
+            },
+        }))
+        .unwrap()
+    }
+
+    fn resolve_among(spec: &str, pods: &[Pod]) -> Result<Resolved> {
+        choose_workload_pod(&target(spec), pods, "app=x", "default")
+    }
+
+    fn chosen(r: Result<Resolved>) -> PodChoice {
+        match r {
+            Ok(Resolved::Pod(c)) => c,
+            other => panic!("expected a pod, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_deleted_pod_is_followed_to_its_replacement() {
+        let pods = [
+            pod("x-old", 10, State::Deleting),
+            pod("x-new", 20, State::Ready),
+        ];
+        let c = chosen(resolve_among("deploy/x:/work", &pods));
+        assert_eq!((c.pod.as_str(), c.uid.as_str()), ("x-new", "uid-x-new"));
+        assert_eq!(c.container, "main");
+        assert_eq!(c.note, None);
+    }
+
+    #[test]
+    fn a_replacement_that_is_still_starting_is_waited_for() {
+        let pods = [
+            pod("x-old", 10, State::Deleting),
+            pod("x-new", 20, State::Creating),
+        ];
+        let Ok(Resolved::Starting(why)) = resolve_among("deploy/x:/work", &pods) else {
+            panic!("expected to wait")
+        };
+        let why = format!("{why:#}");
+        assert!(why.contains("deploy/x has no running pod yet"), "{why}");
+        assert!(why.contains("x-old (Running, terminating)"), "{why}");
+        assert!(
+            why.contains("x-new (Pending, waiting: ContainerCreating)"),
+            "{why}"
+        );
+        // Before the replacement exists, only the deleted pod is there: still waiting.
+        let pods = [pod("x-old", 10, State::Deleting)];
+        assert!(matches!(
+            resolve_among("deploy/x:/work", &pods),
+            Ok(Resolved::Starting(_))
+        ));
+    }
+
+    #[test]
+    fn a_workload_without_pods_is_absent() {
+        let Ok(Resolved::Absent(why)) = resolve_among("deploy/x:/work", &[]) else {
+            panic!("expected absent")
+        };
+        assert!(format!("{why}").contains("deploy/x has no pods (selector app=x)"));
+    }
+
+    #[test]
+    fn the_newest_ready_replica_is_chosen_and_the_others_named() {
+        let pods = [
+            pod("x-a", 10, State::Ready),
+            pod("x-c", 30, State::Unready),
+            pod("x-b", 20, State::Ready),
+        ];
+        let c = chosen(resolve_among("deploy/x:/work", &pods));
+        assert_eq!(c.pod, "x-b");
+        let note = c.note.unwrap();
+        assert!(
+            note.contains("using the newest, x-b (others: x-a)"),
+            "{note}"
+        );
+        // Without a ready one, a running one will do, with a warning.
+        let pods = [
+            pod("x-c", 30, State::Unready),
+            pod("x-d", 5, State::Creating),
+        ];
+        let c = chosen(resolve_among("deploy/x:/work", &pods));
+        assert_eq!(c.pod, "x-c");
+        assert!(c.note.unwrap().contains("no pod of deploy/x is ready"));
+    }
+
+    #[test]
+    fn pods_with_their_own_identity_are_not_picked_for_the_user() {
+        let pods = [pod("db-0", 10, State::Ready), pod("db-1", 20, State::Ready)];
+        let err = resolve_among("sts/db:/data", &pods)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sts/db has 2 pods (db-0, db-1)"), "{err}");
+        assert!(err.contains("kmount pod/db-0:/data MOUNTPOINT"), "{err}");
+        // One pod left (the other being replaced): that one.
+        let pods = [
+            pod("db-0", 10, State::Ready),
+            pod("db-1", 20, State::Deleting),
+        ];
+        assert_eq!(chosen(resolve_among("sts/db:/data", &pods)).pod, "db-0");
+    }
+
+    #[test]
+    fn a_named_pod_being_deleted_or_starting_is_waited_for() {
+        let t = target("pod/web:/srv");
+        let r = choose_container(&t, &pod("web", 10, State::Deleting), None);
+        assert!(matches!(r, Ok(Resolved::Starting(_))), "{r:?}");
+        let r = choose_container(&t, &pod("web", 10, State::Creating), None);
+        let Ok(Resolved::Starting(why)) = r else {
+            panic!("expected to wait: {r:?}")
+        };
+        assert!(format!("{why}").contains("container 'main' of pod 'web' is not running"));
+        let c = chosen(choose_container(&t, &pod("web", 10, State::Ready), None));
+        assert_eq!((c.pod.as_str(), c.uid.as_str()), ("web", "uid-web"));
+    }
 
     #[test]
     fn selectors_as_strings() {
