@@ -869,8 +869,9 @@ impl Watcher {
                 return true;
             }
         }
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch);
         let mut events = Vec::new();
+        let mut again: Vec<RelPath> = Vec::new();
         for item in batch.items {
             match item {
                 Item::Move {
@@ -880,7 +881,24 @@ impl Watcher {
                     ..
                 } => {
                     if !from_new && !echo.removed_by_us(&from) {
-                        events.push(Event::Rename { from, to });
+                        if matches!(look(&self.root, &from), Some(Seen::Present(_))) {
+                            // `from` names another file by now (git makes `config.lock`
+                            // again right after renaming it over `config`): a rename would
+                            // move that file in the mount. Both names are reported as they
+                            // are instead, and a moved directory is walked again.
+                            if matches!(look(&self.root, &to), Some(Seen::Present(a)) if a.is_dir())
+                            {
+                                events.push(Event::Rescan {
+                                    path: to.clone(),
+                                    reason: "a directory moved while its old name was reused"
+                                        .into(),
+                                });
+                            }
+                            again.push(from);
+                            again.push(to);
+                        } else {
+                            events.push(Event::Rename { from, to });
+                        }
                     }
                 }
                 Item::Move {
@@ -900,7 +918,9 @@ impl Watcher {
                     self.polled.retain(|p| !under(&p.root, &from));
                     // Moved out of the root, or into a directory not watched yet (its listing
                     // reports the new name). The agent's own rename needs no word.
-                    if !echo.removed_by_us(&from) {
+                    if matches!(look(&self.root, &from), Some(Seen::Present(_))) {
+                        again.push(from); // made again since: report what is there now
+                    } else if !echo.removed_by_us(&from) {
                         events.push(Event::Remove { path: from });
                     }
                 }
@@ -920,6 +940,14 @@ impl Watcher {
                 }
                 Item::Skip => {}
             }
+        }
+        for path in again {
+            let order = batch.next_order;
+            batch.next_order += 1;
+            batch
+                .touches
+                .entry(path)
+                .or_insert(Touch { order, new: false });
         }
         let mut touches: Vec<(RelPath, Touch)> = batch.touches.into_iter().collect();
         touches.sort_unstable_by_key(|(_, t)| t.order);

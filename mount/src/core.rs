@@ -52,9 +52,12 @@ pub struct NodeAttr {
 }
 
 impl NodeAttr {
+    /// The attributes of node `ino`. The root's node id is fixed at 1, but `stat` shows the
+    /// remote root's own inode number (the kernel takes `st_ino` from the attributes, and
+    /// the root never appears in an entry reply, where fuser makes the two one).
     pub fn from_remote(ino: u64, a: &Attr) -> Self {
         Self {
-            ino,
+            ino: if ino == ROOT_ID { a.ino } else { ino },
             size: a.size,
             blocks: a.blocks,
             atime: system_time(a.atime),
@@ -807,13 +810,35 @@ impl Core {
 
     /// Fetches the attributes of `id` from the remote and records them.
     async fn fetch_attr(&self, caller: &Option<Caller>, id: u64) -> Result<NodeAttr, FsError> {
+        // A local change to the node while the request was out may have made its answer
+        // old (a GETATTR overtaken by a WRITE): ask again rather than record the older size.
+        for _ in 0..3 {
+            let since = self.mutation_seq();
+            let attr = self.fetch_attr_once(caller, id).await?;
+            if self.update_since(id, &attr, since) {
+                return Ok(NodeAttr::from_remote(id, &attr));
+            }
+        }
+        let t = self.tree.lock();
+        Ok(NodeAttr::from_remote(id, t.attr(id)?))
+    }
+
+    /// Records `attr`, fetched for `id` after local change number `since`, unless a later
+    /// local change to `id` may have overtaken it; `false` then.
+    pub(crate) fn update_since(&self, id: u64, attr: &Attr, since: u64) -> bool {
+        let mut t = self.tree.lock();
+        if t.touched(id) > since {
+            return false;
+        }
+        t.update_attr(id, attr, None, &mut Effects::default());
+        true
+    }
+
+    async fn fetch_attr_once(&self, caller: &Option<Caller>, id: u64) -> Result<Attr, FsError> {
         if let Some((h, generation)) = self.handle_of(id) {
             let node = NodeRef::Handle(h);
             match self.call_in(generation, Op::GetAttr { node }, caller).await {
-                Ok(Done::Attr(attr)) => {
-                    self.update(id, &attr);
-                    return Ok(NodeAttr::from_remote(id, &attr));
-                }
+                Ok(Done::Attr(attr)) => return Ok(attr),
                 Ok(other) => return Err(unexpected("GetAttr", &other)),
                 // The kernel's RELEASE of that handle raced this GETATTR (close() then stat()):
                 // the handle is gone, the path is still right.
@@ -834,8 +859,7 @@ impl Core {
             self.name_moved(id, &path, &attr);
             return Err(err!(libc::ESTALE, "{path} is another file now"));
         }
-        self.update(id, &attr);
-        Ok(NodeAttr::from_remote(id, &attr))
+        Ok(attr)
     }
 
     pub async fn setattr(
@@ -1166,12 +1190,13 @@ impl Core {
             return Ok(());
         }
         let node = NodeRef::Handle(file.handle);
+        let since = self.mutation_seq();
         match self
             .call_in(file.generation, Op::GetAttr { node }, &None)
             .await
         {
             Ok(Done::Attr(attr)) => {
-                self.update(file.id, &attr);
+                self.update_since(file.id, &attr, since);
             }
             Ok(other) => tracing::debug!("the agent answered GetAttr with {other:?}"),
             Err(e) => tracing::debug!("cannot fetch the attributes of a closed file: {e}"),

@@ -420,6 +420,8 @@ pub async fn refresh(core: &Core, ids: &[u64]) -> (Effects, Vec<RelPath>) {
     let mut rescans = Vec::new();
     let mut set = JoinSet::new();
     let mut pending = ids.iter().copied();
+    // A node changed here after this is not overwritten by an answer that may predate that.
+    let since = core.mutation_seq();
     let mut spawn_next = |set: &mut JoinSet<_>| {
         for id in pending.by_ref() {
             let Ok(path) = core.tree().path(id) else {
@@ -452,7 +454,9 @@ pub async fn refresh(core: &Core, ids: &[u64]) -> (Effects, Vec<RelPath>) {
         if let Ok(Done::Attr(attr)) = result {
             let mut t = core.tree().lock();
             if t.remote_of(id) == Some((attr.dev, attr.ino)) {
-                t.update_attr(id, &attr, None, &mut fx);
+                if t.touched(id) <= since {
+                    t.update_attr(id, &attr, None, &mut fx);
+                }
             } else if t.contains(id) {
                 rescans.push(path.split_last().map_or(RelPath::root(), |(p, _)| p));
             }

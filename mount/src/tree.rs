@@ -828,6 +828,24 @@ impl TreeState {
             if id != ROOT_ID && node.kind() == kind && !fresh && !node.links.is_empty() {
                 return (id, true);
             }
+            // A dead file (no names, not open here) whose remote inode number came back for a
+            // new file: the kernel holds no open file on it and only has yet to FORGET it.
+            // The new file takes over its id, so it reports the remote's own st_ino (git's
+            // lockfile dance reuses inode numbers at once), and its lookup count, which that
+            // FORGET will take back. Not for directories: a deleted one may still be some
+            // process's working directory.
+            if id != ROOT_ID
+                && id == attr.ino
+                && node.kind() == kind
+                && kind != libc::S_IFDIR
+                && node.links.is_empty()
+                && node.open == 0
+            {
+                let mut node = Node::new(attr, symlink.clone());
+                node.nlookup = self.nodes[&id].nlookup;
+                self.nodes.insert(id, node);
+                return (id, false);
+            }
         }
         let id = if attr.dev == self.root_dev
             && attr.ino > ROOT_ID
