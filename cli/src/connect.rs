@@ -3,6 +3,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use kmount_mount::{Client, Connector, LocalConnector, OwnerMap};
@@ -11,7 +12,8 @@ use crate::target::Target;
 
 /// How a target is reached and how its files are presented.
 pub struct Plan {
-    pub connector: Box<dyn Connector>,
+    /// Shared, so that a [`Client::connect_shared`] client can reconnect through it.
+    pub connector: Arc<dyn Connector>,
     /// Requests carry the caller's identity and the agent acts as that user (local targets
     /// served by root, so that a shared mount behaves like a local disk).
     pub identity: bool,
@@ -51,7 +53,7 @@ pub fn plan(target: &Target, mountpoint: &Path) -> Result<Plan> {
             args.push("--mountpoint".into());
             args.push(mountpoint.as_os_str().to_owned());
             Ok(Plan {
-                connector: Box::new(LocalConnector::new(agent_binary()?, root.clone(), args)),
+                connector: Arc::new(LocalConnector::new(agent_binary()?, root.clone(), args)),
                 identity: is_root,
                 shared: is_root,
                 map_owner: false,
@@ -62,7 +64,7 @@ pub fn plan(target: &Target, mountpoint: &Path) -> Result<Plan> {
         Target::Kube(k) => {
             let agent = crate::install::LocalAgent::load(&agent_binary()?)?;
             Ok(Plan {
-                connector: Box::new(crate::kube::KubeConnector::new(k.clone(), agent)),
+                connector: Arc::new(crate::kube::KubeConnector::new(k.clone(), agent)),
                 identity: false,
                 shared: false,
                 map_owner: true,
@@ -71,7 +73,7 @@ pub fn plan(target: &Target, mountpoint: &Path) -> Result<Plan> {
         // The remote user owns what the mount creates, and appears as the local user; the
         // mount is this user's alone.
         Target::Ssh(ssh) => Ok(Plan {
-            connector: Box::new(crate::ssh::SshConnector::new(ssh)?),
+            connector: Arc::new(crate::ssh::SshConnector::new(ssh)?),
             identity: false,
             shared: false,
             map_owner: true,

@@ -1,18 +1,31 @@
 //! [`KubeConnector`]: a byte stream to `kmount-agent` running in a container, through the
 //! exec subresource, with the agent installed by [`crate::install`] when the container lacks it.
+//!
+//! It follows the workload: every connect (the first and each reconnect of a
+//! [`kmount_mount::Client::connect_shared`] client) resolves the target again to a running pod,
+//! so a deleted pod's replacement is found (and waited for while it starts), and a session
+//! ends as soon as its pod is being deleted, so that the client moves on without waiting for
+//! the pod to die.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use k8s_openapi::api::core::v1::Pod;
 use kmount_mount::{BoxedStream, ConnectFuture, Connector, StderrTail};
-use tokio::sync::{OnceCell, watch};
+use kube::Api;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::{OnceCell, oneshot, watch};
 
 use super::cluster::Cluster;
+use super::error::API_TIMEOUT;
 use super::exec::{Exit, PodExec, is_missing_executable};
 use super::resolve::{PodChoice, Resolved, resolve};
-use super::target::KubeTarget;
+use super::target::{Kind, KubeTarget};
 use crate::install::{ExecFuture, Installer, LocalAgent, RemoteShell};
 
 /// How long the first connect waits for a pod that exists but is still starting.
@@ -21,6 +34,8 @@ const FIRST_WAIT: Duration = Duration::from_secs(60);
 const RECONNECT_WAIT: Duration = Duration::from_secs(120);
 /// Between two looks at a pod that is not ready yet.
 const POLL: Duration = Duration::from_secs(1);
+/// Between two looks at the pod of a live session (is it being deleted?).
+const POD_CHECK: Duration = Duration::from_secs(2);
 
 /// Connects to the agent in the container a [`KubeTarget`] names. Every connect resolves the
 /// target again, so a replaced pod is followed.
@@ -79,7 +94,11 @@ impl KubeConnector {
             }
             let text = format!("{why:#}");
             if text != said {
-                tracing::info!("waiting for {}: {text}", self.target.object());
+                tracing::info!(
+                    "{} (up to {} s): {text}",
+                    waiting_for(&self.target),
+                    wait.as_secs()
+                );
                 said = text;
             }
             tokio::time::sleep(POLL).await;
@@ -89,6 +108,9 @@ impl KubeConnector {
     async fn connect_once(&self) -> Result<BoxedStream> {
         let cluster = self.cluster().await?;
         let first = self.state().connects == 0;
+        if !first {
+            tracing::info!("reconnecting: resolving {} again", self.target.object());
+        }
         let choice = self.pod(cluster, first).await?;
         if let Some(note) = &choice.note {
             tracing::warn!("{note}");
@@ -108,11 +130,17 @@ impl KubeConnector {
             exec: PodExec::new(cluster, &choice.pod, &choice.container),
             last_exit: Mutex::new(None),
         };
-        let launched = self
+        let mut launched = self
             .installer
             .launch(&shell, std::slice::from_ref(&self.target.path))
             .await
             .map_err(|e| explain_install_failure(e, &shell.exec))?;
+        let gone = watch_pod(cluster.clone(), choice.pod.clone(), choice.uid.clone());
+        launched.stream.reader = Box::new(FollowPod {
+            inner: launched.stream.reader,
+            gone: Some(gone),
+            failed: None,
+        });
         let mut st = self.state();
         st.connects += 1;
         st.last_pod = Some((choice.uid.clone(), choice.pod.clone()));
@@ -138,6 +166,96 @@ impl Connector for KubeConnector {
 
     fn describe(&self) -> String {
         format!("the agent in {}", self.target)
+    }
+}
+
+/// "waiting for a pod of deploy/app", "waiting for pod/web-0".
+fn waiting_for(target: &KubeTarget) -> String {
+    match target.kind {
+        Kind::Pod => format!("waiting for {}", target.object()),
+        _ => format!("waiting for a pod of {}", target.object()),
+    }
+}
+
+/// Looks at `pod` every [`POD_CHECK`] while its session lives (until the receiver is
+/// dropped), and says why the session should move once the pod is being deleted, is gone, or
+/// was replaced by another of the same name. API failures are not a verdict: the stream itself
+/// ends if the pod is really unreachable.
+fn watch_pod(cluster: Cluster, pod: String, uid: String) -> oneshot::Receiver<String> {
+    let (mut tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(POD_CHECK) => {}
+            }
+            let verdict = match tokio::time::timeout(API_TIMEOUT, pods.get_opt(&pod)).await {
+                Ok(Ok(found)) => pod_leaving(&pod, &uid, found.as_ref()),
+                Ok(Err(e)) => {
+                    tracing::debug!("cannot look at pod '{pod}': {e}");
+                    None
+                }
+                Err(_) => None,
+            };
+            if let Some(why) = verdict {
+                tracing::info!("{why}: leaving it for the workload's next pod");
+                let _ = tx.send(why);
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Why a session in the pod `name` (with `uid`) should end, given what the API has now.
+fn pod_leaving(name: &str, uid: &str, found: Option<&Pod>) -> Option<String> {
+    let Some(p) = found else {
+        return Some(format!("pod '{name}' is gone"));
+    };
+    if p.metadata.uid.as_deref() != Some(uid) {
+        return Some(format!(
+            "pod '{name}' was replaced by a new pod of that name"
+        ));
+    }
+    if p.metadata.deletion_timestamp.is_some() {
+        return Some(format!("pod '{name}' is being deleted"));
+    }
+    None
+}
+
+/// The reader of a session's stream, which fails once [`watch_pod`] says the pod is going
+/// away: the client then reconnects, to the replacement.
+struct FollowPod {
+    inner: Box<dyn AsyncRead + Send + Unpin>,
+    gone: Option<oneshot::Receiver<String>>,
+    failed: Option<String>,
+}
+
+impl AsyncRead for FollowPod {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if let Some(rx) = self.gone.as_mut() {
+            match Pin::new(rx).poll(cx) {
+                Poll::Ready(Ok(why)) => {
+                    self.gone = None;
+                    self.failed = Some(why);
+                }
+                // The watch ended without a verdict: read on.
+                Poll::Ready(Err(_)) => self.gone = None,
+                Poll::Pending => {}
+            }
+        }
+        if let Some(why) = &self.failed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                why.clone(),
+            )));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -217,5 +335,155 @@ impl RemoteShell for KubeShell {
             )),
             Exit::Code(_) | Exit::Closed => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tokio::io::AsyncReadExt;
+
+    fn pod(uid: &str, deleting: bool) -> Pod {
+        let mut meta = json!({"name": "web", "uid": uid});
+        if deleting {
+            meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        serde_json::from_value(json!({ "metadata": meta })).unwrap()
+    }
+
+    #[test]
+    fn a_session_leaves_a_pod_that_goes_away() {
+        assert_eq!(pod_leaving("web", "u1", Some(&pod("u1", false))), None);
+        assert_eq!(
+            pod_leaving("web", "u1", Some(&pod("u1", true))).as_deref(),
+            Some("pod 'web' is being deleted")
+        );
+        assert_eq!(
+            pod_leaving("web", "u1", None).as_deref(),
+            Some("pod 'web' is gone")
+        );
+        assert_eq!(
+            pod_leaving("web", "u1", Some(&pod("u2", false))).as_deref(),
+            Some("pod 'web' was replaced by a new pod of that name")
+        );
+    }
+
+    #[test]
+    fn waiting_lines_name_the_workload() {
+        let t = KubeTarget::parse("deploy/x:/work").unwrap();
+        assert_eq!(waiting_for(&t), "waiting for a pod of deploy/x");
+        let t = KubeTarget::parse("pod/web-0:/srv").unwrap();
+        assert_eq!(waiting_for(&t), "waiting for pod/web-0");
+    }
+
+    #[tokio::test]
+    async fn the_stream_breaks_when_its_pod_goes() {
+        let (mut far, near) = tokio::io::duplex(64);
+        let (tx, rx) = oneshot::channel();
+        let mut r = FollowPod {
+            inner: Box::new(near),
+            gone: Some(rx),
+            failed: None,
+        };
+        tokio::io::AsyncWriteExt::write_all(&mut far, b"abc")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 3];
+        r.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"abc");
+        tx.send("pod 'web' is being deleted".to_string()).unwrap();
+        for _ in 0..2 {
+            let err = r.read(&mut buf).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::ConnectionAborted);
+            assert_eq!(err.to_string(), "pod 'web' is being deleted");
+        }
+    }
+
+    /// By hand, against the local cluster (`scripts/cluster-up.sh`, then with its KUBECONFIG
+    /// and a built agent): `cargo test -p kmount-cli -- --ignored --nocapture
+    /// follows_a_deployment`. A shared client keeps working across the deletion of the
+    /// deployment's pod, through the replacement.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs the local cluster (scripts/cluster-up.sh) and KUBECONFIG"]
+    async fn follows_a_deployment_to_the_replacement_of_a_deleted_pod() {
+        use kmount_mount::Client;
+        use kmount_proto::{Done, Op, RelPath};
+        use std::sync::Arc;
+
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_test_writer()
+            .try_init();
+        let agent = std::env::var_os("KMOUNT_AGENT")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/debug/kmount-agent")
+            });
+        let target = KubeTarget::parse("deploy/kmount-restart:/work").unwrap();
+        let connector = Arc::new(KubeConnector::new(
+            target,
+            LocalAgent::load(&agent).unwrap(),
+        ));
+        let client = Client::connect_shared(connector.clone()).await.unwrap();
+        client.set_remote_timeout(Duration::from_secs(180));
+        let old = connector.state().last_pod.clone().unwrap().1;
+        let name = format!("follow-{}", std::process::id());
+        let dir = RelPath::new(name.into_bytes()).unwrap();
+        let mkdir = Op::Mkdir {
+            path: dir.clone(),
+            mode: 0o755,
+        };
+        assert!(matches!(
+            client.call(mkdir.clone(), None).await,
+            Ok(Done::Attr(_))
+        ));
+
+        let cluster = connector.cluster().await.unwrap();
+        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+        pods.delete(&old, &Default::default()).await.unwrap();
+        let deleted = Instant::now();
+        // The session leaves the old pod; calls wait for the replacement and go there.
+        let new = loop {
+            assert!(
+                deleted.elapsed() < Duration::from_secs(180),
+                "no reconnect to a new pod"
+            );
+            let _ = client.call(Op::Statfs, None).await;
+            let now = connector.state().last_pod.clone().unwrap().1;
+            if now != old && client.is_connected() {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        eprintln!("{old} -> {new} in {:.1} s", deleted.elapsed().as_secs_f64());
+        // A new pod: a fresh /work, without the old pod's directory.
+        let lookup = client.call(Op::Lookup { path: dir.clone() }, None).await;
+        assert!(
+            matches!(&lookup, Err(kmount_mount::CallError::Remote(e)) if e.errno == libc::ENOENT),
+            "{lookup:?}"
+        );
+        assert!(matches!(client.call(mkdir, None).await, Ok(Done::Attr(_))));
+        assert!(connector.state().connects >= 2);
+    }
+
+    #[tokio::test]
+    async fn a_watch_without_a_verdict_changes_nothing() {
+        let (mut far, near) = tokio::io::duplex(64);
+        let (tx, rx) = oneshot::channel::<String>();
+        let mut r = FollowPod {
+            inner: Box::new(near),
+            gone: Some(rx),
+            failed: None,
+        };
+        drop(tx);
+        tokio::io::AsyncWriteExt::write_all(&mut far, b"xy")
+            .await
+            .unwrap();
+        drop(far);
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"xy");
     }
 }
