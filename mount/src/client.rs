@@ -357,8 +357,8 @@ impl EventSink {
     }
 
     fn emit(&self, event: ClientEvent) {
-        let tx = lock(&self.tx);
-        let Some(tx) = tx.as_ref() else { return };
+        let mut guard = lock(&self.tx);
+        let Some(tx) = guard.as_ref() else { return };
         if lock(&self.rx).is_some() {
             // Nobody consumes events yet: there is no model to keep current.
             return;
@@ -377,7 +377,8 @@ impl EventSink {
                 }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                lock(&self.tx).take();
+                // Nobody listens any more (the mount ended); the guard is held already.
+                guard.take();
             }
         }
     }

@@ -761,7 +761,12 @@ impl Journal {
 
     /// Paths named by records not yet applied, sorted (for status and unmount messages).
     pub fn pending_paths(&self) -> Vec<RelPath> {
-        let applied = self.applied();
+        self.paths_after(self.applied())
+    }
+
+    /// Paths named by records after `seq`, sorted.
+    pub fn paths_after(&self, seq: u64) -> Vec<RelPath> {
+        let applied = seq.max(self.applied());
         let mut v: Vec<RelPath> = lock(&self.shared.paths)
             .iter()
             .filter(|&(_, &seq)| seq > applied)

@@ -147,6 +147,9 @@ pub struct WriteBack {
     conflicts: Mutex<Vec<Conflict>>,
     /// Nodes known to have no `security.capability` (the kernel asks before every write).
     no_caps: Mutex<std::collections::HashSet<u64>>,
+    /// Settled nodes whose remote attributes could not be fetched yet: their path is still
+    /// being renamed on the remote.
+    deferred: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl std::fmt::Debug for WriteBack {
@@ -207,12 +210,18 @@ impl WriteBack {
             errors: Mutex::new(VecDeque::new()),
             conflicts: Mutex::new(Vec::new()),
             no_caps: Mutex::new(std::collections::HashSet::new()),
+            deferred: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
     /// Paths with records not yet applied.
     pub fn pending_set(&self) -> PendingSet {
         PendingSet::new(self.journal.pending_paths())
+    }
+
+    /// Paths with records after `seq` (while records up to `seq` are being settled).
+    fn pending_set_after(&self, seq: u64) -> PendingSet {
+        PendingSet::new(self.journal.paths_after(seq))
     }
 
     /// The last record that changed node `id`, when it is not applied yet.
@@ -861,13 +870,26 @@ impl Core {
         id: u64,
         flags: i32,
     ) -> Result<Opened, FsError> {
-        let (entry, replaced) = self.entry_for(id)?;
+        let (mut entry, mut replaced) = self.entry_for(id)?;
         if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
             self.truncate(&caller, id, &entry, 0)?;
         }
         if entry.size() <= WHOLE_FILE && !entry.is_complete() {
             // Small files come whole at the first open: one round trip, then local reads.
-            self.fetch(id, &entry, 0, entry.size().max(1)).await?;
+            match self.fetch(id, &entry, 0, entry.size().max(1)).await {
+                Err(e) if e.errno == libc::ESTALE => {
+                    // The remote has another version than the tree knew: take its
+                    // attributes, then its bytes.
+                    drop(entry);
+                    self.adopt_remote(vec![id], 0).await;
+                    (entry, _) = self.entry_for(id)?;
+                    replaced = true;
+                    self.fetch(id, &entry, 0, entry.size().max(1))
+                        .await
+                        .map_err(stale_is_eio)?;
+                }
+                other => other?,
+            }
         }
         self.tree().opened(id)?;
         let fh = self.add_wb_file(WbFile { id, entry, caller });
@@ -1025,7 +1047,9 @@ impl Core {
         f.entry.pin();
         if punch {
             // Make sure the bytes around the hole are here before zeroing it.
-            self.fetch(f.id, &f.entry, offset, len).await?;
+            self.fetch(f.id, &f.entry, offset, len)
+                .await
+                .map_err(stale_is_eio)?;
             let zeros = vec![0u8; len.min(f.entry.size().saturating_sub(offset)) as usize];
             f.entry.write_local(offset, &zeros)?;
         } else if !keep_size && end > f.entry.size() {
@@ -1066,7 +1090,9 @@ impl Core {
         let f = self.wb_file(fh)?;
         let len = u64::from(size);
         if !f.entry.missing(offset, len).is_empty() {
-            self.fetch(f.id, &f.entry, offset, len).await?;
+            self.fetch(f.id, &f.entry, offset, len)
+                .await
+                .map_err(stale_is_eio)?;
             // Read ahead for a sequential reader.
             let ahead = offset + len;
             if ahead < f.entry.size() && !f.entry.missing(ahead, READ_AHEAD * CHUNK).is_empty() {
@@ -1154,20 +1180,15 @@ impl Core {
         Ok(())
     }
 
-    /// The outcome of one chunk fetch: a remote version other than the cached one means the
-    /// file changed remotely; the tree hears of it and the reader gets `EIO` only when the
-    /// watcher has not already brought the change.
+    /// The outcome of one chunk fetch: `ESTALE` when the remote has another version than the
+    /// cached one.
     fn fetched(&self, id: u64, r: Result<(), FsError>) -> Result<(), FsError> {
-        match r {
-            Err(e) if e.errno == libc::ESTALE => {
-                tracing::debug!(id, "the file changed remotely while being read: {e}");
-                Err(err!(
-                    libc::EIO,
-                    "the file changed on the remote while it was read; read it again"
-                ))
-            }
-            other => other,
+        if let Err(e) = &r
+            && e.errno == libc::ESTALE
+        {
+            tracing::debug!(id, "the remote has another version: {e}");
         }
+        r
     }
 
     pub(crate) async fn wb_flush(&self, fh: u64) -> Result<(), FsError> {
@@ -1406,6 +1427,19 @@ impl Core {
     }
 }
 
+/// A remote version other than the cached one, found while reading: the reader gets `EIO`.
+fn stale_is_eio(e: FsError) -> FsError {
+    if e.errno == libc::ESTALE {
+        err!(
+            libc::EIO,
+            "the file changed on the remote while it was read; read it again ({})",
+            e.message
+        )
+    } else {
+        e
+    }
+}
+
 fn check_dir(t: &TreeState, dir: u64) -> Result<(), FsError> {
     if !t.contains(dir) {
         return Err(err!(libc::ESTALE, "directory {dir} is not known"));
@@ -1523,8 +1557,9 @@ impl Core {
             }
         }
         self.invalidator().send(std::mem::take(&mut fx.inval));
+        refresh.extend(lock(&wb.deferred).drain());
         if !refresh.is_empty() {
-            self.adopt_remote(refresh).await;
+            self.adopt_remote(refresh, seq).await;
         }
     }
 
@@ -1555,13 +1590,21 @@ impl Core {
         }
     }
 
-    /// Fetches the attributes of `ids` by path and adopts them.
-    async fn adopt_remote(&self, ids: Vec<u64>) {
+    /// Fetches the attributes of `ids` by path and adopts them. A node whose path (or a
+    /// directory above it) is still being changed on the remote by a record after `settled`
+    /// (records up to it are applied) waits for that record.
+    async fn adopt_remote(&self, ids: Vec<u64>, settled: u64) {
+        let Some(wb) = self.wb() else { return };
+        let pending = wb.pending_set_after(settled);
         let mut set = tokio::task::JoinSet::new();
         for id in ids {
             let Ok(path) = self.tree().path(id) else {
                 continue;
             };
+            if pending.covers(&path) {
+                lock(&wb.deferred).insert(id);
+                continue;
+            }
             let client = self.client().clone();
             set.spawn(async move {
                 let r = client

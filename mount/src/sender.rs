@@ -121,6 +121,13 @@ async fn run_once(
         let before = journal.applied();
         journal.mark_applied(agent_applied);
         core.settle(before + 1, journal.applied(), None).await;
+    } else if agent_applied < journal.applied() {
+        // The agent keeps its applied seq lazily: one that was killed may have lost the last
+        // few, which it did apply (it answered them). Records up to ours are applied; it is
+        // told so with no-op records, since it takes seqs only one after the other.
+        if let Err(stop) = fast_forward(&client, session, agent_applied, journal.applied()).await {
+            return stop;
+        }
     }
     let mut next = journal.applied() + 1;
     let mut reader = journal.records_after(next - 1);
@@ -280,6 +287,44 @@ async fn run_once(
             }
         }
     }
+}
+
+/// Brings the agent's applied seq of `session` from `from` up to `to` with `Ping` records.
+async fn fast_forward(
+    client: &crate::client::Client,
+    session: u64,
+    from: u64,
+    to: u64,
+) -> Result<(), Stop> {
+    tracing::info!(
+        "the agent lost track of journal records {}..={to}, which it applied; telling it",
+        from + 1
+    );
+    let mut waits = VecDeque::new();
+    for seq in from + 1..=to {
+        let op = Op::Journaled {
+            session,
+            seq,
+            op: Box::new(Op::Ping),
+        };
+        match client.send_ordered(op, None).await {
+            Ok(w) => waits.push_back(w),
+            Err(_) => return Err(Stop::Restart),
+        }
+        while waits.len() >= MAX_IN_FLIGHT {
+            if let Some(w) = waits.pop_front()
+                && w.await.is_err()
+            {
+                return Err(Stop::Restart);
+            }
+        }
+    }
+    for w in waits {
+        if w.await.is_err() {
+            return Err(Stop::Restart);
+        }
+    }
+    Ok(())
 }
 
 fn record_size(op: &Op) -> usize {

@@ -37,11 +37,25 @@ pub fn agent_binary() -> PathBuf {
 }
 
 /// How to mount.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct Setup {
     pub opts: MountOptions,
     /// Replace a broken stream through the connector (a new agent process).
     pub reconnect: bool,
+}
+
+impl Setup {
+    /// Local-first: the content cache and the journal in `state`.
+    pub fn write_back(state: &Path) -> Self {
+        Self {
+            opts: MountOptions {
+                cache_dir: Some(state.join("cache")),
+                journal_dir: Some(state.join("journal")),
+                ..MountOptions::default()
+            },
+            reconnect: false,
+        }
+    }
 }
 
 /// Field order matters: the mount goes before the runtime that serves it and before the
@@ -94,9 +108,11 @@ impl Mounted {
         self.handle.as_ref().unwrap()
     }
 
-    /// Unmounts and mounts the same directory again at the same place.
+    /// Unmounts (unless done already) and mounts the same directory again at the same place.
     pub fn remount(&mut self, setup: &Setup) {
-        self.handle.take().unwrap().unmount().unwrap();
+        if let Some(h) = self.handle.take() {
+            h.unmount().unwrap();
+        }
         let (handle, client) = mount_at(&self.rt, self.remote.path(), self.mnt.path(), setup);
         self.handle = Some(handle);
         self.client = client;
@@ -161,6 +177,11 @@ pub fn eventually(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -
 
 /// The agent process serving `remote`, a child of this test process.
 pub fn agent_pid(remote: &Path) -> i32 {
+    find_agent_pid(remote).unwrap_or_else(|| panic!("no agent process serves {}", remote.display()))
+}
+
+/// [`agent_pid`], or `None` (between a kill and the reconnection).
+pub fn find_agent_pid(remote: &Path) -> Option<i32> {
     let me = std::process::id().to_string();
     for entry in fs::read_dir("/proc").unwrap() {
         let entry = entry.unwrap();
@@ -177,10 +198,10 @@ pub fn agent_pid(remote: &Path) -> i32 {
             && !stat.contains(") Z ")
             && cmdline.windows(remote.len()).any(|w| w == remote)
         {
-            return pid;
+            return Some(pid);
         }
     }
-    panic!("no agent process serves {}", remote.display());
+    None
 }
 
 /// Every path below `root` with its type, size, mode and contents (regular files) or target

@@ -1,0 +1,254 @@
+//! Local-first mounts: changes land in the journal at once and reach the remote in order;
+//! contents are served from the on-disk cache, across remounts, and never stale.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use common::{Mounted, Setup, eventually, snapshot};
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24) as u8)
+        .collect()
+}
+
+fn settle(m: &Mounted) {
+    m.handle()
+        .wait_applied(Duration::from_secs(20))
+        .expect("changes made through the mount did not reach the served directory");
+}
+
+#[test]
+fn a_second_mount_serves_cached_content_without_fetching() {
+    let state = tempfile::tempdir().unwrap();
+    let setup = Setup::write_back(state.path());
+    let big = pattern(3 << 20, 7);
+    let Some(mut m) = Mounted::new(setup.clone(), |r| {
+        fs::write(r.join("small"), b"a small file").unwrap();
+        fs::create_dir(r.join("d")).unwrap();
+        fs::write(r.join("d/big"), &big).unwrap();
+    }) else {
+        return;
+    };
+    if !m.handle().status().write_back {
+        eprintln!("SKIPPED: the agent keeps no journal lane; no write-back");
+        return;
+    }
+    assert_eq!(fs::read(m.m("small")).unwrap(), b"a small file");
+    assert!(fs::read(m.m("d/big")).unwrap() == big);
+    let first = m.handle().requests_sent("ReadPath");
+    assert!(first >= 4, "the first mount fetched ({first} ReadPath)");
+    // Written through the mount: cached too, as the remote has it once applied.
+    fs::write(m.m("written"), b"made here").unwrap();
+    settle(&m);
+
+    m.remount(&setup);
+    assert_eq!(m.handle().requests_sent("ReadPath"), 0);
+    assert_eq!(fs::read(m.m("small")).unwrap(), b"a small file");
+    assert!(fs::read(m.m("d/big")).unwrap() == big);
+    assert_eq!(fs::read(m.m("written")).unwrap(), b"made here");
+    assert_eq!(
+        m.handle().requests_sent("ReadPath"),
+        0,
+        "the second mount read everything from the cache"
+    );
+    let status = m.handle().status();
+    assert!(status.cache_usage >= big.len() as u64, "{status:?}");
+    m.unmount();
+}
+
+#[test]
+fn a_file_changed_while_unmounted_is_not_served_stale() {
+    let state = tempfile::tempdir().unwrap();
+    let setup = Setup::write_back(state.path());
+    let Some(mut m) = Mounted::new(setup.clone(), |r| {
+        fs::write(r.join("f"), b"version one").unwrap();
+        fs::write(r.join("g"), b"unchanged").unwrap();
+    }) else {
+        return;
+    };
+    if !m.handle().status().write_back {
+        eprintln!("SKIPPED: the agent keeps no journal lane; no write-back");
+        return;
+    }
+    assert_eq!(fs::read(m.m("f")).unwrap(), b"version one");
+    assert_eq!(fs::read(m.m("g")).unwrap(), b"unchanged");
+    m.handle.take().unwrap().unmount().unwrap();
+    // Same size, same inode: only the times tell the versions apart.
+    let mut f = fs::OpenOptions::new().write(true).open(m.r("f")).unwrap();
+    f.write_all(b"version two").unwrap();
+    drop(f);
+    m.remount(&setup);
+    assert_eq!(fs::read(m.m("f")).unwrap(), b"version two");
+    assert_eq!(fs::read(m.m("g")).unwrap(), b"unchanged");
+    assert_eq!(
+        m.handle().requests_sent("ReadPath"),
+        1,
+        "only the changed file is fetched again"
+    );
+    m.unmount();
+}
+
+#[test]
+fn the_journal_delivers_changes_in_order() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(m) = Mounted::new(Setup::write_back(state.path()), |r| {
+        fs::write(r.join("existing"), b"old").unwrap();
+    }) else {
+        return;
+    };
+    if !m.handle().status().write_back {
+        eprintln!("SKIPPED: the agent keeps no journal lane; no write-back");
+        return;
+    }
+    let started = Instant::now();
+    // Orders that only work when applied in order.
+    fs::write(m.m("a"), b"first content of a").unwrap();
+    fs::rename(m.m("a"), m.m("b")).unwrap();
+    fs::write(m.m("a"), b"second a").unwrap();
+    fs::create_dir_all(m.m("x/y/z")).unwrap();
+    fs::rename(m.m("b"), m.m("x/y/z/b")).unwrap();
+    fs::write(m.m("tmp"), b"short-lived").unwrap();
+    fs::remove_file(m.m("tmp")).unwrap();
+    fs::write(m.m("existing"), b"new content").unwrap();
+    std::os::unix::fs::symlink("x/y", m.m("link")).unwrap();
+    fs::hard_link(m.m("a"), m.m("a2")).unwrap();
+    let mut log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(m.m("log"))
+        .unwrap();
+    for i in 0..100 {
+        writeln!(log, "line {i}").unwrap();
+    }
+    drop(log);
+    fs::rename(m.m("x"), m.m("x2")).unwrap();
+    let local = started.elapsed();
+    let pending = m.handle().pending().unwrap();
+    println!(
+        "{} operations done locally in {:.1} ms; {} records pending",
+        12 + 100,
+        local.as_secs_f64() * 1e3,
+        pending.records
+    );
+    settle(&m);
+    println!(
+        "all applied remotely {:.1} ms after the first",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    assert_eq!(fs::read(m.r("a")).unwrap(), b"second a");
+    assert_eq!(fs::read(m.r("x2/y/z/b")).unwrap(), b"first content of a");
+    assert!(!m.r("tmp").exists());
+    assert_eq!(fs::read(m.r("existing")).unwrap(), b"new content");
+    assert_eq!(fs::read_link(m.r("link")).unwrap().to_str(), Some("x/y"));
+    assert_eq!(
+        fs::metadata(m.r("a2")).unwrap().ino(),
+        fs::metadata(m.r("a")).unwrap().ino()
+    );
+    assert_eq!(fs::read_to_string(m.r("log")).unwrap().lines().count(), 100);
+    assert_eq!(snapshot(m.mnt.path()), snapshot(m.remote.path()));
+    assert_eq!(m.handle().pending().unwrap().records, 0);
+    m.unmount();
+}
+
+#[test]
+fn fsync_returns_once_the_remote_has_the_data() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(m) = Mounted::new(Setup::write_back(state.path()), |_| {}) else {
+        return;
+    };
+    if !m.handle().status().write_back {
+        eprintln!("SKIPPED: the agent keeps no journal lane; no write-back");
+        return;
+    }
+    let mut f = fs::File::create(m.m("durable")).unwrap();
+    f.write_all(&pattern(200_000, 3)).unwrap();
+    f.sync_all().unwrap();
+    // No waiting here: fsync did.
+    assert!(fs::read(m.remote.path().join("durable")).unwrap() == pattern(200_000, 3));
+    drop(f);
+    m.unmount();
+}
+
+#[test]
+fn killing_the_agent_mid_workload_loses_nothing() {
+    let state = tempfile::tempdir().unwrap();
+    let mut setup = Setup::write_back(state.path());
+    setup.reconnect = true;
+    let Some(m) = Mounted::new(setup, |r| {
+        fs::create_dir(r.join("work")).unwrap();
+    }) else {
+        return;
+    };
+    if !m.handle().status().write_back {
+        eprintln!("SKIPPED: the agent keeps no journal lane; no write-back");
+        return;
+    }
+    let mnt = m.mnt.path().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        for i in 0..300 {
+            let dir = mnt.join(format!("work/d{}", i % 7));
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(
+                dir.join(format!("f{i}")),
+                pattern(10_000 + i * 37, i as u32),
+            )
+            .unwrap();
+            if i % 10 == 0 {
+                fs::rename(dir.join(format!("f{i}")), dir.join(format!("r{i}"))).unwrap();
+            }
+            if i % 13 == 0 && i > 0 {
+                let _ = fs::remove_file(dir.join(format!("f{}", i - 1)));
+            }
+        }
+    });
+    // Kill the agent twice while the workload runs.
+    for _ in 0..2 {
+        std::thread::sleep(Duration::from_millis(150));
+        if let Some(pid) = common::find_agent_pid(m.remote.path()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    writer
+        .join()
+        .expect("the workload failed while the agent was killed");
+    settle(&m);
+    assert_eq!(snapshot(m.mnt.path()), snapshot(m.remote.path()));
+    let status = m.handle().status();
+    assert!(status.blocked.is_none(), "{status:?}");
+    m.unmount();
+}
+
+#[test]
+fn flush_and_unmount_waits_and_status_tells_what_is_pending() {
+    let state = tempfile::tempdir().unwrap();
+    let Some(mut m) = Mounted::new(Setup::write_back(state.path()), |_| {}) else {
+        return;
+    };
+    if !m.handle().status().write_back {
+        eprintln!("SKIPPED: the agent keeps no journal lane; no write-back");
+        return;
+    }
+    for i in 0..50 {
+        fs::write(m.m(&format!("f{i}")), pattern(50_000, i)).unwrap();
+    }
+    let status = m.handle().status();
+    assert!(status.write_back && status.whole_tree);
+    assert!(status.tail_seq >= 100, "{status:?}");
+    let handle = m.handle.take().unwrap();
+    handle
+        .flush_and_unmount(Duration::from_secs(30))
+        .expect("everything applied, then unmounted");
+    assert!(!common::is_mounted(m.mnt.path()));
+    for i in 0..50 {
+        assert!(fs::read(m.remote.path().join(format!("f{i}"))).unwrap() == pattern(50_000, i));
+    }
+    eventually("nothing left", Duration::from_secs(1), || true);
+}
