@@ -118,6 +118,11 @@ impl KubeConnector {
         {
             let st = self.state();
             match &st.last_pod {
+                Some((uid, name)) if *uid != choice.uid && *name == choice.pod => tracing::info!(
+                    "{} is a new pod of that name (uid {})",
+                    self.target.object(),
+                    choice.uid
+                ),
                 Some((uid, name)) if *uid != choice.uid => tracing::info!(
                     "{} is now pod {} (was {name})",
                     self.target.object(),
@@ -199,7 +204,7 @@ fn watch_pod(cluster: Cluster, pod: String, uid: String) -> oneshot::Receiver<St
                 Err(_) => None,
             };
             if let Some(why) = verdict {
-                tracing::info!("{why}: leaving it for the workload's next pod");
+                tracing::info!("{why}: ending the session there, to reconnect");
                 let _ = tx.send(why);
                 return;
             }
@@ -466,6 +471,81 @@ mod tests {
         );
         assert!(matches!(client.call(mkdir, None).await, Ok(Done::Attr(_))));
         assert!(connector.state().connects >= 2);
+    }
+
+    /// By hand, like the test above: a pod named on the command line that is deleted is
+    /// waited for, and the session goes on in the new pod of that name.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs the local cluster (scripts/cluster-up.sh) and KUBECONFIG"]
+    async fn a_named_pod_that_is_deleted_and_made_again_is_waited_for() {
+        use kmount_mount::Client;
+        use kmount_proto::{Done, Op};
+        use std::sync::Arc;
+
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("info")
+            .with_test_writer()
+            .try_init();
+        const NAME: &str = "kmount-follow-pod";
+        let manifest: Pod = serde_json::from_value(json!({
+            "metadata": {"name": NAME},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{
+                    "name": "main",
+                    "image": "localhost/debian:bookworm",
+                    "imagePullPolicy": "Never",
+                    "command": ["sleep", "infinity"],
+                }],
+            },
+        }))
+        .unwrap();
+        let agent = std::env::var_os("KMOUNT_AGENT")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/debug/kmount-agent")
+            });
+        let target = KubeTarget::parse(&format!("pod/{NAME}:/tmp")).unwrap();
+        let connector = Arc::new(KubeConnector::new(
+            target,
+            LocalAgent::load(&agent).unwrap(),
+        ));
+        let cluster = connector.cluster().await.unwrap().clone();
+        let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
+        let wait_gone = async |pods: &Api<Pod>| {
+            while pods.get_opt(NAME).await.unwrap().is_some() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        };
+        if pods.get_opt(NAME).await.unwrap().is_some() {
+            pods.delete(NAME, &Default::default()).await.unwrap();
+            wait_gone(&pods).await;
+        }
+        pods.create(&Default::default(), &manifest).await.unwrap();
+
+        let client = Client::connect_shared(connector.clone()).await.unwrap();
+        client.set_remote_timeout(Duration::from_secs(180));
+        let first_uid = connector.state().last_pod.clone().unwrap().0;
+        pods.delete(NAME, &Default::default()).await.unwrap();
+        wait_gone(&pods).await;
+        // Gone for a while: the connector waits for it (see the log), calls wait too.
+        let call = {
+            let client = client.clone();
+            tokio::spawn(async move { client.call(Op::Statfs, None).await })
+        };
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!call.is_finished(), "{:?}", call.await);
+        pods.create(&Default::default(), &manifest).await.unwrap();
+        let made = Instant::now();
+        assert!(matches!(call.await.unwrap(), Ok(Done::Statfs(_))));
+        eprintln!(
+            "back in the new pod {:.1} s after it was made",
+            made.elapsed().as_secs_f64()
+        );
+        assert_ne!(connector.state().last_pod.clone().unwrap().0, first_uid);
+        drop(client);
+        pods.delete(NAME, &Default::default()).await.unwrap();
     }
 
     #[tokio::test]
