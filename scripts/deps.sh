@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what kmount needs to build and run (Debian/Ubuntu): FUSE 3 and a C toolchain for
 # crates that build C. With --test, also what the test tiers use: git, sqlite3, vim, tar, attr,
-# psmisc, and the POSIX suites (pjdfstest, fsx) from crates.io.
+# psmisc, the POSIX suites (pjdfstest, fsx) from crates.io, and nodemon from the npm registry.
 # Idempotent and non-interactive; fails loudly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +26,22 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "kmount: cargo (Rust) is not installed: install it from your distribution (apt-get install cargo) or with rustup, then run this again" >&2
   exit 1
+fi
+
+# nodemon (npm registry) for tests/tests/watch.rs, into target/npm (found there by the test, or
+# through KMOUNT_NODEMON); Node.js from Debian when the machine has none.
+if [ $want_test = 1 ]; then
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+    echo "kmount: installing Debian packages: nodejs npm" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+  fi
+  if [ ! -x target/npm/node_modules/.bin/nodemon ]; then
+    echo "kmount: installing nodemon@3 into target/npm" >&2
+    mkdir -p target/npm
+    npm install --prefix target/npm --no-audit --no-fund --silent nodemon@3 >/dev/null
+  fi
 fi
 
 if [ $want_test = 1 ] && [ -x scripts/posix/install.sh ]; then

@@ -72,6 +72,14 @@ const MASK: u32 = libc::IN_CREATE
     | libc::IN_DONT_FOLLOW
     | libc::IN_EXCL_UNLINK;
 
+/// Test switch: when set (to anything but `0` or empty), `Op::Watch` succeeds without
+/// watching anything. Only for tests of reconciliation; never set it in real use.
+pub const NO_WATCH_ENV: &str = "KMOUNT_AGENT_NO_WATCH";
+
+fn blind() -> bool {
+    std::env::var_os(NO_WATCH_ENV).is_some_and(|v| !v.is_empty() && v != "0")
+}
+
 /// The watch-limit message is printed once per process.
 static LIMIT_REPORTED: AtomicBool = AtomicBool::new(false);
 
@@ -107,9 +115,20 @@ impl Watch {
     }
 
     /// Starts watching (a no-op when already on). Returns once every directory is watched.
+    ///
+    /// Test switch: with [`NO_WATCH_ENV`] set (to anything but `0`), this answers as if the
+    /// watcher were on but starts none, so nothing is ever reported and only the mount's
+    /// periodic reconciliation can notice changes (tests/tests/watch.rs uses it).
     pub fn enable(&self, root: &Arc<Root>, echo: &Arc<Echo>) -> Result<(), WireError> {
         let mut running = lock(&self.running);
         if running.is_some() {
+            return Ok(());
+        }
+        if blind() {
+            eprintln!(
+                "kmount-agent: {NO_WATCH_ENV} is set: the watcher is off (a test switch); \
+                 changes made here reach the mount only through reconciliation"
+            );
             return Ok(());
         }
         let sink = lock(&self.sink)

@@ -74,6 +74,46 @@ struct MountArgs {
     /// Kubernetes: the kubeconfig file [default: $KUBECONFIG, else ~/.kube/config].
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
+    /// How often the mount compares its tree with the target's (digests) to catch changes the
+    /// watcher missed, e.g. 30s, 500ms [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    reconcile_interval: Option<Duration>,
+}
+
+/// `--reconcile-interval`: `500ms`, `2s`, `1.5` (seconds); at least 10 ms.
+fn parse_interval(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (t, 1.0)
+    };
+    let secs = num
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v >= 0.0)
+        .map(|v| v * scale)
+        .ok_or_else(|| format!("{s:?} is not a duration: give e.g. 30s, 500ms or 2m"))?;
+    if secs < 0.01 {
+        return Err(format!("{s:?} is too short: give at least 10ms"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The `--reconcile-interval` of this mount, read by [`run`] when it builds the mount options.
+static RECONCILE_INTERVAL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// How often the running mount reconciles (`--reconcile-interval`, else the library default).
+pub fn reconcile_interval() -> Duration {
+    RECONCILE_INTERVAL
+        .get()
+        .copied()
+        .unwrap_or_else(|| kmount_mount::MountOptions::default().reconcile_interval)
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,6 +225,9 @@ fn mount(args: MountArgs) -> Result<()> {
         bail!("usage: kmount [-f] TARGET MOUNTPOINT (see kmount --help)");
     };
     let ready = Ready::from_env();
+    if let Some(every) = args.reconcile_interval {
+        let _ = RECONCILE_INTERVAL.set(every);
+    }
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let kube = kube::KubeOptions {
         namespace: args.namespace,
@@ -216,6 +259,9 @@ fn mount(args: MountArgs) -> Result<()> {
         Target::Kube(k) => k.options.to_args(),
         _ => Vec::new(),
     };
+    if let Some(every) = args.reconcile_interval {
+        daemon_args.push(format!("--reconcile-interval={}ms", every.as_millis()).into());
+    }
     daemon_args.push(target.to_arg());
     daemon_args.push(mountpoint.clone().into_os_string());
     let daemon_args: Vec<&std::ffi::OsStr> = daemon_args.iter().map(|a| a.as_os_str()).collect();

@@ -56,6 +56,7 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
         default_permissions: plan.shared,
         identity: plan.identity,
         owner_map: plan.owner_map(&client),
+        reconcile_interval: crate::reconcile_interval(),
         ..MountOptions::default()
     };
     let handle = kmount_mount::mount(runtime.handle().clone(), client, mountpoint, &opts)

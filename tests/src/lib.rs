@@ -274,6 +274,13 @@ impl Mounted {
 
     /// Lets `setup` fill the backing directory, then mounts it.
     pub fn with_backing(setup: impl FnOnce(&Path)) -> Self {
+        Self::with_args(setup, &[], &[])
+    }
+
+    /// Like [`Mounted::with_backing`], with extra `kmount` options (given before the target)
+    /// and environment variables for the daemon and the agent it starts (`KMOUNT_LOG`, test
+    /// switches such as `KMOUNT_AGENT_NO_WATCH`).
+    pub fn with_args(setup: impl FnOnce(&Path), args: &[&str], envs: &[(&str, &str)]) -> Self {
         require_fuse();
         let dir = temp_dir();
         let root = dir.path().to_path_buf();
@@ -286,6 +293,8 @@ impl Mounted {
         let out = run_timeout(
             kmount_cmd()
                 .env("KMOUNT_STATE_DIR", &state)
+                .envs(envs.iter().copied())
+                .args(args)
                 .arg(&backing)
                 .arg(&mnt),
             MOUNT_TIMEOUT,
