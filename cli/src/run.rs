@@ -1,12 +1,12 @@
 //! The mount itself, in the foreground: connect to the agent, mount, then serve until the
 //! mount is unmounted (by `kmount unmount`, a signal, or `fusermount3 -u`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use kmount_mount::{Client, MountOptions};
+use kmount_mount::{Client, Flusher, MountOptions};
 
 use crate::connect;
 use crate::control::{self, ControlRequest};
@@ -46,9 +46,18 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
         .context("cannot start the I/O runtime")?;
 
     let plan = connect::plan(target, mountpoint)?;
+    // Shared: a lost connection is made again through the same connector.
     let client = runtime
-        .block_on(Client::connect(plan.connector.as_ref()))
+        .block_on(Client::connect_shared(plan.connector.clone()))
         .with_context(|| format!("cannot start serving {}", target.display()))?;
+    let local_first = write_back_enabled();
+    let (cache_dir, journal_dir) = if local_first {
+        let state = session_dir(&dirs, target, mountpoint);
+        crate::state::private_dir(&state)?;
+        (Some(state.join("cache")), Some(state.join("journal")))
+    } else {
+        (None, None)
+    };
 
     let opts = MountOptions {
         fsname: format!("kmount:{}", target.display()),
@@ -57,10 +66,18 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
         identity: plan.identity,
         owner_map: plan.owner_map(&client),
         reconcile_interval: crate::reconcile_interval(),
+        cache_dir,
+        journal_dir,
         ..MountOptions::default()
     };
     let handle = kmount_mount::mount(runtime.handle().clone(), client, mountpoint, &opts)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+    let flusher = handle.flusher();
+    if local_first && !handle.status().write_back {
+        tracing::info!(
+            "the agent keeps no journal: every change reaches it before the call returns"
+        );
+    }
 
     let (events_tx, events_rx) = mpsc::channel::<Event>();
     // session thread --ended--> main loop
@@ -130,13 +147,19 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
     tracing::info!("{line}");
     ready.ok(&line);
 
-    let result = serve_until_unmounted(mountpoint, &events_rx);
+    let result = serve_until_unmounted(mountpoint, &events_rx, &flusher);
+    // The last hold on the mount's state: the journal and the cache close with it.
+    drop(flusher);
     dirs.remove_record(mountpoint);
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
 }
 
-fn serve_until_unmounted(mountpoint: &Path, events_rx: &mpsc::Receiver<Event>) -> Result<()> {
+fn serve_until_unmounted(
+    mountpoint: &Path,
+    events_rx: &mpsc::Receiver<Event>,
+    flusher: &Flusher,
+) -> Result<()> {
     let mut interrupts = 0;
     loop {
         let Ok(event) = events_rx.recv() else {
@@ -150,7 +173,9 @@ fn serve_until_unmounted(mountpoint: &Path, events_rx: &mpsc::Receiver<Event>) -
             Event::Control(req) => {
                 let answer = match req.command.as_str() {
                     "ping" => format!("ok {}", std::process::id()),
-                    "unmount" => match unmount_path(mountpoint, false) {
+                    "unmount" => match flush(flusher, UNMOUNT_FLUSH)
+                        .and_then(|()| unmount_path(mountpoint, false))
+                    {
                         Ok(()) => "ok".to_string(),
                         Err(e) => format!("error: {e:#}"),
                     },
@@ -163,6 +188,10 @@ fn serve_until_unmounted(mountpoint: &Path, events_rx: &mpsc::Receiver<Event>) -
                 // A second interrupt gives up waiting for busy users of the mount.
                 let lazy = interrupts > 1;
                 tracing::info!("{name}: unmounting {}", mountpoint.display());
+                if !lazy && let Err(e) = flush(flusher, SIGNAL_FLUSH) {
+                    // Kept in the journal: the next mount of this target here sends them.
+                    tracing::warn!("{e:#}; unmounting anyway, the journal keeps them");
+                }
                 if let Err(e) = unmount_path(mountpoint, lazy) {
                     tracing::error!("{e:#}");
                     eprintln!("kmount: {e:#}\nkmount: press Ctrl-C again to detach it anyway");
@@ -170,6 +199,64 @@ fn serve_until_unmounted(mountpoint: &Path, events_rx: &mpsc::Receiver<Event>) -
             }
         }
     }
+}
+
+/// How long `kmount unmount` waits for changes to reach the target before giving up (the
+/// mount then stays). Below the control request's own timeout.
+const UNMOUNT_FLUSH: Duration = Duration::from_secs(100);
+/// How long an interrupt waits for them before unmounting anyway.
+const SIGNAL_FLUSH: Duration = Duration::from_secs(20);
+
+/// Whether mounts are local-first: changes land in a local journal and content cache and
+/// reach the target in order, in the background (`KMOUNT_WRITE_BACK=0` turns it off).
+pub fn write_back_enabled() -> bool {
+    std::env::var_os("KMOUNT_WRITE_BACK").is_none_or(|v| v != "0")
+}
+
+/// The directory of this mount's journal and content cache: one per target and mountpoint,
+/// kept across runs so that changes not yet sent when kmount stopped are sent by the next
+/// mount of the same target at the same place (`<state>/mounts/<mountpoint id>-<target id>`).
+fn session_dir(dirs: &StateDirs, target: &Target, mountpoint: &Path) -> PathBuf {
+    let base = dirs
+        .logs
+        .parent()
+        .map_or_else(|| dirs.logs.clone(), Path::to_path_buf);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in target.display().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    base.join("mounts")
+        .join(format!("{}-{h:016x}", mount_id(mountpoint)))
+}
+
+/// Waits until every change made through the mount is in the target, at most `timeout`.
+fn flush(flusher: &Flusher, timeout: Duration) -> Result<()> {
+    if let Some(p) = flusher.pending().filter(|p| p.records > 0) {
+        tracing::info!("sending {} pending change(s) before unmounting", p.records);
+    }
+    flusher.wait_applied(timeout).map_err(|e| {
+        let paths = flusher
+            .pending()
+            .map(|p| {
+                p.paths
+                    .iter()
+                    .take(5)
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        anyhow::anyhow!(
+            "not unmounted: {e}{}; the changes are kept in the local journal; unmount again \
+             once the target is reachable",
+            if paths.is_empty() {
+                String::new()
+            } else {
+                format!(" (first paths: {paths})")
+            }
+        )
+    })
 }
 
 /// Unmounts `mountpoint` with fusermount3 (`lazy`: detach even while busy).

@@ -386,36 +386,14 @@ impl MountHandle {
     /// error says why not (the remote refuses a change, the agent is unreachable, time ran
     /// out).
     pub fn wait_applied(&self, timeout: Duration) -> Result<(), FsError> {
-        let Some(wb) = self.core.write_back() else {
-            return Ok(());
-        };
-        wb.journal.commit()?;
-        let tail = wb.journal.tail();
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if wb.journal.applied() >= tail {
-                // What landing changed (inode numbers of new files) reaches the kernel too.
-                self.core.invalidator().drain(Duration::from_secs(1));
-                return Ok(());
-            }
-            if std::time::Instant::now() >= deadline {
-                let (records, _) = wb.journal.pending().unwrap_or((0, 0));
-                return Err(match wb.blocked() {
-                    Some(b) => FsError::new(
-                        b.errno,
-                        format!(
-                            "{records} change(s) not applied: the remote refuses one{}: {}",
-                            b.path.map(|p| format!(" to {p}")).unwrap_or_default(),
-                            b.message
-                        ),
-                    ),
-                    None => err!(
-                        libc::ETIMEDOUT,
-                        "{records} change(s) not applied within {timeout:?}"
-                    ),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(5));
+        self.flusher().wait_applied(timeout)
+    }
+
+    /// A handle that waits for this mount's changes from any thread (e.g. while another
+    /// thread waits in [`MountHandle::join`]).
+    pub fn flusher(&self) -> Flusher {
+        Flusher {
+            core: self.core.clone(),
         }
     }
 
@@ -476,6 +454,60 @@ impl MountHandle {
             .stats()
             .sent
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Waits for a mount's changes to reach the remote; cheap to clone, usable from any thread.
+#[derive(Debug, Clone)]
+pub struct Flusher {
+    core: Arc<Core>,
+}
+
+impl Flusher {
+    /// See [`MountHandle::wait_applied`].
+    pub fn wait_applied(&self, timeout: Duration) -> Result<(), FsError> {
+        let Some(wb) = self.core.write_back() else {
+            return Ok(());
+        };
+        wb.journal.commit()?;
+        let tail = wb.journal.tail();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if wb.journal.applied() >= tail {
+                // What landing changed (inode numbers of new files) reaches the kernel too.
+                self.core.invalidator().drain(Duration::from_secs(1));
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                let (records, _) = wb.journal.pending().unwrap_or((0, 0));
+                return Err(match wb.blocked() {
+                    Some(b) => FsError::new(
+                        b.errno,
+                        format!(
+                            "{records} change(s) not applied: the remote refuses one{}: {}",
+                            b.path.map(|p| format!(" to {p}")).unwrap_or_default(),
+                            b.message
+                        ),
+                    ),
+                    None => err!(
+                        libc::ETIMEDOUT,
+                        "{records} change(s) not applied within {timeout:?}"
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Changes not yet applied remotely (`None`: not a write-back mount).
+    pub fn pending(&self) -> Option<Pending> {
+        let wb = self.core.write_back()?;
+        let (records, bytes) = wb.journal.pending().unwrap_or((0, 0));
+        Some(Pending {
+            records,
+            bytes,
+            paths: wb.journal.pending_paths(),
+        })
     }
 }
 

@@ -5,6 +5,9 @@
 //! - It starts (and, after any failure or reconnection, starts again) from
 //!   `max(agent's AppliedSeq, journal's applied) + 1`, so every record is applied exactly once
 //!   in order (the agent skips seqs it has applied).
+//! - A coalesced batch of records `first..=last` goes out as its operation under seq `first`
+//!   followed by a no-op (`Ping`) under each later seq, so the agent still sees every seq one
+//!   after the other ([`send_batch`]).
 //! - Replies are taken in seq order; the journal's applied seq moves only over an unbroken run
 //!   of successes.
 //! - A record the remote refuses stops the sender there: the error is kept (status, `fsync`),
@@ -177,16 +180,8 @@ async fn run_once(
                     .collect()
             };
             for b in batches {
-                let op = Op::Journaled {
-                    session,
-                    seq: b.seq,
-                    op: Box::new(b.op.clone()),
-                };
                 // Sent here, in seq order; the replies are awaited below.
-                let reply: Reply = match client.send_ordered(op, b.caller.clone()).await {
-                    Ok(wait) => Box::pin(wait),
-                    Err(e) => Box::pin(std::future::ready(Err(e))),
-                };
+                let reply = send_batch(&client, session, &b).await;
                 next = b.seq + 1;
                 in_flight.push_back((b, generation, reply));
             }
@@ -287,6 +282,50 @@ async fn run_once(
             }
         }
     }
+}
+
+/// Sends one batch: its operation under its first seq, then a no-op (`Ping`) under each
+/// later seq it covers (the agent takes seqs only one after the other). The reply is the
+/// operation's, once every seq of the batch is answered.
+async fn send_batch(client: &crate::client::Client, session: u64, b: &Batch) -> Reply {
+    let op = Op::Journaled {
+        session,
+        seq: b.first_seq,
+        op: Box::new(b.op.clone()),
+    };
+    let main = match client.send_ordered(op, b.caller.clone()).await {
+        Ok(wait) => wait,
+        Err(e) => return Box::pin(std::future::ready(Err(e))),
+    };
+    if b.first_seq >= b.seq {
+        return Box::pin(main);
+    }
+    let mut pads = Vec::new();
+    let mut unsent = None;
+    for seq in b.first_seq + 1..=b.seq {
+        let pad = Op::Journaled {
+            session,
+            seq,
+            op: Box::new(Op::Ping),
+        };
+        match client.send_ordered(pad, None).await {
+            Ok(wait) => pads.push(wait),
+            Err(e) => {
+                unsent = Some(e);
+                break;
+            }
+        }
+    }
+    Box::pin(async move {
+        let done = main.await?;
+        for pad in pads {
+            pad.await?;
+        }
+        match unsent {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
+    })
 }
 
 /// Brings the agent's applied seq of `session` from `from` up to `to` with `Ping` records.
