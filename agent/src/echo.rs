@@ -298,6 +298,8 @@ impl Echo {
     pub fn finish(&self, root: &Root, pending: Pending, ok: bool) {
         let mut seen: Vec<(RelPath, Seen)> = Vec::new();
         let mut node_seen: Option<Attr> = None;
+        // A close changes nothing itself: it only vouches for a state an own operation left.
+        let mut close_seen: Option<Attr> = None;
         let mut pinned_seen: Vec<Attr> = Vec::new();
         if ok {
             for fd in &pending.pinned {
@@ -311,11 +313,11 @@ impl Echo {
                 }
             }
             if let Some(n) = &pending.node {
-                node_seen = match (&n.before, &n.handle) {
-                    (Some(before), _) => Some(before.clone()),
-                    (None, Some(h)) => sys::fstat(h.fd()).ok().map(|st| attr(&st)),
-                    (None, None) => None,
-                };
+                match (&n.before, &n.handle) {
+                    (Some(before), _) => close_seen = Some(before.clone()),
+                    (None, Some(h)) => node_seen = sys::fstat(h.fd()).ok().map(|st| attr(&st)),
+                    (None, None) => {}
+                }
             }
         }
         let now = Instant::now();
@@ -326,6 +328,17 @@ impl Echo {
         }
         for a in node_seen.iter().chain(&pinned_seen) {
             s.nodes.insert(key(a), (NodeState::of(a), now + TTL));
+        }
+        // Only a state that is already the agent's own doing is kept alive by a close (its
+        // IN_CLOSE_WRITE reports nothing new). Recording the state found at close time would
+        // claim whatever another process did to the node meanwhile (a hard link made in the
+        // container while the mount was reading the file through a handle went unreported).
+        if let Some(a) = &close_seen
+            && let Some((st, until)) = s.nodes.get_mut(&key(a))
+            && *until > now
+            && *st == NodeState::of(a)
+        {
+            *until = now + TTL;
         }
         for p in &pending.paths {
             unmark(&mut s.busy_paths, p);

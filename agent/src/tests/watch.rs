@@ -547,3 +547,35 @@ fn an_exchange_is_reported_as_the_two_new_states() {
     });
     assert_eq!(step(&mut w, &rx), Vec::<String>::new());
 }
+
+/// Closing a handle the agent only read through records nothing: a hard link made by another
+/// process while the handle was open (new name, new link count) is still reported.
+#[test]
+fn closing_a_read_handle_does_not_hide_a_change_made_meanwhile() {
+    let fx = Fx::new();
+    fs::write(fx.at("f"), b"contents").unwrap();
+    fx.agent.echo.set_enabled(true);
+    let (mut w, rx) = manual(&fx);
+    let h = fx.handle(Op::Open {
+        path: p("f"),
+        flags: libc::O_RDONLY,
+    });
+    fs::hard_link(fx.at("f"), fx.at("g")).unwrap();
+    fx.ok(Op::Close { handle: h });
+    let got = step(&mut w, &rx);
+    // (The link count of `f` changes without an event in the directory: the mount learns it
+    // from `g`, the same node.)
+    assert!(got.contains(&"upsert g".to_string()), "{got:?}");
+    // The agent's own write through a handle, closed: still no echo.
+    let h = fx.handle(Op::Open {
+        path: p("f"),
+        flags: libc::O_WRONLY,
+    });
+    fx.ok(Op::Write {
+        handle: h,
+        offset: 0,
+        data: b"CONT".to_vec(),
+    });
+    fx.ok(Op::Close { handle: h });
+    assert_eq!(step(&mut w, &rx), Vec::<String>::new());
+}
