@@ -82,6 +82,8 @@ struct State {
     busy_paths: HashMap<RelPath, u32>,
     busy_nodes: HashMap<NodeKey, u32>,
     last_sweep: Option<Instant>,
+    /// Operations finished so far (see [`Echo::finished`]).
+    finished: u64,
 }
 
 impl State {
@@ -346,6 +348,14 @@ impl Echo {
         if let Some(n) = &pending.node {
             unmark(&mut s.busy_nodes, &n.key);
         }
+        s.finished += 1;
+    }
+
+    /// How many operations have finished. A state the watcher read while this number moved
+    /// may be one an operation passed through (ext4 grows a file page by page during one
+    /// write): it is judged again rather than reported.
+    pub fn finished(&self) -> u64 {
+        self.state().finished
     }
 
     /// Whether an operation is still working on `path` or on the node seen there.
