@@ -18,6 +18,7 @@ use anyhow::Result;
 use k8s_openapi::api::core::v1::Pod;
 use kmount_mount::{BoxedStream, ConnectFuture, Connector, StderrTail};
 use kube::Api;
+use kube::api::{WatchEvent, WatchParams};
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::sync::{OnceCell, oneshot, watch};
 
@@ -34,7 +35,8 @@ const FIRST_WAIT: Duration = Duration::from_secs(60);
 const RECONNECT_WAIT: Duration = Duration::from_secs(120);
 /// Between two looks at a pod that is not ready yet.
 const POLL: Duration = Duration::from_secs(1);
-/// Between two looks at the pod of a live session (is it being deleted?).
+/// Between two looks at the pod of a live session (is it being deleted?), where it cannot be
+/// watched.
 const POD_CHECK: Duration = Duration::from_secs(2);
 
 /// Connects to the agent in the container a [`KubeTarget`] names. Every connect resolves the
@@ -182,35 +184,96 @@ fn waiting_for(target: &KubeTarget) -> String {
     }
 }
 
-/// Looks at `pod` every [`POD_CHECK`] while its session lives (until the receiver is
-/// dropped), and says why the session should move once the pod is being deleted, is gone, or
-/// was replaced by another of the same name. API failures are not a verdict: the stream itself
-/// ends if the pod is really unreachable.
+/// Follows `pod` while its session lives (until the receiver is dropped), and says why the
+/// session should move once the pod is being deleted, is gone, or was replaced by another of
+/// the same name. It watches the pod (one long request, told at once), or, where watching is
+/// not allowed, looks at it every [`POD_CHECK`]. API failures are not a verdict: the stream
+/// itself ends if the pod is really unreachable.
 fn watch_pod(cluster: Cluster, pod: String, uid: String) -> oneshot::Receiver<String> {
     let (mut tx, rx) = oneshot::channel();
     tokio::spawn(async move {
         let pods: Api<Pod> = Api::namespaced(cluster.client.clone(), &cluster.namespace);
-        loop {
-            tokio::select! {
-                _ = tx.closed() => return,
-                _ = tokio::time::sleep(POD_CHECK) => {}
-            }
-            let verdict = match tokio::time::timeout(API_TIMEOUT, pods.get_opt(&pod)).await {
-                Ok(Ok(found)) => pod_leaving(&pod, &uid, found.as_ref()),
+        let mut can_watch = true;
+        let verdict = loop {
+            let version = match tokio::time::timeout(API_TIMEOUT, pods.get_opt(&pod)).await {
+                Ok(Ok(found)) => match pod_leaving(&pod, &uid, found.as_ref()) {
+                    Some(why) => break why,
+                    None => found.and_then(|p| p.metadata.resource_version),
+                },
                 Ok(Err(e)) => {
                     tracing::debug!("cannot look at pod '{pod}': {e}");
                     None
                 }
                 Err(_) => None,
             };
-            if let Some(why) = verdict {
-                tracing::info!("{why}: ending the session there, to reconnect");
-                let _ = tx.send(why);
-                return;
+            if let (true, Some(version)) = (can_watch, version) {
+                let wp = WatchParams::default()
+                    .fields(&format!("metadata.name={pod}"))
+                    .timeout(290);
+                match tokio::time::timeout(API_TIMEOUT, pods.watch(&wp, &version)).await {
+                    Ok(Ok(events)) => {
+                        let opened = Instant::now();
+                        let mut events = std::pin::pin!(events);
+                        let seen = tokio::select! {
+                            _ = tx.closed() => return,
+                            seen = watch_verdict(&pod, &uid, &mut events) => seen,
+                        };
+                        match seen {
+                            Some(why) => break why,
+                            // The watch ended (its time is up, or it broke): look again, at
+                            // once unless it ended as soon as it began.
+                            None if opened.elapsed() >= POD_CHECK => continue,
+                            None => {}
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(
+                            "cannot watch pod '{pod}' ({e}); looking every {POD_CHECK:?}"
+                        );
+                        can_watch = false;
+                    }
+                    Err(_) => {}
+                }
             }
-        }
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep(POD_CHECK) => {}
+            }
+        };
+        tracing::info!("{verdict}: ending the session there, to reconnect");
+        let _ = tx.send(verdict);
     });
     rx
+}
+
+/// Reads a watch of the pod `name` until it says the session must move (the reason) or ends
+/// (`None`).
+async fn watch_verdict<S>(name: &str, uid: &str, events: &mut Pin<&mut S>) -> Option<String>
+where
+    S: futures_util::Stream<Item = kube::Result<WatchEvent<Pod>>>,
+{
+    use futures_util::StreamExt;
+    loop {
+        match events.next().await? {
+            Ok(WatchEvent::Added(p) | WatchEvent::Modified(p)) => {
+                if let Some(why) = pod_leaving(name, uid, Some(&p)) {
+                    return Some(why);
+                }
+            }
+            Ok(WatchEvent::Deleted(p)) if p.metadata.uid.as_deref() == Some(uid) => {
+                return pod_leaving(name, uid, None);
+            }
+            Ok(WatchEvent::Deleted(_) | WatchEvent::Bookmark(_)) => {}
+            Ok(WatchEvent::Error(e)) => {
+                tracing::debug!("the watch of pod '{name}' ended: {e}");
+                return None;
+            }
+            Err(e) => {
+                tracing::debug!("the watch of pod '{name}' broke: {e}");
+                return None;
+            }
+        }
+    }
 }
 
 /// Why a session in the pod `name` (with `uid`) should end, given what the API has now.
