@@ -6,6 +6,7 @@ set -euo pipefail
 orig="$PWD"
 cd "$(dirname "$0")"
 scripts/deps.sh
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"  # a Rust that deps.sh just installed
 echo "kmount: building (release)…" >&2
 cargo build --release --locked -p kmount-cli -p kmount-agent
 if [ "$(id -u)" = 0 ]; then bindir=/usr/local/bin; else bindir="$HOME/.local/bin"; fi

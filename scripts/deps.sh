@@ -23,9 +23,27 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
 
-if ! command -v cargo >/dev/null; then
-  echo "kmount: cargo (Rust) is not installed: install it from your distribution (apt-get install cargo) or with rustup, then run this again" >&2
-  exit 1
+# Rust: kmount needs 1.88 or later (Cargo.toml rust-version). A machine without it (or with an
+# older distribution cargo) gets rustup's stable toolchain in ~/.cargo, as rustup.rs installs it.
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+rust_ok() {
+  command -v cargo >/dev/null && command -v rustc >/dev/null || return 1
+  local v; v=$(rustc --version | awk '{print $2}')
+  [ "$(printf '%s\n1.88.0\n' "$v" | sort -V | head -1)" = 1.88.0 ]
+}
+if ! rust_ok; then
+  echo "kmount: Rust 1.88 or later is needed ($(rustc --version 2>/dev/null || echo 'no rustc')); installing the stable toolchain with rustup into ~/.cargo" >&2
+  if ! command -v curl >/dev/null; then
+    if [ "$(id -u)" != 0 ]; then SUDO=sudo; else SUDO=; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends curl ca-certificates >/dev/null
+  fi
+  if ! curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --component rustfmt,clippy >&2; then
+    echo "kmount: could not install Rust with rustup (https://rustup.rs); install Rust 1.88 or later, then run this again" >&2
+    exit 1
+  fi
+  . "$HOME/.cargo/env"
+  rust_ok || { echo "kmount: rustup ran, but $(rustc --version) is still older than 1.88" >&2; exit 1; }
 fi
 
 # nodemon (npm registry) for tests/tests/watch.rs, into target/npm (found there by the test, or

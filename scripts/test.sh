@@ -23,6 +23,7 @@ tier() {  # tier NAME COMMAND…
 }
 
 scripts/deps.sh --test || { echo "kmount: cannot install the test dependencies (see above)" >&2; exit 1; }
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"  # a Rust that deps.sh just installed
 if [ ! -e /dev/fuse ]; then
   echo "kmount: /dev/fuse is missing: the FUSE test tiers cannot run on this machine" >&2
   exit 1
