@@ -88,6 +88,10 @@ pub struct JournalOptions {
     pub flush_interval: Duration,
     /// Appends are written to the segment (not yet synced) once this much is buffered.
     pub write_buffer: usize,
+    /// Segments whose records are all applied are kept while they add up to at most this
+    /// many bytes (the newest first), so that the session's changes can be applied again to
+    /// a target that lost them (a replaced pod); see [`Journal::records_from`].
+    pub keep_applied: u64,
 }
 
 impl Default for JournalOptions {
@@ -96,6 +100,7 @@ impl Default for JournalOptions {
             segment_bytes: 64 << 20,
             flush_interval: Duration::from_millis(50),
             write_buffer: 1 << 20,
+            keep_applied: 256 << 20,
         }
     }
 }
@@ -514,9 +519,16 @@ impl Journal {
             applied = applied.max(first - 1);
         }
 
-        // Segments whose every record is applied (the next one starts at or below applied+1).
-        while segs.len() > 1 && segs[1].0 - 1 <= applied {
-            let (_, path) = segs.remove(0);
+        // Segments whose every record is applied (the next one starts at or below applied+1),
+        // beyond those kept.
+        let done = (0..segs.len().saturating_sub(1))
+            .take_while(|&i| segs[i + 1].0 - 1 <= applied)
+            .count();
+        let sizes: Vec<u64> = segs[..done]
+            .iter()
+            .map(|(_, p)| fs::metadata(p).map_or(0, |m| m.len()))
+            .collect();
+        for (_, path) in segs.drain(..beyond_kept(&sizes, opts.keep_applied)) {
             fs::remove_file(&path).map_err(io_err(&path))?;
         }
 
@@ -783,6 +795,25 @@ impl Journal {
         RecordReader {
             shared: self.shared.clone(),
             next: seq.max(self.applied()) + 1,
+            cur: None,
+        }
+    }
+
+    /// The first seq whose record is still stored (applied or not): records from it on can be
+    /// read again with [`Journal::records_from`].
+    pub fn first_retained(&self) -> u64 {
+        lock(&self.shared.file)
+            .segments
+            .first()
+            .map_or(1, |s| s.first_seq)
+    }
+
+    /// Reads the durable records from `seq` on (from the first retained one when `seq` is
+    /// older), applied ones included: to apply the session's changes again.
+    pub fn records_from(&self, seq: u64) -> RecordReader {
+        RecordReader {
+            shared: self.shared.clone(),
+            next: seq.max(self.first_retained()).max(1),
             cur: None,
         }
     }
@@ -1056,10 +1087,12 @@ impl Shared {
         let doomed: Vec<u64> = {
             let mut fs = lock(&self.file);
             let n = fs.segments.len();
-            let k = fs.segments[..n - 1]
+            let sizes: Vec<u64> = fs.segments[..n - 1]
                 .iter()
                 .take_while(|s| s.last_seq <= applied)
-                .count();
+                .map(|s| s.len)
+                .collect();
+            let k = beyond_kept(&sizes, self.opts.keep_applied);
             fs.segments.drain(..k).map(|s| s.first_seq).collect()
         };
         for first in doomed {
@@ -1334,6 +1367,19 @@ fn scan_segment(
         });
     }
     Ok(Scan { info, truncated: 0 })
+}
+
+/// Of fully applied segments of these sizes (oldest first), how many to delete so that the
+/// newest ones kept add up to at most `keep` bytes.
+fn beyond_kept(sizes: &[u64], keep: u64) -> usize {
+    let mut kept = 0u64;
+    for (i, len) in sizes.iter().enumerate().rev() {
+        kept = kept.saturating_add(*len);
+        if kept > keep {
+            return i + 1;
+        }
+    }
+    0
 }
 
 /// Reads durable records from disk; see [`Journal::records_after`].

@@ -41,6 +41,10 @@ const WHOLE_FILE: u64 = CHUNK;
 const READ_AHEAD: u64 = 4;
 /// Fetches in flight at once for one file.
 const FETCHES_PER_FILE: usize = 8;
+/// A change that makes or changes a node waits for the remote (so that the node shows the
+/// remote's identity and attributes from the start, not changing a moment later) when fewer
+/// than this many records are ahead of it.
+const SYNC_BACKLOG: u64 = 64;
 /// Recent remote errors kept for status.
 const KEEP_ERRORS: usize = 32;
 
@@ -70,7 +74,6 @@ pub struct Conflict {
 pub(crate) struct WbFile {
     pub id: u64,
     pub entry: Entry,
-    pub caller: Option<Caller>,
 }
 
 /// Paths with records not yet applied: the names themselves and every directory above them.
@@ -274,6 +277,15 @@ impl WriteBack {
         *lock(&self.blocked) = e;
     }
 
+    /// A remote error that did not stop the sender (kept for status).
+    pub fn note_error(&self, e: RemoteError) {
+        let mut errors = lock(&self.errors);
+        errors.push_back(e);
+        while errors.len() > KEEP_ERRORS {
+            errors.pop_front();
+        }
+    }
+
     pub fn blocked(&self) -> Option<RemoteError> {
         lock(&self.blocked).clone()
     }
@@ -329,8 +341,8 @@ impl Core {
         self.change_seq(f).map(|(v, _)| v)
     }
 
-    /// [`Core::change`], also returning the record's seq and whether the journal had nothing
-    /// else pending.
+    /// [`Core::change`], also returning the record's seq and whether the journal had little
+    /// else pending (fewer than [`SYNC_BACKLOG`] records).
     fn change_seq<T>(
         &self,
         f: impl FnOnce(&mut TreeState) -> Result<(T, Option<Change>), FsError>,
@@ -344,7 +356,9 @@ impl Core {
         let Some(c) = change else {
             return Ok((value, None));
         };
-        let idle = wb.journal.tail() == wb.journal.applied();
+        // Few enough records ahead that the sender has them in flight already: waiting for
+        // this one costs about one round trip.
+        let idle = wb.journal.tail() - wb.journal.applied() < SYNC_BACKLOG;
         let seq = wb.journal.append_as(c.caller, c.op)?;
         let mut last = lock(&wb.last_seq);
         for &id in &c.nodes {
@@ -404,8 +418,8 @@ impl Core {
         t.update_attr(dir, &a, None, &mut Effects::default());
     }
 
-    /// Makes `name` in `parent` (which must not exist). When nothing else waits to be sent and
-    /// the agent is there, waits (briefly) for the remote to make it too, so that the kernel
+    /// Makes `name` in `parent` (which must not exist). When little else waits to be sent
+    /// ([`SYNC_BACKLOG`]) and the agent is there, waits (briefly) for the remote to make it too, so that the kernel
     /// gets the node under the remote's inode number from the start. The lookup of the node
     /// is counted (the reply is an entry).
     async fn make_node(
@@ -602,7 +616,6 @@ impl Core {
         let fh = self.add_wb_file(WbFile {
             id: attr.ino,
             entry,
-            caller,
         });
         Ok(Created { attr, fh })
     }
@@ -614,11 +627,16 @@ impl Core {
         new_parent: u64,
         new_name: &[u8],
     ) -> Result<NodeAttr, FsError> {
-        self.change(|t| {
+        let (attr, seq) = self.change_seq(|t| {
             check_dir(t, new_parent)?;
             let mut attr = t.attr(id)?.clone();
             if attr.is_dir() {
                 return Err(err!(libc::EPERM, "cannot link a directory"));
+            }
+            // The node's remote identity (its attributes keep the numbers it was made with
+            // until they are adopted): the new name must find this same node.
+            if let Some((dev, ino)) = t.remote_of(id) {
+                (attr.dev, attr.ino) = (dev, ino);
             }
             let from = t.path(id)?;
             let to = t.child_path(new_parent, new_name)?;
@@ -647,7 +665,14 @@ impl Core {
                     nodes: vec![got, new_parent],
                 }),
             ))
-        })
+        })?;
+        // The link count and ctime the remote gives it, from the start.
+        self.settle_when_idle(attr.ino, seq).await;
+        Ok(self
+            .tree()
+            .lock()
+            .attr(attr.ino)
+            .map_or(attr, |a| NodeAttr::from_remote(attr.ino, a)))
     }
 
     pub(crate) async fn wb_remove(
@@ -866,13 +891,14 @@ impl Core {
 
     pub(crate) async fn wb_open(
         &self,
-        caller: Option<Caller>,
+        _caller: Option<Caller>,
         id: u64,
         flags: i32,
     ) -> Result<Opened, FsError> {
         let (mut entry, mut replaced) = self.entry_for(id)?;
         if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
-            self.truncate(&caller, id, &entry, 0)?;
+            // Allowed by the open itself (the file may not be writable by path afterwards).
+            self.truncate(&None, id, &entry, 0)?;
         }
         if entry.size() <= WHOLE_FILE && !entry.is_complete() {
             // Small files come whole at the first open: one round trip, then local reads.
@@ -892,7 +918,7 @@ impl Core {
             }
         }
         self.tree().opened(id)?;
-        let fh = self.add_wb_file(WbFile { id, entry, caller });
+        let fh = self.add_wb_file(WbFile { id, entry });
         Ok(Opened {
             fh,
             keep_cache: !replaced,
@@ -926,8 +952,19 @@ impl Core {
         id: u64,
         set: SetAttr,
     ) -> Result<NodeAttr, FsError> {
-        self.change(|t| {
+        self.set_attrs_seq(caller, id, set).map(|(a, _)| a)
+    }
+
+    /// [`Core::set_attrs`], with the record's seq and whether the journal was idle.
+    fn set_attrs_seq(
+        &self,
+        caller: &Option<Caller>,
+        id: u64,
+        set: SetAttr,
+    ) -> Result<(NodeAttr, Option<(u64, bool)>), FsError> {
+        self.change_seq(|t| {
             let mut a = t.attr(id)?.clone();
+            let may_set_times = caller.as_ref().is_none_or(|c| c.uid == 0 || c.uid == a.uid);
             let ts = now();
             let resolve = |s: SetTime| match s {
                 SetTime::Now => ts,
@@ -960,10 +997,16 @@ impl Core {
             }
             a.ctime = ts;
             t.update_attr(id, &a, None, &mut Effects::default());
-            // The remote gets the very times used here.
+            // The remote gets the very times used here; but only the owner (or root) may set
+            // explicit times, while "now" needs only write access: a non-owner's "now" stays
+            // "now".
+            let explicit = |s: Option<SetTime>, t: Option<Timespec>| match (s, t) {
+                (Some(SetTime::Now), _) if !may_set_times => Some(SetTime::Now),
+                (_, t) => t.map(SetTime::At),
+            };
             let sent = SetAttr {
-                atime: atime.map(SetTime::At),
-                mtime: mtime.map(SetTime::At),
+                atime: explicit(set.atime, atime),
+                mtime: explicit(set.mtime, mtime),
                 ..set
             };
             let change = t.path(id).ok().map(|path| Change {
@@ -985,23 +1028,58 @@ impl Core {
         fh: Option<u64>,
         set: SetAttr,
     ) -> Result<NodeAttr, FsError> {
+        let mut caller = caller;
         if let Some(size) = set.size {
-            let entry = match fh
+            let file = fh
                 .and_then(|fh| self.wb_file(fh).ok())
-                .filter(|f| f.id == id)
-            {
-                Some(f) => f.entry,
+                .filter(|f| f.id == id);
+            let entry = match file {
+                Some(f) => {
+                    // `ftruncate`: the handle's open allowed it, whatever the file's mode says
+                    // now; the agent applies it as itself (the journal names paths).
+                    if set
+                        == (SetAttr {
+                            size: Some(size),
+                            ..SetAttr::default()
+                        })
+                    {
+                        caller = None;
+                    }
+                    f.entry
+                }
                 None => self.entry_for(id)?.0,
             };
             entry.pin();
             entry.set_len(size)?;
         }
-        self.set_attrs(&caller, id, set)
+        let (attr, seq) = self.set_attrs_seq(&caller, id, set)?;
+        self.settle_when_idle(id, seq).await;
+        Ok(self
+            .tree()
+            .lock()
+            .attr(id)
+            .map_or(attr, |a| NodeAttr::from_remote(id, a)))
     }
 
+    /// When `seq` (the record of a change to node `id`) had little ahead of it in the
+    /// journal ([`SYNC_BACKLOG`]) and the agent is there, waits (briefly) for the remote to apply it, so that the node shows
+    /// the remote's attributes (its ctime above all) from the start rather than changing
+    /// them a moment later.
+    async fn settle_when_idle(&self, id: u64, seq: Option<(u64, bool)>) {
+        let Some(wb) = self.wb() else { return };
+        let Some((seq, true)) = seq else { return };
+        if !self.client().is_connected() || wb.journal.commit().is_err() {
+            return;
+        }
+        let wait = self.remote_timeout().min(Duration::from_secs(5));
+        let path = self.tree().path(id).ok();
+        let _ = tokio::time::timeout(wait, self.wait_applied_for(seq, path.as_ref())).await;
+    }
+
+    /// `_caller`: the journal applies it as the agent (the handle's open allowed it).
     pub(crate) async fn wb_write(
         &self,
-        caller: Option<Caller>,
+        _caller: Option<Caller>,
         fh: u64,
         offset: u64,
         data: Vec<u8>,
@@ -1022,16 +1100,20 @@ impl Core {
             // An unlinked file's bytes reach nobody remotely.
             let change = t.path(f.id).ok().map(|path| Change {
                 op: Op::WritePath { path, offset, data },
-                caller: caller.clone().or_else(|| f.caller.clone()),
+                // Allowed by the handle's open, whatever the file's mode says now (a file made
+                // read-only and written through the handle that made it): the agent applies
+                // it as itself, since the journal names paths, not handles.
+                caller: None,
                 nodes: vec![f.id],
             });
             Ok((len, change))
         })
     }
 
+    /// `_caller`: the journal applies it as the agent (the handle's open allowed it).
     pub(crate) async fn wb_fallocate(
         &self,
-        caller: Option<Caller>,
+        _caller: Option<Caller>,
         fh: u64,
         offset: u64,
         len: u64,
@@ -1074,7 +1156,8 @@ impl Core {
                     offset,
                     len,
                 },
-                caller: caller.clone(),
+                // Allowed by the handle's open (see `wb_write`).
+                caller: None,
                 nodes: vec![f.id],
             });
             Ok(((), change))

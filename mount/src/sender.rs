@@ -56,6 +56,8 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
     // Seqs in flight when a stream broke: their effect may already be in place.
     let mut interrupted: HashSet<u64> = HashSet::new();
     let mut coalescing = true;
+    // Applying the session's records again, up to this seq, to an agent that lost them.
+    let mut replaying: Option<u64> = None;
     loop {
         if *shutdown.borrow() {
             return;
@@ -66,6 +68,7 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
             &mut interrupted,
             &mut coalescing,
             &mut backoff,
+            &mut replaying,
         )
         .await
         {
@@ -90,6 +93,7 @@ async fn run_once(
     interrupted: &mut HashSet<u64>,
     coalescing: &mut bool,
     backoff: &mut Duration,
+    replaying: &mut Option<u64>,
 ) -> Stop {
     let wb = core.wb().expect("the sender runs in write-back mode");
     let client = core.client().clone();
@@ -120,20 +124,57 @@ async fn run_once(
             return Stop::Restart;
         }
     };
-    if agent_applied > journal.applied() {
-        let before = journal.applied();
-        journal.mark_applied(agent_applied);
-        core.settle(before + 1, journal.applied(), None).await;
-    } else if agent_applied < journal.applied() {
-        // The agent keeps its applied seq lazily: one that was killed may have lost the last
-        // few, which it did apply (it answered them). Records up to ours are applied; it is
-        // told so with no-op records, since it takes seqs only one after the other.
-        if let Err(stop) = fast_forward(&client, session, agent_applied, journal.applied()).await {
-            return stop;
-        }
+    if replaying.is_none() && agent_applied == 0 && journal.applied() > 0 {
+        // An agent with no record of the session at all: a new one on a new filesystem (a
+        // replaced pod), which has none of the changes applied so far. They are applied
+        // again, from the journal's records (kept for this), before the pending ones.
+        tracing::warn!(
+            "the agent has no record of this session (a new pod, or its state was lost): \
+             applying the session's changes again (records {}..={})",
+            journal.first_retained(),
+            journal.applied()
+        );
+        *replaying = Some(journal.applied());
     }
-    let mut next = journal.applied() + 1;
-    let mut reader = journal.records_after(next - 1);
+    let (mut next, mut reader) = match *replaying {
+        Some(until) if agent_applied < until => {
+            let from = journal.first_retained().max(agent_applied + 1);
+            if from > agent_applied + 1 {
+                // Records no longer stored: their seqs pass as no-ops.
+                tracing::warn!(
+                    "records {}..{from} are no longer stored; their changes cannot be applied \
+                     again",
+                    agent_applied + 1
+                );
+                if let Err(stop) = fast_forward(&client, session, agent_applied, from - 1).await {
+                    return stop;
+                }
+            }
+            (from, journal.records_from(from))
+        }
+        _ => {
+            if replaying.take().is_some() {
+                tracing::info!("the session's changes are applied again");
+            }
+            if agent_applied > journal.applied() {
+                let before = journal.applied();
+                journal.mark_applied(agent_applied);
+                core.settle(before + 1, journal.applied(), None).await;
+            } else if agent_applied < journal.applied() {
+                // The agent keeps its applied seq lazily: one that was killed may have lost
+                // the last few, which it did apply (it answered them). Records up to ours are
+                // applied; it is told so with no-op records, since it takes seqs only one
+                // after the other.
+                if let Err(stop) =
+                    fast_forward(&client, session, agent_applied, journal.applied()).await
+                {
+                    return stop;
+                }
+            }
+            let next = journal.applied() + 1;
+            (next, journal.records_after(next - 1))
+        }
+    };
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut pending_records: VecDeque<Record> = VecDeque::new();
     loop {
@@ -199,6 +240,14 @@ async fn run_once(
             r = reply => r,
         };
         match result {
+            Ok(_) if batch.seq <= journal.applied() => {
+                // Applied again (replay): nothing to settle.
+                interrupted.remove(&batch.seq);
+                if replaying.is_some_and(|until| batch.seq >= until) {
+                    tracing::info!("the session's changes are applied again");
+                    *replaying = None;
+                }
+            }
             Ok((done, _)) => {
                 interrupted.remove(&batch.seq);
                 if wb.blocked().is_some() {
@@ -236,6 +285,57 @@ async fn run_once(
                     return Stop::Restart;
                 }
                 let path = op_paths(&batch.op).first().map(|p| (*p).clone());
+                if batch.seq <= journal.applied() {
+                    // A change applied before, applied again to an agent that lost it, and
+                    // refused now (the new target differs from the old one): passed over.
+                    tracing::warn!(
+                        seq = batch.seq,
+                        "a change applied before could not be applied again{}: {e}; passed over",
+                        path.as_ref()
+                            .map(|p| format!(" to {p}"))
+                            .unwrap_or_default()
+                    );
+                    let first = batch.first_seq;
+                    return match fast_forward(&client, session, first - 1, batch.seq).await {
+                        Ok(()) => Stop::Restart,
+                        Err(stop) => stop,
+                    };
+                }
+                if droppable(&batch, e.errno) {
+                    // A change of metadata alone that the remote will never take (its
+                    // permission rules differ from what the mount checked): it is dropped, so
+                    // that it does not hold back everything after it, and the node shows the
+                    // remote's attributes again.
+                    tracing::warn!(
+                        seq = batch.seq,
+                        "the remote refused a change of attributes{}: {e}; dropped (the mount \
+                         shows the target's attributes again)",
+                        path.as_ref()
+                            .map(|p| format!(" of {p}"))
+                            .unwrap_or_default()
+                    );
+                    wb.note_error(RemoteError {
+                        errno: e.errno,
+                        path,
+                        message: e.message.clone(),
+                        seq: Some(batch.seq),
+                        at: SystemTime::now(),
+                    });
+                    // The agent holds the session at this seq until it comes again: as a no-op.
+                    let skip = Op::Journaled {
+                        session,
+                        seq: batch.seq,
+                        op: Box::new(Op::Ping),
+                    };
+                    if let Ok(wait) = client.send_ordered(skip, None).await
+                        && wait.await.is_ok()
+                    {
+                        core.settle(batch.first_seq, batch.seq, None).await;
+                        journal.mark_applied(batch.seq);
+                    }
+                    // Those sent after it were cancelled: start again after it.
+                    return Stop::Restart;
+                }
                 tracing::warn!(
                     seq = batch.seq,
                     "the remote refused a change{}: {e}; it stays in the journal and is sent \
@@ -364,6 +464,18 @@ async fn fast_forward(
         }
     }
     Ok(())
+}
+
+/// A refused record that is dropped rather than retried: one changing attributes only
+/// (mode, owner, times, extended attributes) that the remote refuses for permission.
+fn droppable(batch: &Batch, errno: i32) -> bool {
+    batch.first_seq == batch.seq
+        && matches!(errno, libc::EACCES | libc::EPERM)
+        && match &batch.op {
+            Op::SetAttr { set, .. } => set.size.is_none(),
+            Op::SetXattr { .. } | Op::RemoveXattr { .. } => true,
+            _ => false,
+        }
 }
 
 fn record_size(op: &Op) -> usize {

@@ -55,6 +55,7 @@ fn op(i: u64) -> Op {
 fn manual() -> JournalOptions {
     JournalOptions {
         flush_interval: Duration::from_secs(3600),
+        keep_applied: 0,
         ..JournalOptions::default()
     }
 }
@@ -362,6 +363,7 @@ fn applied_is_persisted_lazily_by_the_flusher() {
         segment_bytes: 1024,
         flush_interval: Duration::from_millis(10),
         write_buffer: 256,
+        keep_applied: 0,
     };
     let (j, _) = Journal::open_with(tmp.path(), opts.clone()).unwrap();
     for i in 1..=40 {
@@ -524,6 +526,7 @@ fn a_follower_sees_every_record_once_while_segments_are_deleted() {
         segment_bytes: 2048,
         flush_interval: Duration::from_millis(1),
         write_buffer: 512,
+        keep_applied: 0,
     };
     let (j, _) = Journal::open_with(tmp.path(), opts).unwrap();
     let j = Arc::new(j);
