@@ -45,6 +45,8 @@ pub(crate) struct FuseFs {
     core: Arc<Core>,
     runtime: tokio::runtime::Handle,
     out: AttrOut,
+    /// The user the agent runs as (not root), whose permissions the target applies.
+    agent_user: Option<kmount_proto::Caller>,
 }
 
 /// How attributes are handed to the kernel: for how long, and with whose owner.
@@ -66,12 +68,31 @@ impl FuseFs {
         runtime: tokio::runtime::Handle,
         ttl: Duration,
         owners: Option<OwnerMap>,
+        agent_user: Option<(u32, u32)>,
     ) -> Self {
         Self {
             core,
             runtime,
             out: AttrOut { ttl, owners },
+            agent_user: agent_user.filter(|&(uid, _)| uid != 0).map(|(uid, gid)| {
+                kmount_proto::Caller {
+                    uid,
+                    gid,
+                    groups: Vec::new(),
+                }
+            }),
         }
+    }
+
+    /// Whom to check an operation for before the core takes it: the agent's user, when the
+    /// core answers changes from its local copy (write-back) and would otherwise accept what
+    /// the target then refuses. `None` when the target's own answer reaches the caller
+    /// (write-through), for an agent running as root, and without an owner map (local
+    /// targets, where the kernel or the agent's identity switching check).
+    fn enforce(&self) -> Option<kmount_proto::Caller> {
+        self.agent_user
+            .clone()
+            .filter(|_| self.core.write_back().is_some())
     }
 
     fn caller(&self, req: &Request) -> Option<kmount_proto::Caller> {
@@ -182,6 +203,84 @@ fn fuse_attr(a: &NodeAttr, owners: Option<&OwnerMap>) -> FileAttr {
     }
 }
 
+/// What an `open` with `flags` needs (`O_TRUNC` writes).
+fn open_mask(flags: i32) -> i32 {
+    let mask = match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => libc::R_OK,
+        libc::O_WRONLY => libc::W_OK,
+        _ => libc::R_OK | libc::W_OK,
+    };
+    if flags & libc::O_TRUNC != 0 {
+        mask | libc::W_OK
+    } else {
+        mask
+    }
+}
+
+/// `access(2)` of node `id` for `who` against the tree's attributes (the remote's own owners and
+/// modes), as the target will judge the operation; nothing to check without `who`.
+async fn permit(
+    core: &Core,
+    who: &Option<kmount_proto::Caller>,
+    id: u64,
+    mask: i32,
+) -> Result<(), FsError> {
+    match who {
+        Some(c) => core.access(Some(c.clone()), id, mask).await,
+        None => Ok(()),
+    }
+}
+
+/// What the target checks for a `setattr` by `who` (not root); see [`setattr_rule`].
+async fn permit_setattr(
+    core: &Core,
+    who: &Option<kmount_proto::Caller>,
+    id: u64,
+    set: &SetAttr,
+    by_handle: bool,
+) -> Result<(), FsError> {
+    let Some(c) = who else { return Ok(()) };
+    let a = core.getattr(None, id).await?;
+    if setattr_rule(c, &a, set, by_handle)? {
+        permit(core, who, id, libc::W_OK).await?;
+    }
+    Ok(())
+}
+
+/// The target's rules for a `setattr` of a node with attributes `a` by `c` (not root): only the
+/// owner changes modes, owners (to itself, and groups it is in) and sets explicit times
+/// (`EPERM`). `Ok(true)`: write permission is needed too (a truncate by path; times set to
+/// now by someone other than the owner).
+fn setattr_rule(
+    c: &kmount_proto::Caller,
+    a: &NodeAttr,
+    set: &SetAttr,
+    by_handle: bool,
+) -> Result<bool, FsError> {
+    let owner = a.uid == c.uid;
+    let in_group = |g: u32| g == c.gid || c.groups.contains(&g);
+    let eperm = |what: &str| Err(crate::err!(libc::EPERM, "{what}: not the owner"));
+    if set.mode.is_some() && !owner {
+        return eperm("chmod");
+    }
+    if set.uid.is_some_and(|u| !owner || u != a.uid) {
+        return eperm("chown");
+    }
+    if set
+        .gid
+        .is_some_and(|g| !owner || (g != a.gid && !in_group(g)))
+    {
+        return eperm("chgrp");
+    }
+    let explicit = |t: &Option<SetTime>| matches!(t, Some(SetTime::At(_)));
+    if !owner && (explicit(&set.atime) || explicit(&set.mtime)) {
+        return eperm("utimes");
+    }
+    let now = |t: &Option<SetTime>| matches!(t, Some(SetTime::Now));
+    let truncate = set.size.is_some() && !by_handle;
+    Ok(truncate || (!owner && (now(&set.atime) || now(&set.mtime))))
+}
+
 fn set_time(t: TimeOrNow) -> SetTime {
     match t {
         TimeOrNow::Now => SetTime::Now,
@@ -286,10 +385,14 @@ impl Filesystem for FuseFs {
             mtime: mtime.map(set_time),
         };
         let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
+        let who = self.enforce();
         self.respond(
             span,
             reply,
-            async move { core.setattr(caller, ino.0, fh.map(|f| f.0), set).await },
+            async move {
+                permit_setattr(&core, &who, ino.0, &set, fh.is_some()).await?;
+                core.setattr(caller, ino.0, fh.map(|f| f.0), set).await
+            },
             move |r, a| r.attr(&out.ttl, &out.attr(&a)),
         );
     }
@@ -318,10 +421,14 @@ impl Filesystem for FuseFs {
         let span = tracing::debug_span!("mknod", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name, out) =
             (self.core.clone(), self.caller(req), bytes(name), self.out);
+        let who = self.enforce();
         self.respond(
             span,
             reply,
-            async move { core.mknod(caller, parent.0, &name, mode, rdev).await },
+            async move {
+                permit(&core, &who, parent.0, libc::W_OK | libc::X_OK).await?;
+                core.mknod(caller, parent.0, &name, mode, rdev).await
+            },
             move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
         );
     }
@@ -338,10 +445,14 @@ impl Filesystem for FuseFs {
         let span = tracing::debug_span!("mkdir", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name, out) =
             (self.core.clone(), self.caller(req), bytes(name), self.out);
+        let who = self.enforce();
         self.respond(
             span,
             reply,
-            async move { core.mkdir(caller, parent.0, &name, mode).await },
+            async move {
+                permit(&core, &who, parent.0, libc::W_OK | libc::X_OK).await?;
+                core.mkdir(caller, parent.0, &name, mode).await
+            },
             move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
         );
     }
@@ -349,10 +460,14 @@ impl Filesystem for FuseFs {
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let span = tracing::debug_span!("unlink", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name) = (self.core.clone(), self.caller(req), bytes(name));
+        let who = self.enforce();
         self.respond(
             span,
             reply,
-            async move { core.unlink(caller, parent.0, &name).await },
+            async move {
+                permit(&core, &who, parent.0, libc::W_OK | libc::X_OK).await?;
+                core.unlink(caller, parent.0, &name).await
+            },
             |r, ()| r.ok(),
         );
     }
@@ -360,10 +475,14 @@ impl Filesystem for FuseFs {
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let span = tracing::debug_span!("rmdir", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name) = (self.core.clone(), self.caller(req), bytes(name));
+        let who = self.enforce();
         self.respond(
             span,
             reply,
-            async move { core.rmdir(caller, parent.0, &name).await },
+            async move {
+                permit(&core, &who, parent.0, libc::W_OK | libc::X_OK).await?;
+                core.rmdir(caller, parent.0, &name).await
+            },
             |r, ()| r.ok(),
         );
     }
@@ -379,10 +498,14 @@ impl Filesystem for FuseFs {
         let span = tracing::debug_span!("symlink", req = req.unique().0, ino = parent.0, name = ?link_name);
         let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
         let (name, target) = (bytes(link_name), bytes(target.as_os_str()));
+        let who = self.enforce();
         self.respond(
             span,
             reply,
-            async move { core.symlink(caller, parent.0, &name, &target).await },
+            async move {
+                permit(&core, &who, parent.0, libc::W_OK | libc::X_OK).await?;
+                core.symlink(caller, parent.0, &name, &target).await
+            },
             move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
         );
     }
@@ -407,10 +530,13 @@ impl Filesystem for FuseFs {
         );
         let (core, caller) = (self.core.clone(), self.caller(req));
         let (name, newname) = (bytes(name), bytes(newname));
+        let who = self.enforce();
         self.respond(
             span,
             reply,
             async move {
+                permit(&core, &who, parent.0, libc::W_OK | libc::X_OK).await?;
+                permit(&core, &who, newparent.0, libc::W_OK | libc::X_OK).await?;
                 core.rename(caller, parent.0, &name, newparent.0, &newname, flags.bits())
                     .await
             },
@@ -435,10 +561,14 @@ impl Filesystem for FuseFs {
         );
         let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
         let name = bytes(newname);
+        let who = self.enforce();
         self.respond(
             span,
             reply,
-            async move { core.link(caller, ino.0, newparent.0, &name).await },
+            async move {
+                permit(&core, &who, newparent.0, libc::W_OK | libc::X_OK).await?;
+                core.link(caller, ino.0, newparent.0, &name).await
+            },
             move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
         );
     }
@@ -446,10 +576,14 @@ impl Filesystem for FuseFs {
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let span = tracing::debug_span!("open", req = req.unique().0, ino = ino.0, flags = flags.0);
         let (core, caller) = (self.core.clone(), self.caller(req));
+        let who = self.enforce();
         self.respond(
             span,
             reply,
-            async move { core.open(caller, ino.0, flags.0).await },
+            async move {
+                permit(&core, &who, ino.0, open_mask(flags.0)).await?;
+                core.open(caller, ino.0, flags.0).await
+            },
             |r, o| {
                 let flags = if o.keep_cache {
                     FopenFlags::FOPEN_KEEP_CACHE
@@ -795,10 +929,14 @@ impl Filesystem for FuseFs {
         let span = tracing::debug_span!("create", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name, out) =
             (self.core.clone(), self.caller(req), bytes(name), self.out);
+        let who = self.enforce();
         self.respond(
             span,
             reply,
-            async move { core.create(caller, parent.0, &name, mode, flags).await },
+            async move {
+                permit(&core, &who, parent.0, libc::W_OK | libc::X_OK).await?;
+                core.create(caller, parent.0, &name, mode, flags).await
+            },
             move |r, c| {
                 r.created(
                     &out.ttl,
@@ -887,6 +1025,102 @@ mod tests {
             rdev: 0,
             blksize: 4096,
         }
+    }
+
+    #[test]
+    fn opens_need_what_their_flags_ask() {
+        assert_eq!(open_mask(libc::O_RDONLY), libc::R_OK);
+        assert_eq!(open_mask(libc::O_WRONLY | libc::O_APPEND), libc::W_OK);
+        assert_eq!(open_mask(libc::O_RDWR), libc::R_OK | libc::W_OK);
+        assert_eq!(
+            open_mask(libc::O_RDONLY | libc::O_TRUNC),
+            libc::R_OK | libc::W_OK
+        );
+    }
+
+    #[test]
+    fn setattr_follows_the_targets_rules_for_its_user() {
+        let app = kmount_proto::Caller {
+            uid: 1000,
+            gid: 1000,
+            groups: vec![50],
+        };
+        let mine = attr(1000, 1000);
+        let roots = attr(0, 0);
+        let set = |f: fn(&mut SetAttr)| {
+            let mut s = SetAttr {
+                mode: None,
+                uid: None,
+                gid: None,
+                size: None,
+                atime: None,
+                mtime: None,
+            };
+            f(&mut s);
+            s
+        };
+        let errno = |r: Result<bool, FsError>| r.map_err(|e| e.errno);
+        let chmod = set(|s| s.mode = Some(0o600));
+        assert_eq!(errno(setattr_rule(&app, &mine, &chmod, false)), Ok(false));
+        assert_eq!(
+            errno(setattr_rule(&app, &roots, &chmod, false)),
+            Err(libc::EPERM)
+        );
+        // chown: only to itself (what a chown to the mapped local user becomes), groups it is in.
+        let to_self = set(|s| {
+            s.uid = Some(1000);
+            s.gid = Some(1000)
+        });
+        assert_eq!(errno(setattr_rule(&app, &mine, &to_self, false)), Ok(false));
+        let give_away = set(|s| s.uid = Some(0));
+        assert_eq!(
+            errno(setattr_rule(&app, &mine, &give_away, false)),
+            Err(libc::EPERM)
+        );
+        let chgrp = |g| {
+            let mut s = set(|_| {});
+            s.gid = Some(g);
+            s
+        };
+        assert_eq!(
+            errno(setattr_rule(&app, &mine, &chgrp(50), false)),
+            Ok(false)
+        );
+        assert_eq!(
+            errno(setattr_rule(&app, &mine, &chgrp(7), false)),
+            Err(libc::EPERM)
+        );
+        assert_eq!(
+            errno(setattr_rule(&app, &roots, &to_self, false)),
+            Err(libc::EPERM)
+        );
+        // Times: explicit ones by the owner only; now by the owner, or with write permission.
+        let touch_at =
+            set(|s| s.mtime = Some(SetTime::At(kmount_proto::Timespec { sec: 1, nsec: 0 })));
+        assert_eq!(
+            errno(setattr_rule(&app, &mine, &touch_at, false)),
+            Ok(false)
+        );
+        assert_eq!(
+            errno(setattr_rule(&app, &roots, &touch_at, false)),
+            Err(libc::EPERM)
+        );
+        let touch_now = set(|s| s.atime = Some(SetTime::Now));
+        assert_eq!(
+            errno(setattr_rule(&app, &mine, &touch_now, false)),
+            Ok(false)
+        );
+        assert_eq!(
+            errno(setattr_rule(&app, &roots, &touch_now, false)),
+            Ok(true)
+        );
+        // A truncate by path needs write permission, also for the owner; by handle the open did.
+        let truncate = set(|s| s.size = Some(0));
+        assert_eq!(errno(setattr_rule(&app, &mine, &truncate, false)), Ok(true));
+        assert_eq!(
+            errno(setattr_rule(&app, &roots, &truncate, true)),
+            Ok(false)
+        );
     }
 
     #[test]

@@ -680,7 +680,15 @@ pub fn mount(
             m.local_gid
         );
     }
-    let fs = FuseFs::new(core.clone(), runtime, ttl.max(MIN_ATTR_TTL), owner_map);
+    // The agent's user, known from the owner map even when it maps nothing.
+    let agent_user = opts.owner_map.map(|m| (m.remote_uid, m.remote_gid));
+    let fs = FuseFs::new(
+        core.clone(),
+        runtime,
+        ttl.max(MIN_ATTR_TTL),
+        owner_map,
+        agent_user,
+    );
 
     let mut config = Config::default();
     config.mount_options = vec![
