@@ -86,7 +86,11 @@ where
             if theirs & ours.features & features::RUNS_AS != 0 {
                 // SAFETY: geteuid and getegid cannot fail.
                 let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-                let runs_as = FromAgent::RunsAs { uid, gid };
+                let runs_as = FromAgent::RunsAs {
+                    uid,
+                    gid,
+                    groups: supplementary_groups(),
+                };
                 if let Err(e) = write_frame(&mut output, &runs_as) {
                     eprintln!("kmount-agent: cannot send who it runs as: {e}");
                     return EXIT_BROKEN;
@@ -167,6 +171,22 @@ fn fatal<W: Write>(mut output: BufWriter<W>, message: &str, code: i32) -> i32 {
     let _ = write_frame(&mut output, &FromAgent::Fatal(message.to_string()));
     let _ = output.flush();
     code
+}
+
+/// This process's supplementary groups (empty when they cannot be read).
+fn supplementary_groups() -> Vec<u32> {
+    // SAFETY: a zero-sized call only counts; the second fills at most `n` entries of a buffer
+    // of that many.
+    unsafe {
+        let n = libc::getgroups(0, std::ptr::null_mut());
+        if n <= 0 {
+            return Vec::new();
+        }
+        let mut groups = vec![0 as libc::gid_t; n as usize];
+        let got = libc::getgroups(n, groups.as_mut_ptr());
+        groups.truncate(got.max(0) as usize);
+        groups
+    }
 }
 
 /// Reads and checks the mount's hello; its features, `None` when the input ended before it.

@@ -163,6 +163,17 @@ fn big_writes_and_reads_stay_within_memory_bounds() {
     );
 }
 
+/// This process's supplementary groups, as the agent (a child with the same credentials)
+/// reports its own.
+fn own_groups() -> Vec<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
+    line["Groups:".len()..]
+        .split_whitespace()
+        .map(|g| g.parse().unwrap())
+        .collect()
+}
+
 #[test]
 fn the_agent_says_who_it_runs_as_when_asked() {
     let tmp = tempfile::tempdir().unwrap();
@@ -175,13 +186,15 @@ fn the_agent_says_who_it_runs_as_when_asked() {
     a.request(1, None, Op::Ping);
     // SAFETY: geteuid and getegid cannot fail.
     let me = unsafe { (libc::geteuid(), libc::getegid()) };
-    assert_eq!(
-        a.recv(),
-        Some(FromAgent::RunsAs {
-            uid: me.0,
-            gid: me.1
-        })
-    );
+    let Some(FromAgent::RunsAs { uid, gid, groups }) = a.recv() else {
+        panic!("no RunsAs")
+    };
+    assert_eq!((uid, gid), me);
+    let mut want = own_groups();
+    let mut groups = groups;
+    want.sort_unstable();
+    groups.sort_unstable();
+    assert_eq!(groups, want);
     let Some(FromAgent::Reply(r)) = a.recv() else {
         panic!("no reply to the ping")
     };

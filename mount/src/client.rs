@@ -296,8 +296,8 @@ struct Shared {
     /// The first session's hello; the mount chose its mode by its features.
     peer: Hello,
     features: u64,
-    /// Who the first session's agent runs as (uid, gid), when it said.
-    runs_as: Option<(u32, u32)>,
+    /// Who the first session's agent runs as (uid, gid, supplementary groups), when it said.
+    runs_as: Option<(u32, u32, Vec<u32>)>,
     /// Milliseconds a call waits for a lost connection to come back.
     remote_timeout_ms: AtomicU64,
     link: watch::Sender<Link>,
@@ -561,8 +561,8 @@ struct Handshaken {
     child: Option<Child>,
     theirs: Hello,
     features: u64,
-    /// The uid and gid the agent runs as, when it said.
-    runs_as: Option<(u32, u32)>,
+    /// The uid, gid and groups the agent runs as, when it said.
+    runs_as: Option<(u32, u32, Vec<u32>)>,
 }
 
 /// Completes the hello exchange on `stream`.
@@ -806,7 +806,7 @@ impl Client {
         let shared = Arc::new_cyclic(|weak: &Weak<Shared>| {
             let peer = h.theirs.clone();
             let features = h.features;
-            let runs_as = h.runs_as;
+            let runs_as = h.runs_as.clone();
             let conn = start_conn(h, 1, weak.clone(), events.clone());
             let (link, _) = watch::channel(Link::Up(conn));
             Shared {
@@ -990,7 +990,19 @@ impl Client {
     /// The uid and gid the agent of the first session runs as, when it said (agents that
     /// announce [`features::RUNS_AS`]).
     pub fn agent_user(&self) -> Option<(u32, u32)> {
-        self.shared.runs_as
+        self.shared
+            .runs_as
+            .as_ref()
+            .map(|(uid, gid, _)| (*uid, *gid))
+    }
+
+    /// The supplementary groups of that user (empty when the agent did not say).
+    pub fn agent_groups(&self) -> Vec<u32> {
+        self.shared
+            .runs_as
+            .as_ref()
+            .map(|(_, _, groups)| groups.clone())
+            .unwrap_or_default()
     }
 
     /// True while a stream is up.
@@ -1133,7 +1145,7 @@ async fn hello_exchange(
     reader: &mut (dyn AsyncRead + Send + Unpin),
     writer: &mut (dyn AsyncWrite + Send + Unpin),
     ours: &Hello,
-) -> Result<(Hello, Option<(u32, u32)>), HelloFailure> {
+) -> Result<(Hello, Option<(u32, u32, Vec<u32>)>), HelloFailure> {
     let encode_failed = |e: ProtoError| HelloFailure::Io(io::Error::other(e.to_string()));
     let mut out = encode(&ToAgent::Hello(ours.clone())).map_err(encode_failed)?;
     out.extend(
@@ -1168,8 +1180,8 @@ async fn hello_exchange(
     loop {
         match read_frame_async(reader).await {
             Ok(Some(p)) => match decode::<FromAgent>(&p) {
-                Ok(FromAgent::RunsAs { uid, gid }) if runs_as.is_none() => {
-                    runs_as = Some((uid, gid));
+                Ok(FromAgent::RunsAs { uid, gid, groups }) if runs_as.is_none() => {
+                    runs_as = Some((uid, gid, groups));
                     continue;
                 }
                 Ok(FromAgent::Reply(Reply { id: 0, result })) => match result {

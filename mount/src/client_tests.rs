@@ -320,6 +320,7 @@ async fn the_agent_user_comes_with_the_hello_exchange() {
         a.send(&FromAgent::RunsAs {
             uid: 1000,
             gid: 1001,
+            groups: vec![1001, 2000],
         })
         .await;
         let ping = a.recv_request().await;
@@ -328,9 +329,11 @@ async fn the_agent_user_comes_with_the_hello_exchange() {
     });
     let client = Client::from_stream(stream, "the fake agent").await.unwrap();
     assert_eq!(client.agent_user(), Some((1000, 1001)));
+    assert_eq!(client.agent_groups(), [1001, 2000]);
     // An agent that does not say leaves it unknown.
     let (client, _agent) = connected(0).await;
     assert_eq!(client.agent_user(), None);
+    assert!(client.agent_groups().is_empty());
 }
 
 #[tokio::test]

@@ -68,19 +68,15 @@ impl FuseFs {
         runtime: tokio::runtime::Handle,
         ttl: Duration,
         owners: Option<OwnerMap>,
-        agent_user: Option<(u32, u32)>,
+        agent_user: Option<(u32, u32, Vec<u32>)>,
     ) -> Self {
         Self {
             core,
             runtime,
             out: AttrOut { ttl, owners },
-            agent_user: agent_user.filter(|&(uid, _)| uid != 0).map(|(uid, gid)| {
-                kmount_proto::Caller {
-                    uid,
-                    gid,
-                    groups: Vec::new(),
-                }
-            }),
+            agent_user: agent_user
+                .filter(|(uid, _, _)| *uid != 0)
+                .map(|(uid, gid, groups)| kmount_proto::Caller { uid, gid, groups }),
         }
     }
 

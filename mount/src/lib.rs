@@ -681,7 +681,9 @@ pub fn mount(
         );
     }
     // The agent's user, known from the owner map even when it maps nothing.
-    let agent_user = opts.owner_map.map(|m| (m.remote_uid, m.remote_gid));
+    let agent_user = opts
+        .owner_map
+        .map(|m| (m.remote_uid, m.remote_gid, core.client().agent_groups()));
     let fs = FuseFs::new(
         core.clone(),
         runtime,

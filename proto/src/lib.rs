@@ -57,7 +57,7 @@ pub mod features {
     /// `Op::Journaled`, `Op::AppliedSeq`, `Op::PutFile`, `Op::ReadPath`, `Op::FsyncPath`, `Op::WritePath`,
     /// `Op::FallocatePath`.
     pub const JOURNAL: u64 = 1 << 3;
-    /// The agent tells the uid and gid it runs as ([`crate::FromAgent::RunsAs`]) once, right
+    /// The agent tells the user it runs as ([`crate::FromAgent::RunsAs`]) once, right
     /// after the hellos and before any reply, when both hellos announce this bit.
     pub const RUNS_AS: u64 = 1 << 4;
 }

@@ -64,12 +64,13 @@ pub enum FromAgent {
     /// Changes under the root since the last batch, coalesced over a few milliseconds, in the
     /// order they happened. Only sent after `Op::Watch { enable: true }`.
     Events(Vec<Event>),
-    /// The effective uid and gid the agent runs as (sent once, after the hellos, when both
-    /// announced [`crate::features::RUNS_AS`]); the mount may show that user's files as the
-    /// local user's.
+    /// The effective uid and gid the agent runs as, and its supplementary groups (sent once,
+    /// after the hellos, when both announced [`crate::features::RUNS_AS`]); the mount may show
+    /// that user's files as the local user's, and check operations as the target will.
     RunsAs {
         uid: u32,
         gid: u32,
+        groups: Vec<u32>,
     },
 }
 
