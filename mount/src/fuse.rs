@@ -222,9 +222,18 @@ async fn permit(
     mask: i32,
 ) -> Result<(), FsError> {
     match who {
-        Some(c) => core.access(Some(c.clone()), id, mask).await,
-        None => Ok(()),
+        Some(c) if !unsettled(core, id) => core.access(Some(c.clone()), id, mask).await,
+        _ => Ok(()),
     }
+}
+
+/// Whether node `id` has changes the target has not applied yet. Its attributes may then be the
+/// core's guess (a node made while the journal is busy gets the served directory's owner until
+/// it settles), so the target's own verdict is waited for instead: a wrong refusal would be
+/// worse than a late one.
+fn unsettled(core: &Core, id: u64) -> bool {
+    core.write_back()
+        .is_some_and(|wb| wb.pending_seq(id).is_some())
 }
 
 /// What the target checks for a `setattr` by `who` (not root); see [`setattr_rule`].
@@ -236,6 +245,9 @@ async fn permit_setattr(
     by_handle: bool,
 ) -> Result<(), FsError> {
     let Some(c) = who else { return Ok(()) };
+    if unsettled(core, id) {
+        return Ok(());
+    }
     let a = core.getattr(None, id).await?;
     if setattr_rule(c, &a, set, by_handle)? {
         permit(core, who, id, libc::W_OK).await?;
