@@ -78,6 +78,19 @@ struct MountArgs {
     /// watcher missed, e.g. 30s, 500ms [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
     reconcile_interval: Option<Duration>,
+    /// Local-first (experimental): changes land in a local journal and content cache at once
+    /// and reach the target in the background, in order (`kmount wait` waits for them; `kmount
+    /// unmount` sends them first). Also KMOUNT_WRITE_BACK=1.
+    #[arg(long)]
+    write_back: bool,
+}
+
+/// `--write-back` of this mount, read by [`run`] when it builds the mount options.
+static WRITE_BACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `--write-back` was given.
+pub fn write_back_flag() -> bool {
+    WRITE_BACK.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// `--reconcile-interval`: `500ms`, `2s`, `1.5` (seconds); at least 10 ms.
@@ -131,6 +144,15 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Wait until every change made through a mount is in its target.
+    #[command(
+        after_help = "Exit status: 0 once every change is applied; 1 when the target refuses one or \
+                      cannot be reached in time.\n\nExample:\n  kmount wait ./mnt"
+    )]
+    Wait {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+    },
     /// List the active mounts: target, mountpoint, state and daemon pid.
     #[command(visible_alias = "ls", after_help = "Example:\n  kmount list")]
     List,
@@ -164,6 +186,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Unmount { mountpoint, all }) => unmount(mountpoint.as_deref(), all),
+        Some(Command::Wait { mountpoint }) => wait(&mountpoint),
         Some(Command::List) => list(),
         Some(Command::Up) => up(),
         Some(Command::Down) => down(),
@@ -228,6 +251,9 @@ fn mount(args: MountArgs) -> Result<()> {
     if let Some(every) = args.reconcile_interval {
         let _ = RECONCILE_INTERVAL.set(every);
     }
+    if args.write_back {
+        WRITE_BACK.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let kube = kube::KubeOptions {
         namespace: args.namespace,
@@ -261,6 +287,9 @@ fn mount(args: MountArgs) -> Result<()> {
     };
     if let Some(every) = args.reconcile_interval {
         daemon_args.push(format!("--reconcile-interval={}ms", every.as_millis()).into());
+    }
+    if args.write_back {
+        daemon_args.push("--write-back".into());
     }
     daemon_args.push(target.to_arg());
     daemon_args.push(mountpoint.clone().into_os_string());
@@ -306,6 +335,27 @@ fn preflight_mount(
 
 /// The absolute form of a mountpoint argument without touching the mount itself (a dead FUSE
 /// mount cannot be canonicalized: stat fails with ENOTCONN).
+/// `kmount wait`: asks the mount's daemon to return once every change is applied.
+fn wait(mountpoint: &Path) -> Result<()> {
+    let dirs = StateDirs::for_current_user()?;
+    let mountpoint = absolute_mountpoint(mountpoint)?;
+    match dirs.record_for(&mountpoint) {
+        Some(rec) if pid_alive(rec.pid) => {
+            control::request(
+                &dirs.socket_path(&mount_id(&mountpoint)),
+                "wait",
+                Duration::from_secs(120),
+            )
+            .with_context(|| format!("changes made through {}", mountpoint.display()))?;
+            Ok(())
+        }
+        _ => bail!(
+            "{} is not a running kmount mount (see `kmount list`)",
+            mountpoint.display()
+        ),
+    }
+}
+
 fn absolute_mountpoint(p: &Path) -> Result<PathBuf> {
     if let Ok(c) = p.canonicalize() {
         return Ok(c);

@@ -173,7 +173,12 @@ fn serve_until_unmounted(
             Event::Control(req) => {
                 let answer = match req.command.as_str() {
                     "ping" => format!("ok {}", std::process::id()),
+                    "wait" => match flush(flusher, UNMOUNT_FLUSH) {
+                        Ok(()) => "ok".to_string(),
+                        Err(e) => format!("error: {e:#}"),
+                    },
                     "unmount" => match flush(flusher, UNMOUNT_FLUSH)
+                        .map_err(|e| e.context("not unmounted"))
                         .and_then(|()| unmount_path(mountpoint, false))
                     {
                         Ok(()) => "ok".to_string(),
@@ -207,10 +212,13 @@ const UNMOUNT_FLUSH: Duration = Duration::from_secs(100);
 /// How long an interrupt waits for them before unmounting anyway.
 const SIGNAL_FLUSH: Duration = Duration::from_secs(20);
 
-/// Whether mounts are local-first: changes land in a local journal and content cache and
-/// reach the target in order, in the background (`KMOUNT_WRITE_BACK=0` turns it off).
+/// Whether this mount is local-first (`--write-back`, or `KMOUNT_WRITE_BACK=1`): changes land
+/// in a local journal and content cache and reach the target in order, in the background.
+/// Not the default yet: through the CLI's test tiers some attributes (inode numbers of nodes
+/// made while many changes are queued, times of directories) and extended attribute flags
+/// still differ from the target's.
 pub fn write_back_enabled() -> bool {
-    std::env::var_os("KMOUNT_WRITE_BACK").is_none_or(|v| v != "0")
+    crate::write_back_flag() || std::env::var_os("KMOUNT_WRITE_BACK").is_some_and(|v| v == "1")
 }
 
 /// The directory of this mount's journal and content cache: one per target and mountpoint,
@@ -233,7 +241,10 @@ fn session_dir(dirs: &StateDirs, target: &Target, mountpoint: &Path) -> PathBuf 
 /// Waits until every change made through the mount is in the target, at most `timeout`.
 fn flush(flusher: &Flusher, timeout: Duration) -> Result<()> {
     if let Some(p) = flusher.pending().filter(|p| p.records > 0) {
-        tracing::info!("sending {} pending change(s) before unmounting", p.records);
+        tracing::info!(
+            "waiting for {} pending change(s) to reach the target",
+            p.records
+        );
     }
     flusher.wait_applied(timeout).map_err(|e| {
         let paths = flusher
@@ -248,8 +259,8 @@ fn flush(flusher: &Flusher, timeout: Duration) -> Result<()> {
             })
             .unwrap_or_default();
         anyhow::anyhow!(
-            "not unmounted: {e}{}; the changes are kept in the local journal; unmount again \
-             once the target is reachable",
+            "{e}{}; the changes are kept in the local journal and sent once the target takes \
+             them",
             if paths.is_empty() {
                 String::new()
             } else {

@@ -234,7 +234,8 @@ impl WriteBack {
     }
 
     /// Nodes changed by records up to `seq` (inclusive) and after `from`, removed from the
-    /// bookkeeping; with each, whether that was its last record.
+    /// per-seq bookkeeping; with each, whether that was its last record. Their last seqs stay
+    /// (so they count as pending) until [`WriteBack::release_settled`], once adopted.
     pub(crate) fn take_settled(&self, from: u64, seq: u64) -> Vec<(u64, bool)> {
         let nodes: Vec<u64> = {
             let mut map = lock(&self.seq_nodes);
@@ -255,14 +256,22 @@ impl WriteBack {
             let settled = last.get(&id).is_none_or(|&s| s <= seq);
             out.push((id, settled));
         }
-        drop(last);
+        out
+    }
+
+    /// Forgets the last seq of `ids` where it is at most `seq` (they are settled).
+    fn release_settled(&self, ids: impl IntoIterator<Item = u64>, seq: u64) {
         let mut last = lock(&self.last_seq);
-        for (id, settled) in &out {
-            if *settled {
-                last.remove(id);
+        for id in ids {
+            if last.get(&id).is_some_and(|&s| s <= seq) {
+                last.remove(&id);
             }
         }
-        out
+    }
+
+    /// Whether node `id` has a record after `seq`.
+    fn changed_after(&self, id: u64, seq: u64) -> bool {
+        lock(&self.last_seq).get(&id).is_some_and(|&s| s > seq)
     }
 
     /// The sender stopped at this record (or goes on again, with `None`).
@@ -348,7 +357,24 @@ impl Core {
         f: impl FnOnce(&mut TreeState) -> Result<(T, Option<Change>), FsError>,
     ) -> Result<(T, Option<(u64, bool)>), FsError> {
         let wb = self.wb().ok_or_else(|| err!(libc::EIO, "no write-back"))?;
-        let _order = lock(&wb.order);
+        let order = lock(&wb.order);
+        self.change_in(&order, f)
+    }
+
+    /// The order lock, for a change whose cached bytes must change under it too (a write,
+    /// a truncate): settling ([`Core::adopt`]) then never sees the bytes without the record.
+    fn order(&self) -> Result<MutexGuard<'_, ()>, FsError> {
+        let wb = self.wb().ok_or_else(|| err!(libc::EIO, "no write-back"))?;
+        Ok(lock(&wb.order))
+    }
+
+    /// [`Core::change_seq`] under the order lock, taken by the caller.
+    fn change_in<T>(
+        &self,
+        _order: &MutexGuard<'_, ()>,
+        f: impl FnOnce(&mut TreeState) -> Result<(T, Option<Change>), FsError>,
+    ) -> Result<(T, Option<(u64, bool)>), FsError> {
+        let wb = self.wb().ok_or_else(|| err!(libc::EIO, "no write-back"))?;
         let (value, change) = {
             let mut t = self.tree().lock();
             f(&mut t)?
@@ -907,7 +933,8 @@ impl Core {
                     // The remote has another version than the tree knew: take its
                     // attributes, then its bytes.
                     drop(entry);
-                    self.adopt_remote(vec![id], 0).await;
+                    let applied = self.wb().map_or(0, |wb| wb.journal.applied());
+                    self.adopt_remote(vec![id], applied).await;
                     (entry, _) = self.entry_for(id)?;
                     replaced = true;
                     self.fetch(id, &entry, 0, entry.size().max(1))
@@ -934,8 +961,10 @@ impl Core {
         size: u64,
     ) -> Result<NodeAttr, FsError> {
         entry.pin();
+        let order = self.order()?;
         entry.set_len(size)?;
-        self.set_attrs(
+        self.set_attrs_in(
+            &order,
             caller,
             id,
             SetAttr {
@@ -943,26 +972,19 @@ impl Core {
                 ..SetAttr::default()
             },
         )
+        .map(|(a, _)| a)
     }
 
-    /// Applies `set` to node `id`'s attributes and journals it.
-    fn set_attrs(
+    /// Applies `set` to node `id`'s attributes and journals it, under the order lock; with
+    /// the record's seq and whether little was ahead of it ([`Core::change_seq`]).
+    fn set_attrs_in(
         &self,
-        caller: &Option<Caller>,
-        id: u64,
-        set: SetAttr,
-    ) -> Result<NodeAttr, FsError> {
-        self.set_attrs_seq(caller, id, set).map(|(a, _)| a)
-    }
-
-    /// [`Core::set_attrs`], with the record's seq and whether the journal was idle.
-    fn set_attrs_seq(
-        &self,
+        order: &MutexGuard<'_, ()>,
         caller: &Option<Caller>,
         id: u64,
         set: SetAttr,
     ) -> Result<(NodeAttr, Option<(u64, bool)>), FsError> {
-        self.change_seq(|t| {
+        self.change_in(order, |t| {
             let mut a = t.attr(id)?.clone();
             let may_set_times = caller.as_ref().is_none_or(|c| c.uid == 0 || c.uid == a.uid);
             let ts = now();
@@ -1029,7 +1051,7 @@ impl Core {
         set: SetAttr,
     ) -> Result<NodeAttr, FsError> {
         let mut caller = caller;
-        if let Some(size) = set.size {
+        let (attr, seq) = if let Some(size) = set.size {
             let file = fh
                 .and_then(|fh| self.wb_file(fh).ok())
                 .filter(|f| f.id == id);
@@ -1050,9 +1072,13 @@ impl Core {
                 None => self.entry_for(id)?.0,
             };
             entry.pin();
+            let order = self.order()?;
             entry.set_len(size)?;
-        }
-        let (attr, seq) = self.set_attrs_seq(&caller, id, set)?;
+            self.set_attrs_in(&order, &caller, id, set)?
+        } else {
+            let order = self.order()?;
+            self.set_attrs_in(&order, &caller, id, set)?
+        };
         self.settle_when_idle(id, seq).await;
         Ok(self
             .tree()
@@ -1088,8 +1114,9 @@ impl Core {
         let len = u32::try_from(data.len()).map_err(|_| err!(libc::EFBIG, "write too large"))?;
         let end = offset + u64::from(len);
         f.entry.pin();
+        let order = self.order()?;
         f.entry.write_local(offset, &data)?;
-        self.change(|t| {
+        self.change_in(&order, |t| {
             let mut a = t.attr(f.id)?.clone();
             let ts = now();
             a.size = a.size.max(end);
@@ -1108,6 +1135,7 @@ impl Core {
             });
             Ok((len, change))
         })
+        .map(|(v, _)| v)
     }
 
     /// `_caller`: the journal applies it as the agent (the handle's open allowed it).
@@ -1132,12 +1160,15 @@ impl Core {
             self.fetch(f.id, &f.entry, offset, len)
                 .await
                 .map_err(stale_is_eio)?;
+        }
+        let order = self.order()?;
+        if punch {
             let zeros = vec![0u8; len.min(f.entry.size().saturating_sub(offset)) as usize];
             f.entry.write_local(offset, &zeros)?;
         } else if !keep_size && end > f.entry.size() {
             f.entry.set_len(end)?;
         }
-        self.change(|t| {
+        self.change_in(&order, |t| {
             let mut a = t.attr(f.id)?.clone();
             let ts = now();
             if !keep_size && !punch {
@@ -1162,6 +1193,7 @@ impl Core {
             });
             Ok(((), change))
         })
+        .map(|_| ())
     }
 
     pub(crate) async fn wb_read(
@@ -1608,6 +1640,7 @@ impl Core {
             }
         }
         let nodes = wb.take_settled(first, seq);
+        let settled: Vec<u64> = nodes.iter().filter(|(_, l)| *l).map(|(n, _)| *n).collect();
         let mut fx = Effects::default();
         let mut refresh = Vec::new();
         for (id, last) in nodes {
@@ -1632,7 +1665,7 @@ impl Core {
                         }
                     }
                     if last {
-                        self.adopt(id, attr, &mut fx);
+                        self.adopt(id, attr, seq, &mut fx);
                     }
                 }
                 None if last => refresh.push(id),
@@ -1644,23 +1677,22 @@ impl Core {
         if !refresh.is_empty() {
             self.adopt_remote(refresh, seq).await;
         }
+        wb.release_settled(settled, seq);
     }
 
-    /// Takes the remote's attributes for `id` (no change of it is pending).
-    fn adopt(&self, id: u64, attr: &Attr, fx: &mut Effects) {
+    /// Takes the remote's attributes for `id` when no change of it after `seq` (applied) is
+    /// journaled. Under the order lock: a local change cannot come between the check and the
+    /// update (its bytes are in the cache before its record is journaled, under that lock).
+    fn adopt(&self, id: u64, attr: &Attr, seq: u64, fx: &mut Effects) {
         let Some(wb) = self.wb() else { return };
-        if wb.pending_seq(id).is_some() {
+        let _order = lock(&wb.order);
+        if wb.changed_after(id, seq) {
             return;
         }
-        let key = {
-            let mut t = self.tree().lock();
-            if t.remote_of(id) != Some((attr.dev, attr.ino)) {
-                return;
-            }
-            let symlink = t.symlink(id).map(<[u8]>::to_vec);
-            t.update_attr(id, attr, symlink, fx);
-            wb.content_key((attr.dev, attr.ino))
-        };
+        let key = wb.content_key((attr.dev, attr.ino));
+        if self.tree().remote_of(id) != Some((attr.dev, attr.ino)) {
+            return;
+        }
         if let Some(entry) = wb.cache.lookup(&key) {
             if entry.size() == attr.size {
                 entry.set_validity(Validity::of(attr));
@@ -1671,6 +1703,9 @@ impl Core {
                 wb.cache.remove(&key);
             }
         }
+        let mut t = self.tree().lock();
+        let symlink = t.symlink(id).map(<[u8]>::to_vec);
+        t.update_attr(id, attr, symlink, fx);
     }
 
     /// Fetches the attributes of `ids` by path and adopts them. A node whose path (or a
@@ -1704,7 +1739,7 @@ impl Core {
         let mut fx = Effects::default();
         while let Some(joined) = set.join_next().await {
             if let Ok((id, Ok(Done::Attr(attr)))) = joined {
-                self.adopt(id, &attr, &mut fx);
+                self.adopt(id, &attr, settled, &mut fx);
             }
         }
         self.invalidator().send(fx.inval);

@@ -348,8 +348,19 @@ impl Mounted {
         self.mnt.join(rel)
     }
 
-    /// `rel` in the backing directory.
+    /// `rel` in the backing directory. Changes made through a write-back mount reach it in
+    /// the background: they are waited for first (`kmount wait`).
     pub fn b(&self, rel: impl AsRef<Path>) -> PathBuf {
+        // A write-back mount keeps its journal and cache under `<state>/mounts`.
+        if self.mounted && self.state.join("mounts").exists() {
+            let out = run_timeout(self.kmount().arg("wait").arg(&self.mnt), MOUNT_TIMEOUT);
+            assert!(
+                out.success(),
+                "`kmount wait {}` failed: {out}{}",
+                self.mnt.display(),
+                self.logs()
+            );
+        }
         self.backing.join(rel)
     }
 
