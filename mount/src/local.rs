@@ -1202,7 +1202,7 @@ impl Core {
         offset: u64,
         size: u32,
     ) -> Result<Vec<u8>, FsError> {
-        let f = self.wb_file(fh)?;
+        let f = self.follow_remote(fh)?;
         let len = u64::from(size);
         if !f.entry.missing(offset, len).is_empty() {
             self.fetch(f.id, &f.entry, offset, len)
@@ -1224,6 +1224,35 @@ impl Core {
             }
         }
         Ok(f.entry.read(offset, len)?)
+    }
+
+    /// Handle `fh`, reading the file's current remote version: a file changed remotely since
+    /// it was opened (and with no local change of its own) is read anew, as a handle on a
+    /// local disk sees a rewrite in place.
+    fn follow_remote(&self, fh: u64) -> Result<WbFile, FsError> {
+        let wb = self.wb().expect("write-back mode");
+        let f = self.wb_file(fh)?;
+        if f.entry.has_local_changes() || wb.pending_seq(f.id).is_some() {
+            return Ok(f);
+        }
+        let now = {
+            let t = self.tree().lock();
+            match (t.remote_of(f.id), t.attr(f.id)) {
+                (Some(r), Ok(a)) if r.0 != LOCAL_DEV && wb.content_key(r) == f.entry.key() => {
+                    Validity::of(a)
+                }
+                _ => return Ok(f),
+            }
+        };
+        if f.entry.validity() == now {
+            return Ok(f);
+        }
+        let (entry, _) = self.entry_for(f.id)?;
+        let fresh = WbFile { id: f.id, entry };
+        if let Some(slot) = lock(&wb.files).get_mut(&fh) {
+            *slot = fresh.clone();
+        }
+        Ok(fresh)
     }
 
     /// Makes `offset..offset+len` of node `id`'s cached bytes present, fetching the missing
