@@ -595,21 +595,29 @@ fn deployment_pod_deleted_while_editing_loses_nothing() {
         (p != old).then_some(p)
     });
     let want: String = (0..20).map(|i| format!("edit {i}\n")).collect();
-    let got = eventually(
-        Duration::from_secs(120),
-        "all 20 edits in the new pod",
-        || {
-            let out = try_kubectl(&[
-                "exec",
-                &new,
-                "--",
-                "sh",
-                "-c",
-                "for i in $(seq 0 19); do cat /work/edit-$i.txt 2>/dev/null; done",
-            ]);
-            (out.success() && out.stdout == want).then_some(out.stdout)
-        },
-    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut got;
+    loop {
+        let out = try_kubectl(&[
+            "exec",
+            &new,
+            "--",
+            "sh",
+            "-c",
+            "for i in $(seq 0 19); do cat /work/edit-$i.txt 2>/dev/null; done",
+        ]);
+        let ok = out.success();
+        got = out.stdout;
+        if ok && got == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all 20 edits reached the new pod {new} within 120 s; it has:\n{got}{}",
+            s.logs()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     assert_eq!(got, want);
     s.unmount();
 }
