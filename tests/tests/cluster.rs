@@ -566,14 +566,17 @@ fn bad_targets_and_clusters_are_explained() {
 }
 
 /// The replacement pod gets every edit, including those made while the old pod was going
-/// away and the new one starting.
+/// away and the new one starting (with write-back: the journal sends the session's changes
+/// again to an agent that has no record of them).
 #[test]
 #[ignore = "needs the local cluster: scripts/test.sh runs it in the cluster tier"]
 fn deployment_pod_deleted_while_editing_loses_nothing() {
     let old = pod_of("kmount-restart");
     kexec(&old, &[], "rm -rf /work/* ; mkdir -p /work");
     let mut s = Scratch::new();
-    s.mount(&[], "deploy/kmount-restart:/work");
+    // Edits the old pod had already taken die with it: only the journal (write-back) has them
+    // to send again to the replacement.
+    s.mount(&["--write-back"], "deploy/kmount-restart:/work");
     for i in 0..10 {
         fs::write(s.m(&format!("edit-{i}.txt")), format!("edit {i}\n")).unwrap();
     }
@@ -619,6 +622,7 @@ fn deployment_pod_deleted_while_editing_loses_nothing() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert_eq!(got, want);
+    eprintln!("DAEMONLOG{}", s.logs());
     s.unmount();
 }
 
