@@ -818,6 +818,49 @@ impl Journal {
         }
     }
 
+    /// Declares the records after `seq` (down to the first one still stored) not applied any
+    /// more: the target lost them (a replaced pod), so they are sent again and count as
+    /// pending meanwhile (their paths too). Returns the seq the applied one now is.
+    pub fn rewind_applied(&self, seq: u64) -> Result<u64, JournalError> {
+        let sh = &self.shared;
+        let applied = self.applied();
+        let to = seq
+            .max(self.first_retained().saturating_sub(1))
+            .min(applied);
+        if to == applied {
+            return Ok(applied);
+        }
+        let mut found: Vec<(RelPath, u64)> = Vec::new();
+        for r in self.records_from(to + 1) {
+            let r = r?;
+            if r.seq > applied {
+                break;
+            }
+            for p in op_paths(&r.op) {
+                found.push((p.clone(), r.seq));
+            }
+        }
+        {
+            let mut paths = lock(&sh.paths);
+            for (p, seq) in found {
+                let e = paths.entry(p).or_insert(seq);
+                *e = (*e).max(seq);
+            }
+        }
+        // Durably first: a restart during the replay must send them again too.
+        let mut persisted = lock(&sh.persisted_applied);
+        write_durably(
+            &sh.dir,
+            "applied",
+            &encode_state(&APPLIED_MAGIC, &[sh.session, to]),
+        )
+        .map_err(io_err(&sh.dir.join("applied")))?;
+        *persisted = to;
+        sh.applied_tx.send_replace(to);
+        *lock(&sh.pending_cache) = None;
+        Ok(to)
+    }
+
     /// Waits until every record up to `seq` is applied remotely. Fails when the journal closes
     /// first.
     pub async fn wait_applied(&self, seq: u64) -> Result<(), JournalError> {

@@ -113,7 +113,7 @@ async fn run_once(
         }
     }
     let generation = client.generation();
-    let agent_applied = match client.call(Op::AppliedSeq { session }, None).await {
+    let mut agent_applied = match client.call(Op::AppliedSeq { session }, None).await {
         Ok(Done::Seq(n)) => n,
         Ok(other) => {
             tracing::warn!("the agent answered AppliedSeq with {other:?}");
@@ -124,57 +124,51 @@ async fn run_once(
             return Stop::Restart;
         }
     };
-    if replaying.is_none() && agent_applied == 0 && journal.applied() > 0 {
+    if agent_applied == 0 && journal.applied() > 0 {
         // An agent with no record of the session at all: a new one on a new filesystem (a
-        // replaced pod), which has none of the changes applied so far. They are applied
-        // again, from the journal's records (kept for this), before the pending ones.
+        // replaced pod), which has none of the changes applied so far. They count as pending
+        // again and are sent again, from the journal's records (kept for this), before the
+        // pending ones; the seqs of records no longer stored pass as no-ops.
+        let until = journal.applied();
+        let first = journal.first_retained();
         tracing::warn!(
             "the agent has no record of this session (a new pod, or its state was lost): \
-             applying the session's changes again (records {}..={})",
-            journal.first_retained(),
-            journal.applied()
+             applying the session's changes again (records {first}..={until})"
         );
-        *replaying = Some(journal.applied());
+        match journal.rewind_applied(first.saturating_sub(1)) {
+            Ok(to) => {
+                if to > 0 {
+                    tracing::warn!(
+                        "records 1..={to} are no longer stored; their changes cannot be applied \
+                         again"
+                    );
+                    if let Err(stop) = fast_forward(&client, session, 0, to).await {
+                        return stop;
+                    }
+                    agent_applied = to;
+                }
+                *replaying = Some(until);
+            }
+            Err(e) => {
+                tracing::error!("cannot apply the session's changes again: {e}");
+            }
+        }
     }
-    let (mut next, mut reader) = match *replaying {
-        Some(until) if agent_applied < until => {
-            let from = journal.first_retained().max(agent_applied + 1);
-            if from > agent_applied + 1 {
-                // Records no longer stored: their seqs pass as no-ops.
-                tracing::warn!(
-                    "records {}..{from} are no longer stored; their changes cannot be applied \
-                     again",
-                    agent_applied + 1
-                );
-                if let Err(stop) = fast_forward(&client, session, agent_applied, from - 1).await {
-                    return stop;
-                }
-            }
-            (from, journal.records_from(from))
+    if agent_applied > journal.applied() {
+        let before = journal.applied();
+        journal.mark_applied(agent_applied);
+        core.settle(before + 1, journal.applied(), None).await;
+    } else if agent_applied < journal.applied() {
+        // The agent keeps its applied seq lazily: one that was killed may have lost the last
+        // few, which it did apply (it answered them). Records up to ours are applied; it is
+        // told so with no-op records, since it takes seqs only one after the other.
+        if let Err(stop) = fast_forward(&client, session, agent_applied, journal.applied()).await {
+            return stop;
         }
-        _ => {
-            if replaying.take().is_some() {
-                tracing::info!("the session's changes are applied again");
-            }
-            if agent_applied > journal.applied() {
-                let before = journal.applied();
-                journal.mark_applied(agent_applied);
-                core.settle(before + 1, journal.applied(), None).await;
-            } else if agent_applied < journal.applied() {
-                // The agent keeps its applied seq lazily: one that was killed may have lost
-                // the last few, which it did apply (it answered them). Records up to ours are
-                // applied; it is told so with no-op records, since it takes seqs only one
-                // after the other.
-                if let Err(stop) =
-                    fast_forward(&client, session, agent_applied, journal.applied()).await
-                {
-                    return stop;
-                }
-            }
-            let next = journal.applied() + 1;
-            (next, journal.records_after(next - 1))
-        }
-    };
+    }
+    replay_done(replaying, journal.applied());
+    let mut next = journal.applied() + 1;
+    let mut reader = journal.records_after(next - 1);
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut pending_records: VecDeque<Record> = VecDeque::new();
     loop {
@@ -240,14 +234,6 @@ async fn run_once(
             r = reply => r,
         };
         match result {
-            Ok(_) if batch.seq <= journal.applied() => {
-                // Applied again (replay): nothing to settle.
-                interrupted.remove(&batch.seq);
-                if replaying.is_some_and(|until| batch.seq >= until) {
-                    tracing::info!("the session's changes are applied again");
-                    *replaying = None;
-                }
-            }
             Ok((done, _)) => {
                 interrupted.remove(&batch.seq);
                 if wb.blocked().is_some() {
@@ -260,6 +246,7 @@ async fn run_once(
                 core.settle(batch.first_seq, batch.seq, Some((&batch.op, done, sent_in)))
                     .await;
                 journal.mark_applied(batch.seq);
+                replay_done(replaying, batch.seq);
             }
             Err(CallError::Remote(e)) => {
                 let replayed = interrupted.remove(&batch.seq);
@@ -285,7 +272,7 @@ async fn run_once(
                     return Stop::Restart;
                 }
                 let path = op_paths(&batch.op).first().map(|p| (*p).clone());
-                if batch.seq <= journal.applied() {
+                if replaying.is_some_and(|until| batch.seq <= until) {
                     // A change applied before, applied again to an agent that lost it, and
                     // refused now (the new target differs from the old one): passed over.
                     tracing::warn!(
@@ -297,7 +284,11 @@ async fn run_once(
                     );
                     let first = batch.first_seq;
                     return match fast_forward(&client, session, first - 1, batch.seq).await {
-                        Ok(()) => Stop::Restart,
+                        Ok(()) => {
+                            core.settle(first, batch.seq, None).await;
+                            journal.mark_applied(batch.seq);
+                            Stop::Restart
+                        }
                         Err(stop) => stop,
                     };
                 }
@@ -426,6 +417,14 @@ async fn send_batch(client: &crate::client::Client, session: u64, b: &Batch) -> 
             None => Ok(done),
         }
     })
+}
+
+/// Ends the replay (see [`run`]) once the records up to `applied` are applied again.
+fn replay_done(replaying: &mut Option<u64>, applied: u64) {
+    if replaying.is_some_and(|until| applied >= until) {
+        tracing::info!("the session's changes are applied again");
+        *replaying = None;
+    }
 }
 
 /// Brings the agent's applied seq of `session` from `from` up to `to` with `Ping` records.

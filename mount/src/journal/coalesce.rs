@@ -8,9 +8,10 @@
 //! with the same caller, so an operation on another path (a rename of the parent, a link, an
 //! unlink) ends the run instead of moving past it.
 //!
-//! A batch is sent as `Op::Journaled { seq: batch.seq, .. }` (the last seq it covers). The agent
-//! skips seqs at or below the highest one it applied, so a batch is applied whole or skipped
-//! whole. Hence the rule for the sender: coalesce only records that follow a seq the agent has
+//! A batch is sent as its operation under its first seq, then a no-op (`Ping`) under each later
+//! seq it covers (the agent takes seqs one after the other; see `sender::send_batch`). The
+//! agent skips seqs at or below the highest one it applied, so a batch's operation is applied
+//! once. Hence the rule for the sender: coalesce only records that follow a seq the agent has
 //! applied (after a reconnect: `records_after(AppliedSeq)`). Then every batch starts after the
 //! agent's applied seq, and the agent's applied seq is always the end of a batch, so "applied
 //! up to N" keeps meaning "every record up to N is applied" however the records were grouped.

@@ -817,3 +817,32 @@ fn throughput() {
         );
     }
 }
+
+#[test]
+fn applied_records_are_kept_and_can_be_sent_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = JournalOptions {
+        keep_applied: 1 << 20,
+        ..small_segments(2048)
+    };
+    let (j, _) = Journal::open_with(tmp.path(), opts.clone()).unwrap();
+    for i in 1..=40 {
+        j.append(op(i)).unwrap();
+    }
+    j.commit().unwrap();
+    j.mark_applied(40);
+    j.close().unwrap();
+    drop(j);
+    // Kept across a reopen (within keep_applied), applied and not pending.
+    let (j, rec) = Journal::open_with(tmp.path(), opts).unwrap();
+    assert_eq!((rec.applied, rec.records), (40, 0));
+    assert_eq!(j.first_retained(), 1);
+    assert!(j.pending_paths().is_empty());
+    // A target that lost them: pending again, paths included, read again in order.
+    assert_eq!(j.rewind_applied(0).unwrap(), 0);
+    assert_eq!(j.applied(), 0);
+    assert_eq!(j.pending().unwrap().0, 40);
+    assert!(!j.pending_paths().is_empty());
+    let seqs: Vec<u64> = j.records_after(0).map(|r| r.unwrap().seq).collect();
+    assert_eq!(seqs, (1..=40).collect::<Vec<_>>());
+}
