@@ -35,6 +35,12 @@ use proptest::test_runner::{Config, FileFailurePersistence};
 /// The bound asserted for one remote change to become visible (the target is tens of ms; the
 /// bound is generous for a loaded 2-core machine, the figures are printed).
 const VISIBLE_BOUND: Duration = Duration::from_secs(2);
+/// Environment of a local-first (write-back) mount; without it, mounts are write-through
+/// (every operation reaches the agent before the call returns), the CLI's default for now.
+const WRITE_BACK: (&str, &str) = ("KMOUNT_WRITE_BACK", "1");
+/// Environment of a write-through mount, whatever the default.
+const WRITE_THROUGH: (&str, &str) = ("KMOUNT_WRITE_BACK", "0");
+
 /// Longer than one tick of the kernel's coarse clock, which file timestamps come from.
 const TICK: Duration = Duration::from_millis(20);
 /// How often a waiting test looks again.
@@ -137,7 +143,7 @@ fn wait_stat(m: &Mounted, rels: &[PathBuf], bound: Duration) -> Result<Duration,
     loop {
         let differ: Vec<&PathBuf> = rels
             .iter()
-            .filter(|r| stat_of(&m.m(r)) != stat_of(&m.b(r)))
+            .filter(|r| stat_of(&m.m(r)) != stat_of(&m.backing.join(r)))
             .collect();
         if differ.is_empty() {
             return Ok(start.elapsed());
@@ -167,7 +173,7 @@ fn wait_same_masked(
     loop {
         let mut diff = String::new();
         for rel in rels {
-            let b = seen(&m.b(rel))?;
+            let b = seen(&m.backing.join(rel))?;
             let got = seen(&m.m(rel))?;
             if got != b {
                 diff.push_str(&format!(
@@ -353,8 +359,8 @@ fn remote_change_rounds(m: &Mounted, rounds: usize, label: &str) -> Vec<String> 
                 continue;
             }
             let dir = PathBuf::from(format!("r{round}-{}", case.name));
-            fs::create_dir(m.b(&dir)).unwrap();
-            (case.setup)(&m.b(&dir));
+            fs::create_dir(m.backing.join(&dir)).unwrap();
+            (case.setup)(&m.backing.join(&dir));
             let mut rels: Vec<PathBuf> = vec![dir.clone()];
             rels.extend(case.check.iter().map(|c| dir.join(c)));
             // The state before the change reaches the mount (through the watcher, too)...
@@ -375,7 +381,7 @@ fn remote_change_rounds(m: &Mounted, rounds: usize, label: &str) -> Vec<String> 
             // of the file system's clock is the subject of
             // `same_size_rewrite_within_one_timestamp_tick_is_seen`).
             sleep(TICK);
-            (case.change)(&m.b(&dir));
+            (case.change)(&m.backing.join(&dir));
             let t0 = Instant::now();
             // A reader that stats first (as make and file watchers do): the cached attributes
             // change first, then the contents are compared. Reading contents while the change
@@ -419,17 +425,13 @@ fn every_kind_of_remote_change_invalidates_cached_views() {
     assert_same_tree(&m.mnt, &m.backing);
 }
 
-/// The same with write-back off (`KMOUNT_WRITE_BACK=0`: every operation reaches the agent
-/// before the call returns, as with an agent that keeps no journal).
+/// The same on a local-first mount (`KMOUNT_WRITE_BACK=1`: changes land in a local journal
+/// and content cache and reach the target in the background; reads come from the cache).
 #[test]
-fn every_kind_of_remote_change_invalidates_cached_views_without_write_back() {
+fn every_kind_of_remote_change_invalidates_cached_views_with_write_back() {
     let log = std::env::var("KMOUNT_TEST_LOG").unwrap_or_else(|_| "info".into());
-    let m = Mounted::with_args(
-        |_| {},
-        &[],
-        &[("KMOUNT_WRITE_BACK", "0"), ("KMOUNT_LOG", log.as_str())],
-    );
-    let failed = remote_change_rounds(&m, 10, " (write-through)");
+    let m = Mounted::with_args(|_| {}, &[], &[WRITE_BACK, ("KMOUNT_LOG", log.as_str())]);
+    let failed = remote_change_rounds(&m, 10, " (write-back)");
     if !failed.is_empty() {
         keep_logs(&m);
     }
@@ -446,16 +448,20 @@ fn every_kind_of_remote_change_invalidates_cached_views_without_write_back() {
             keeps its old name `tmp`; the watcher's Rename(tmp -> dst) is then a rename between \
             two links of one node, a no-op, and `tmp` stays in the mount for good"]
 fn remote_rename_over_while_the_target_is_read_through_the_mount() {
-    let m = Mounted::with_args(|_| {}, &[], &[("KMOUNT_WRITE_BACK", "0")]);
+    let m = Mounted::with_args(|_| {}, &[], &[WRITE_THROUGH]);
     for round in 0..20 {
         let dir = PathBuf::from(format!("r{round}"));
-        fs::create_dir(m.b(&dir)).unwrap();
-        fs::write(m.b(dir.join("tmp")), text(6000, round)).unwrap();
-        fs::write(m.b(dir.join("dst")), text(4000, 100 + round)).unwrap();
+        fs::create_dir(m.backing.join(&dir)).unwrap();
+        fs::write(m.backing.join(dir.join("tmp")), text(6000, round)).unwrap();
+        fs::write(m.backing.join(dir.join("dst")), text(4000, 100 + round)).unwrap();
         let rels = [dir.clone(), dir.join("tmp"), dir.join("dst")];
         wait_same(&m, &rels, Duration::from_secs(10)).unwrap();
         sleep(TICK);
-        fs::rename(m.b(dir.join("tmp")), m.b(dir.join("dst"))).unwrap();
+        fs::rename(
+            m.backing.join(dir.join("tmp")),
+            m.backing.join(dir.join("dst")),
+        )
+        .unwrap();
         wait_same(&m, &rels, VISIBLE_BOUND)
             .unwrap_or_else(|e| panic!("round {round}: {e}{}", m.logs()));
     }
@@ -469,14 +475,17 @@ fn remote_rename_over_while_the_target_is_read_through_the_mount() {
             before reading it never happens (content cache filled after the stale-content \
             drop)"]
 fn remote_rewrite_while_the_file_is_read_through_the_mount() {
-    let m = Mounted::new();
+    let m = Mounted::with_args(|_| {}, &[], &[WRITE_BACK]);
     for i in 0..50u64 {
         let rel = PathBuf::from(format!("f{i}"));
-        fs::write(m.b(&rel), text(20_000, 100 + i)).unwrap();
+        fs::write(m.backing.join(&rel), text(20_000, 100 + i)).unwrap();
         wait_same(&m, std::slice::from_ref(&rel), Duration::from_secs(10)).unwrap();
         assert_eq!(fs::read(m.m(&rel)).unwrap(), text(20_000, 100 + i));
         sleep(TICK);
-        let f = OpenOptions::new().write(true).open(m.b(&rel)).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(m.backing.join(&rel))
+            .unwrap();
         f.write_all_at(&text(4096, 200 + i), 8192).unwrap();
         drop(f);
         // Read at once, as an editor polling the file would.
@@ -493,17 +502,27 @@ fn remote_rewrite_while_the_file_is_read_through_the_mount() {
 /// A file kept open through the mount sees a remote change to it (attributes at least; with
 /// `FUSE_AUTO_INVAL_DATA` the data too, once the kernel notices the new size or mtime).
 #[test]
-#[ignore = "bug: write-back mount: a handle opened before a remote rewrite keeps reading the \
-            old contents (fstat shows the new size; read returns the old file's bytes); \
-            passes with KMOUNT_WRITE_BACK=0"]
 fn remote_change_to_a_file_open_through_the_mount_is_seen() {
-    let m = Mounted::with_backing(|b| fs::write(b.join("f"), text(10_000, 30)).unwrap());
+    open_handle_sees_remote_change(&[]);
+}
+
+#[test]
+fn remote_change_to_a_file_open_through_the_mount_is_seen_with_write_back() {
+    open_handle_sees_remote_change(&[WRITE_BACK]);
+}
+
+fn open_handle_sees_remote_change(envs: &[(&str, &str)]) {
+    let m = Mounted::with_args(
+        |b| fs::write(b.join("f"), text(10_000, 30)).unwrap(),
+        &[],
+        envs,
+    );
     let f = File::open(m.m("f")).unwrap();
     let mut buf = vec![0u8; 10_000];
     f.read_exact_at(&mut buf, 0).unwrap();
     assert_eq!(buf, text(10_000, 30));
     let new = text(12_000, 31);
-    fs::write(m.b("f"), &new).unwrap();
+    fs::write(m.backing.join("f"), &new).unwrap();
     let start = Instant::now();
     loop {
         let md = f.metadata().unwrap();
@@ -586,26 +605,32 @@ fn blind_watcher_leaves_the_cached_view_until_reconciliation() {
     wait_same(&m, &checks, Duration::from_secs(5)).unwrap();
     reconcile_changes(&m.backing);
     sleep(Duration::from_secs(3));
-    let seen = fs::read(m.m("src/main.js")).unwrap();
-    assert_eq!(
-        seen,
-        text(3000, 40),
-        "with the agent's watcher off and reconciliation every 30 s, the change reached the \
-         mount within 3 s: the switch does not work (or something else refreshes the view)"
-    );
+    // Names come from the mount's tree, which only the watcher or reconciliation changes.
+    // (Contents may be fresher: a write-through mount opens the file in the target.)
     assert!(
-        m.m("gone.txt").exists(),
-        "gone.txt vanished from the mount without a watcher"
+        m.m("gone.txt").exists() && !m.m("dist").exists() && !m.m("new-name").exists(),
+        "with the agent's watcher off and reconciliation every 30 s, the changed names reached \
+         the mount within 3 s: the switch does not work (or something else refreshes the view)"
     );
 }
 
 #[test]
+#[ignore = "bug: write-through mount: a chmod made while the watcher saw nothing never shows \
+            (mode and ctime stay old through 20 reconciliations at 1 s); the other changes do, \
+            and the write-back mount shows the chmod too"]
 fn changes_the_watcher_missed_appear_after_reconciliation() {
-    let m = Mounted::with_args(
-        reconcile_setup,
-        &["--reconcile-interval=1s"],
-        &[("KMOUNT_AGENT_NO_WATCH", "1")],
-    );
+    changes_appear_after_reconciliation(&[]);
+}
+
+#[test]
+fn changes_the_watcher_missed_appear_after_reconciliation_with_write_back() {
+    changes_appear_after_reconciliation(&[WRITE_BACK]);
+}
+
+fn changes_appear_after_reconciliation(envs: &[(&str, &str)]) {
+    let mut envs = envs.to_vec();
+    envs.push(("KMOUNT_AGENT_NO_WATCH", "1"));
+    let m = Mounted::with_args(reconcile_setup, &["--reconcile-interval=1s"], &envs);
     let checks = rels(RECONCILE_CHECK);
     wait_same(&m, &checks, Duration::from_secs(5)).unwrap();
     // Cached through the mount before the change.
@@ -866,16 +891,20 @@ fn save(m: &Mounted, kind: Save, n: usize, current: &[u8], scratch: &Path) -> Ve
 
 /// nodemon on the backing dir restarts exactly once for each of `REPEAT` saves of `kind`
 /// through the mount, and its app always reads the complete saved file.
-fn nodemon_restarts_once_per_save(kind: Save) {
+fn nodemon_restarts_once_per_save(kind: Save, envs: &[(&str, &str)]) {
     /// How long after a restart a second one would count as a double restart.
     const QUIET: Duration = Duration::from_secs(2);
     const REPEAT: usize = 4;
     let nodemon = nodemon_bin();
     let first = version(0);
-    let m = Mounted::with_backing(|b| {
-        fs::write(b.join("app.js"), APP_JS).unwrap();
-        fs::write(b.join("data.txt"), &first).unwrap();
-    });
+    let m = Mounted::with_args(
+        |b| {
+            fs::write(b.join("app.js"), APP_JS).unwrap();
+            fs::write(b.join("data.txt"), &first).unwrap();
+        },
+        &[],
+        envs,
+    );
     let scratch = m.dir().join("scratch");
     fs::create_dir(&scratch).unwrap();
     let expect = scratch.join("expect");
@@ -933,7 +962,7 @@ fn nodemon_restarts_once_per_save(kind: Save) {
             // local journal; it reaches the target in the background).
             let t0 = Instant::now();
             assert_eq!(new, predicted);
-            while fs::read(m.b("data.txt")).ok().as_deref() != Some(&new[..]) {
+            while fs::read(m.backing.join("data.txt")).ok().as_deref() != Some(&new[..]) {
                 assert!(
                     t0.elapsed() < Duration::from_secs(30),
                     "30 s after the {kind:?} save the backing file is not the saved content{}",
@@ -999,34 +1028,49 @@ fn nodemon_restarts_once_per_save(kind: Save) {
 }
 
 #[test]
-#[ignore = "bug: nodemon restarted on a half-written file after a vim save through the mount \
-            (the new file reaches the target in pieces over more than nodemon's 200 ms delay), \
-            then again"]
 fn nodemon_restarts_once_per_vim_save() {
-    nodemon_restarts_once_per_save(Save::Vim);
+    nodemon_restarts_once_per_save(Save::Vim, &[]);
 }
 
 #[test]
 fn nodemon_restarts_once_per_atomic_rename_save() {
-    nodemon_restarts_once_per_save(Save::AtomicRename);
+    nodemon_restarts_once_per_save(Save::AtomicRename, &[]);
 }
 
 #[test]
 fn nodemon_restarts_once_per_jetbrains_safe_write() {
-    nodemon_restarts_once_per_save(Save::JetBrains);
+    nodemon_restarts_once_per_save(Save::JetBrains, &[]);
 }
 
 #[test]
-#[ignore = "bug: cp over the file through the mount reaches the target as two writes (see \
-            `an_in_place_save_reaches_the_target_as_one_write`); when they straddle nodemon's \
-            200 ms delay it restarts twice for one save"]
 fn nodemon_restarts_once_per_cp_over_the_file() {
-    nodemon_restarts_once_per_save(Save::Cp);
+    nodemon_restarts_once_per_save(Save::Cp, &[]);
 }
 
 #[test]
 fn nodemon_restarts_once_per_echo_append() {
-    nodemon_restarts_once_per_save(Save::EchoAppend);
+    nodemon_restarts_once_per_save(Save::EchoAppend, &[]);
+}
+
+#[test]
+#[ignore = "bug: write-back mount: nodemon restarted on a half-written file after a vim save \
+            (the new file reaches the target in pieces over more than nodemon's 200 ms delay), \
+            then again; 3 saves in 4"]
+fn nodemon_restarts_once_per_vim_save_with_write_back() {
+    nodemon_restarts_once_per_save(Save::Vim, &[WRITE_BACK]);
+}
+
+#[test]
+fn nodemon_restarts_once_per_atomic_rename_save_with_write_back() {
+    nodemon_restarts_once_per_save(Save::AtomicRename, &[WRITE_BACK]);
+}
+
+#[test]
+#[ignore = "bug: write-back mount: cp over the file reaches the target as two writes (see \
+            `an_in_place_save_reaches_the_target_as_one_write_with_write_back`); when they \
+            straddle nodemon's 200 ms delay it restarts twice for one save (1 save in 4)"]
+fn nodemon_restarts_once_per_cp_over_the_file_with_write_back() {
+    nodemon_restarts_once_per_save(Save::Cp, &[WRITE_BACK]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1198,7 +1242,7 @@ fn a_save_through_the_mount_is_not_echoed() {
     );
     println!("no-echo: {report}");
     assert_eq!(
-        fs::read(m.b("saved.txt")).unwrap(),
+        fs::read(m.backing.join("saved.txt")).unwrap(),
         new,
         "the save did not reach the backing dir"
     );
@@ -1239,7 +1283,7 @@ fn a_save_through_the_mount_is_not_echoed() {
             .join("\n")
     );
     // Control: a write by another process in the backing dir is reported and logged.
-    fs::write(m.b("other.txt"), text(300, 53)).unwrap();
+    fs::write(m.backing.join("other.txt"), text(300, 53)).unwrap();
     let start = Instant::now();
     while !remote_change_lines(&m)[baseline..]
         .iter()
@@ -1266,11 +1310,28 @@ fn a_save_through_the_mount_is_not_echoed() {
 /// reaches the target as one write: one open for writing, one close-write, and never an empty
 /// file closed in between, which a watcher would act on.
 #[test]
+#[ignore = "bug: write-through mount: an O_TRUNC save gives two close-writes in the target, the \
+            first on the truncated (empty) file (likely the kernel's separate truncate for \
+            O_TRUNC: FUSE_ATOMIC_O_TRUNC is not asked for, so the truncate runs as its own \
+            open/ftruncate/close in the agent)"]
+fn an_in_place_save_reaches_the_target_as_one_write() {
+    in_place_save_is_one_write(&[]);
+}
+
+#[test]
 #[ignore = "bug: write-back mount: an O_TRUNC save reaches the target as two writes (open, \
             truncate, close-write; then open, write, close-write ~10 ms later): a watcher sees \
             an empty file closed first"]
-fn an_in_place_save_reaches_the_target_as_one_write() {
-    let m = Mounted::with_backing(|b| fs::write(b.join("saved.txt"), text(100_000, 60)).unwrap());
+fn an_in_place_save_reaches_the_target_as_one_write_with_write_back() {
+    in_place_save_is_one_write(&[WRITE_BACK]);
+}
+
+fn in_place_save_is_one_write(envs: &[(&str, &str)]) {
+    let m = Mounted::with_args(
+        |b| fs::write(b.join("saved.txt"), text(100_000, 60)).unwrap(),
+        &[],
+        envs,
+    );
     assert_eq!(fs::read(m.m("saved.txt")).unwrap(), text(100_000, 60));
     let ino = Inotify::new(&m.backing);
     let t0 = Instant::now();
@@ -1288,7 +1349,7 @@ fn an_in_place_save_reaches_the_target_as_one_write() {
             show(&events, t0)
         );
         assert_eq!(
-            fs::read(m.b("saved.txt")).unwrap(),
+            fs::read(m.backing.join("saved.txt")).unwrap(),
             text(200_000, 61 + round)
         );
     }
@@ -1322,11 +1383,15 @@ fn a_burst_of_100k_remote_changes_converges() {
     let t0 = Instant::now();
     for d in 0..DIRS {
         for i in 0..PER_DIR {
-            fs::write(m.b(format!("d{d}/f{i}")), format!("{d}/{i}\n")).unwrap();
+            fs::write(m.backing.join(format!("d{d}/f{i}")), format!("{d}/{i}\n")).unwrap();
         }
     }
     for i in 0..CACHED {
-        fs::write(m.b(format!("cached/{i}")), text(200 + i, 1000 + i as u64)).unwrap();
+        fs::write(
+            m.backing.join(format!("cached/{i}")),
+            text(200 + i, 1000 + i as u64),
+        )
+        .unwrap();
     }
     let burst = t0.elapsed();
     let listing = |root: &Path| -> BTreeMap<String, u64> {
@@ -1791,10 +1856,10 @@ proptest! {
     fn mount_matches_plain_directory_with_remote_changes(
         ops in prop::collection::vec((dside(), dop()), 1..=40)
     ) {
-        run_dcase(&ops, &[("KMOUNT_WRITE_BACK", "0")])?;
+        run_dcase(&ops, &[WRITE_THROUGH])?;
     }
 
-    /// The default (local-first write-back where the agent keeps a journal).
+    /// Local-first write-back (`KMOUNT_WRITE_BACK=1`).
     #[test]
     #[ignore = "bug: write-back mount: a local unlink of a file made remotely never reaches the \
                 target, not even at unmount (remote write c; wait until the mount shows it; \
@@ -1803,6 +1868,6 @@ proptest! {
     fn mount_with_write_back_matches_plain_directory_with_remote_changes(
         ops in prop::collection::vec((dside(), dop()), 1..=40)
     ) {
-        run_dcase(&ops, &[])?;
+        run_dcase(&ops, &[WRITE_BACK])?;
     }
 }
