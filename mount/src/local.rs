@@ -1479,7 +1479,7 @@ impl Core {
         op: impl FnOnce(NodeRef) -> Op,
     ) -> Result<(), FsError> {
         self.wb_xattrs_changed(id);
-        self.change(|t| {
+        let ((), seq) = self.change_seq(|t| {
             let path = t.path(id)?;
             let mut a = t.attr(id)?.clone();
             a.ctime = now();
@@ -1492,7 +1492,25 @@ impl Core {
                     nodes: vec![id],
                 }),
             ))
-        })
+        })?;
+        // Whether it succeeds depends on the remote's attributes (XATTR_CREATE, XATTR_REPLACE,
+        // removing a missing one), which live there only: it is waited for, and a refusal
+        // (which the sender passes over) is the caller's error.
+        let Some((seq, _)) = seq else { return Ok(()) };
+        let wb = self.wb().expect("write-back mode");
+        if !self.client().is_connected() {
+            return Ok(());
+        }
+        wb.journal.commit()?;
+        let path = self.tree().path(id).ok();
+        let wait = self.remote_timeout();
+        match tokio::time::timeout(wait, self.wait_applied_for(seq, path.as_ref())).await {
+            Ok(Err(e)) => Err(e),
+            _ => match wb.recent_errors().into_iter().find(|e| e.seq == Some(seq)) {
+                Some(e) => Err(FsError::new(e.errno, e.message)),
+                None => Ok(()),
+            },
+        }
     }
 
     /// `getxattr(security.capability)`, which the kernel asks before every write, answered

@@ -465,13 +465,16 @@ async fn fast_forward(
     Ok(())
 }
 
-/// A refused record that is dropped rather than retried: one changing attributes only
-/// (mode, owner, times, extended attributes) that the remote refuses for permission.
+/// A refused record that is dropped rather than retried: one changing attributes only (mode,
+/// owner, times) that the remote refuses for permission, or a change of extended attributes
+/// (refused for whatever reason: they live on the remote only, and whoever made it waits for
+/// the answer and gets the errno).
 fn droppable(batch: &Batch, errno: i32) -> bool {
     batch.first_seq == batch.seq
-        && matches!(errno, libc::EACCES | libc::EPERM)
         && match &batch.op {
-            Op::SetAttr { set, .. } => set.size.is_none(),
+            Op::SetAttr { set, .. } => {
+                set.size.is_none() && matches!(errno, libc::EACCES | libc::EPERM)
+            }
             Op::SetXattr { .. } | Op::RemoveXattr { .. } => true,
             _ => false,
         }
