@@ -896,7 +896,31 @@ pub fn assert_same_tree_with(a_root: &Path, b_root: &Path, fields: Fields) {
 /// including inode numbers and ctimes.
 #[track_caller]
 pub fn assert_same_tree(mnt_root: &Path, backing_root: &Path) {
+    wait_for_write_back(mnt_root);
     assert_same_tree_with(mnt_root, backing_root, Fields::MOUNT_VS_BACKING)
+}
+
+/// For a [`Mounted`] write-back mount at `mnt` (its state beside it, with a `mounts`
+/// directory): `kmount wait`, so that the backing directory has every change made through it.
+fn wait_for_write_back(mnt: &Path) {
+    let Some(state) = mnt.parent().map(|p| p.join("state")) else {
+        return;
+    };
+    if !state.join("mounts").exists() || !is_mounted(mnt) {
+        return;
+    }
+    let out = run_timeout(
+        kmount_cmd()
+            .env("KMOUNT_STATE_DIR", &state)
+            .arg("wait")
+            .arg(mnt),
+        MOUNT_TIMEOUT,
+    );
+    assert!(
+        out.success(),
+        "`kmount wait {}` failed: {out}",
+        mnt.display()
+    );
 }
 
 /// This process's umask (read from /proc, without changing it).
