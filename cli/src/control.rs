@@ -12,11 +12,20 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-/// A command received on the control socket, with the way to answer it.
+/// A command received on the control socket, with the connection to answer it on.
 pub struct ControlRequest {
     pub command: String,
-    /// daemon main loop --answer line--> connection thread
-    pub answer_tx: mpsc::Sender<String>,
+    conn: UnixStream,
+}
+
+impl ControlRequest {
+    /// Writes the answer line to the client before returning, so a daemon that exits right
+    /// after answering (`unmount`) never leaves the client without its answer.
+    pub fn answer(mut self, line: &str) {
+        if let Err(e) = writeln!(self.conn, "{line}") {
+            tracing::debug!("control connection: cannot answer: {e}");
+        }
+    }
 }
 
 /// Listens on `path` and forwards each command to `requests_tx`.
@@ -49,15 +58,13 @@ fn handle(conn: UnixStream, me: u32, requests_tx: mpsc::Sender<ControlRequest>) 
     }
     let mut line = String::new();
     BufReader::new(conn).read_line(&mut line)?;
-    let (answer_tx, answer_rx) = mpsc::channel();
-    requests_tx.send(ControlRequest {
+    let request = ControlRequest {
         command: line.trim().to_string(),
-        answer_tx,
-    })?;
-    let answer = answer_rx
-        .recv()
-        .unwrap_or_else(|_| "error: the mount is shutting down".into());
-    writeln!(writer, "{answer}")?;
+        conn: writer,
+    };
+    if let Err(mpsc::SendError(request)) = requests_tx.send(request) {
+        request.answer("error: the mount is shutting down");
+    }
     Ok(())
 }
 
@@ -100,7 +107,7 @@ mod tests {
                     "ping" => "ok pong".to_string(),
                     other => format!("error: unknown command {other}"),
                 };
-                let _ = req.answer_tx.send(answer);
+                req.answer(&answer);
             }
         });
         assert_eq!(

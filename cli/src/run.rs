@@ -186,7 +186,7 @@ fn serve_until_unmounted(
                     },
                     other => format!("error: unknown command '{other}'"),
                 };
-                let _ = req.answer_tx.send(answer);
+                req.answer(&answer);
             }
             Event::Signal(name) => {
                 interrupts += 1;
