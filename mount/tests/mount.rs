@@ -56,10 +56,11 @@ impl Mounted {
 
     fn with_agent_args(mut opts: MountOptions, mut agent_args: Vec<OsString>) -> Option<Self> {
         init_logging();
-        // KMOUNT_TEST_MODE: `writeback` (the default: local-first, as kmount runs), `tree`
-        // (names and attributes local, changes sent at once), `passthrough` (every request to
-        // the agent, as with an agent that cannot walk or watch).
-        let mode = std::env::var("KMOUNT_TEST_MODE").unwrap_or_else(|_| "writeback".into());
+        // KMOUNT_TEST_MODE: `tree` (the default, as the CLI runs: names and attributes local,
+        // changes sent at once), `writeback` (local-first, `kmount --write-back`; its own
+        // tests are mount/tests/writeback.rs), `passthrough` (every request to the agent, as
+        // with an agent that cannot walk or watch).
+        let mode = std::env::var("KMOUNT_TEST_MODE").unwrap_or_else(|_| "tree".into());
         let state = tempfile::tempdir().unwrap();
         match mode.as_str() {
             "passthrough" => opts.whole_tree = false,
