@@ -96,6 +96,10 @@ fn watch(a: &Agent, enable: bool) -> Result<Done, WireError> {
 
 fn dispatch(a: &Agent, op: Op) -> Result<Done, WireError> {
     match op {
+        Op::SetRules { .. } | Op::RunCommand { .. } => Err(WireError::new(
+            libc::ENOSYS,
+            "not implemented by this agent yet",
+        )),
         Op::Lookup { path } => lookup(a, &path).map_err(|e| fail(e, "lstat", &path)),
         Op::GetAttr { node } => getattr(a, &node).map_err(|e| fail(e, "stat", node_name(&node))),
         Op::SetAttr { node, set } => {

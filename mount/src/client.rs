@@ -1430,6 +1430,8 @@ pub fn op_name(op: &Op) -> &'static str {
         Op::FsyncPath { .. } => "FsyncPath",
         Op::WritePath { .. } => "WritePath",
         Op::FallocatePath { .. } => "FallocatePath",
+        Op::SetRules { .. } => "SetRules",
+        Op::RunCommand { .. } => "RunCommand",
     }
 }
 

@@ -279,6 +279,7 @@ fn unexpected(op: &str, done: &Done) -> FsError {
         Done::Digests(_) => "Digests",
         Done::Seq(_) => "Seq",
         Done::Content { .. } => "Content",
+        Done::Command { .. } => "Command",
     };
     err!(libc::EIO, "the agent answered {op} with {what}")
 }

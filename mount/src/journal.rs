@@ -229,6 +229,8 @@ pub fn op_paths(op: &Op) -> Vec<&RelPath> {
         | Op::RemoveXattr { node: n, .. } => node(n),
         Op::Journaled { op, .. } => op_paths(op),
         Op::ReadDir { .. }
+        | Op::SetRules { .. }
+        | Op::RunCommand { .. }
         | Op::Read { .. }
         | Op::Write { .. }
         | Op::Fsync { .. }

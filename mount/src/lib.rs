@@ -26,9 +26,10 @@ pub mod local;
 pub mod owner;
 pub mod reconcile;
 pub mod remote;
-pub mod rules;
 pub mod sender;
 pub mod tree;
+
+pub use kmount_proto::rules;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -119,6 +120,13 @@ pub struct MountOptions {
     /// Files of the agent's user shown as the local user's (and chowns to the local user sent
     /// as the agent's user); see [`OwnerMap`].
     pub owner_map: Option<OwnerMap>,
+    /// Which paths are hidden (`--exclude`) or kept on this side (`--local-only`, editor junk
+    /// by default); see [`rules`]. `.kmountignore` at the root is read by the mount itself and
+    /// must be left `None` here.
+    pub rules: rules::RulesConfig,
+    /// `--on-change`: a command run in the target (`sh -c`, in the root) after a batch of
+    /// changes made through the mount has been applied there; debounced, never overlapping.
+    pub on_change: Option<String>,
 }
 
 /// The cache and journal directories for `target` (the target as the user names it): under
@@ -162,6 +170,8 @@ impl Default for MountOptions {
             journal_dir: None,
             cache_limit: 2 << 30,
             owner_map: None,
+            rules: rules::RulesConfig::default(),
+            on_change: None,
         }
     }
 }

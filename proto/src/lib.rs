@@ -26,6 +26,7 @@ pub mod digest;
 mod frame;
 mod msg;
 mod path;
+pub mod rules;
 pub mod tree;
 
 pub use frame::{FrameDecoder, ProtoError, decode, encode, frame_len, read_frame, write_frame};
@@ -60,4 +61,9 @@ pub mod features {
     /// The agent tells the user it runs as ([`crate::FromAgent::RunsAs`]) once, right
     /// after the hellos and before any reply, when both hellos announce this bit.
     pub const RUNS_AS: u64 = 1 << 4;
+    /// `Op::SetRules`: the agent hides excluded and local-only paths from walks, listings,
+    /// lookups, digests and events.
+    pub const RULES: u64 = 1 << 5;
+    /// `Op::RunCommand` (`--on-change`).
+    pub const COMMAND: u64 = 1 << 6;
 }

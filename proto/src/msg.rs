@@ -370,6 +370,16 @@ pub enum Op {
         offset: u64,
         len: u64,
     },
+    /// The mount's ignore rules, for this session (sent again after every reconnect, before
+    /// the walk and the watcher start). From then on every path the rules class as excluded or
+    /// local-only ([`crate::rules::Class`]) is hidden: left out of walks, listings, digests
+    /// and events, and `ENOENT` to lookups. A new `SetRules` replaces the previous one.
+    /// -> [`Done::Ok`]; an invalid pattern is `EINVAL` with the pattern named.
+    SetRules { rules: crate::rules::RulesConfig },
+    /// Runs `command` with `sh -c` in the root directory as the agent's user, stdin from
+    /// `/dev/null`, stdout and stderr together. Killed (its process group) after `timeout_ms`.
+    /// -> [`Done::Command`].
+    RunCommand { command: String, timeout_ms: u64 },
 }
 
 /// Successful results.
@@ -407,6 +417,17 @@ pub enum Done {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
         compressed: bool,
+    },
+    /// How an [`Op::RunCommand`] ended: `status` its exit code (`None` when a signal ended it,
+    /// `signal` then names it, as with a timeout), `output` its stdout and stderr together,
+    /// the last 64 KiB when longer (`truncated`), `millis` how long it ran.
+    Command {
+        status: Option<i32>,
+        signal: Option<i32>,
+        #[serde(with = "serde_bytes")]
+        output: Vec<u8>,
+        truncated: bool,
+        millis: u64,
     },
 }
 

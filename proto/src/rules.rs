@@ -108,8 +108,9 @@ pub enum RulesError {
     },
 }
 
-/// What the user configured.
-#[derive(Debug, Clone, Default)]
+/// What the user configured; the mount sends it to the agent ([`crate::Op::SetRules`]) so both
+/// sides decide alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RulesConfig {
     pub exclude: Vec<String>,
     pub local_only: Vec<String>,
