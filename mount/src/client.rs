@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use kmount_proto::rules::{Rules, RulesConfig, RulesError};
 use kmount_proto::{
     Caller, Done, Event, FromAgent, Hello, NodeRef, Op, ProtoError, Reply, Request, ToAgent,
     WireError, decode, encode, features, frame_len,
@@ -304,6 +305,8 @@ struct Shared {
     events: Arc<EventSink>,
     /// Requests sent, by operation.
     sent: Mutex<HashMap<&'static str, u64>>,
+    /// The ignore rules in force ([`Client::set_rules`]), compiled.
+    rules: Mutex<Arc<Rules>>,
 }
 
 #[derive(Clone)]
@@ -820,9 +823,28 @@ impl Client {
                 link,
                 events,
                 sent: Mutex::new(HashMap::new()),
+                rules: Mutex::new(Arc::new(Rules::none())),
             }
         });
         Ok(Client { shared })
+    }
+
+    /// The ignore rules in force: which paths are excluded, local-only or synced.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.shared
+            .rules
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Sets the ignore rules of this mount (`.kmountignore` is read from the remote root).
+    // TODO(helper-a): send them to the agent (Op::SetRules) on every session, before anything
+    // else, and read `.kmountignore` from the root.
+    pub fn set_rules(&self, cfg: &RulesConfig) -> Result<(), RulesError> {
+        let rules = Rules::new(cfg)?;
+        *self.shared.rules.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+        Ok(())
     }
 
     /// How long calls wait for a broken connection to come back before failing.

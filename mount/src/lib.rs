@@ -23,6 +23,7 @@ mod fuse;
 pub mod invalidate;
 pub mod journal;
 pub mod local;
+pub mod on_change;
 pub mod owner;
 pub mod reconcile;
 pub mod remote;
@@ -179,6 +180,8 @@ impl Default for MountOptions {
 /// Why mounting failed; each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
+    #[error("bad ignore rule: {0}")]
+    Rules(#[from] rules::RulesError),
     #[error(
         "/dev/fuse is missing: install fuse3 (apt-get install fuse3) and check that /dev/fuse \
          exists (in a container: run it with --device /dev/fuse --cap-add SYS_ADMIN)"
@@ -354,6 +357,17 @@ impl MountHandle {
     /// Counters of the remote side (events applied, rescans, reconciliations).
     pub fn sync_stats(&self) -> SyncStats {
         self.core.sync_stats(|s| s.clone())
+    }
+
+    /// The ignore rules in force (flags, defaults and the root's `.kmountignore`).
+    pub fn rules(&self) -> Arc<rules::Rules> {
+        self.core.client().rules()
+    }
+
+    /// The `--on-change` command's runs and failures.
+    // TODO(helper-a): the runner's live status.
+    pub fn on_change_status(&self) -> on_change::Status {
+        on_change::Status::default()
     }
 
     /// The state of the connection to the agent.
@@ -553,6 +567,7 @@ pub fn mount(
     }
 
     client.set_remote_timeout(opts.remote_timeout);
+    client.set_rules(&opts.rules).map_err(MountError::Rules)?;
     let root = {
         let c = client.clone();
         block_on(&runtime, async move { Core::root_attr(&c).await }).map_err(MountError::Root)?

@@ -182,6 +182,14 @@ impl Rules {
         })
     }
 
+    /// No rules at all: every path is synced.
+    pub fn none() -> Rules {
+        Rules {
+            exclude: Vec::new(),
+            local_only: Vec::new(),
+        }
+    }
+
     /// Decides for `path` (relative to the root, '/'-separated; `is_dir` for directories).
     pub fn classify(&self, path: &Path, is_dir: bool) -> Decision {
         if let Some((rule, true)) = decide(&self.exclude, path, is_dir) {
