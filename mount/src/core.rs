@@ -234,8 +234,8 @@ pub struct Opened {
 
 /// See the module documentation.
 pub struct Core {
-    client: Client,
-    tree: Tree,
+    pub(crate) client: Client,
+    pub(crate) tree: Tree,
     identity: bool,
     /// The tree is complete and kept current by the agent's watcher: names and attributes
     /// are answered from it.
@@ -253,6 +253,8 @@ pub struct Core {
     pub(crate) write_back: Option<Arc<WriteBack>>,
     remote_timeout: Duration,
     this: OnceLock<Weak<Core>>,
+    /// Nodes the ignore rules keep on this side (whole-tree mounts).
+    pub(crate) local_only: Option<crate::local_only::LocalOnly>,
 }
 
 impl std::fmt::Debug for Core {
@@ -351,7 +353,13 @@ impl Core {
             write_back: write_back.map(Arc::new),
             remote_timeout,
             this: OnceLock::new(),
+            local_only: None,
         }
+    }
+
+    /// Keeps what the ignore rules call excluded or local-only on this side, in `store`.
+    pub fn set_local_only(&mut self, store: crate::local_only::LocalOnly) {
+        self.local_only = Some(store);
     }
 
     /// Wraps the core in an `Arc` that tasks it starts can hold on to.
@@ -485,7 +493,7 @@ impl Core {
 
     /// Records local changes to `ids`: their attributes are fetched again when next asked
     /// for, and remote listings taken before now leave them alone.
-    fn touch(&self, ids: &[u64]) {
+    pub(crate) fn touch(&self, ids: &[u64]) {
         let seq = self.mutations.fetch_add(1, Ordering::AcqRel) + 1;
         let mut t = self.tree.lock();
         for &id in ids {
@@ -493,7 +501,7 @@ impl Core {
         }
     }
 
-    async fn call(&self, op: Op, caller: &Option<Caller>) -> Result<Done, FsError> {
+    pub(crate) async fn call(&self, op: Op, caller: &Option<Caller>) -> Result<Done, FsError> {
         Ok(self.client.call(op, caller.clone()).await?)
     }
 
@@ -507,7 +515,7 @@ impl Core {
         Ok(self.client.call_in(generation, op, caller.clone()).await?)
     }
 
-    async fn call_attr(&self, op: Op, caller: &Option<Caller>) -> Result<Attr, FsError> {
+    pub(crate) async fn call_attr(&self, op: Op, caller: &Option<Caller>) -> Result<Attr, FsError> {
         let name = op_name(&op);
         match self.call(op, caller).await? {
             Done::Attr(a) => Ok(a),
@@ -515,7 +523,7 @@ impl Core {
         }
     }
 
-    async fn call_ok(&self, op: Op, caller: &Option<Caller>) -> Result<(), FsError> {
+    pub(crate) async fn call_ok(&self, op: Op, caller: &Option<Caller>) -> Result<(), FsError> {
         let name = op_name(&op);
         match self.call(op, caller).await? {
             Done::Ok => Ok(()),
@@ -659,7 +667,7 @@ impl Core {
     }
 
     /// Records a name from an entry reply and counts the kernel's lookup.
-    fn entry(
+    pub(crate) fn entry(
         &self,
         parent: u64,
         name: &[u8],
@@ -784,6 +792,10 @@ impl Core {
     /// `ESTALE`, which makes the kernel look the name up again.
     pub async fn getattr(&self, caller: Option<Caller>, id: u64) -> Result<NodeAttr, FsError> {
         let id = self.tree.canon(id);
+        if self.lo_node(id) {
+            let t = self.tree.lock();
+            return Ok(NodeAttr::from_remote(id, t.attr(id)?));
+        }
         if self.whole_tree {
             let t = self.tree.lock();
             if !t.is_stale(id)
@@ -871,6 +883,9 @@ impl Core {
         set: SetAttr,
     ) -> Result<NodeAttr, FsError> {
         let id = self.tree.canon(id);
+        if self.lo_node(id) {
+            return self.lo_setattr(id, fh, &set);
+        }
         if self.wb().is_some() {
             return self.wb_setattr(caller, id, fh, set).await;
         }
@@ -914,6 +929,9 @@ impl Core {
         rdev: u32,
     ) -> Result<NodeAttr, FsError> {
         let parent = self.tree.canon(parent);
+        if self.lo_here(parent, name, false) {
+            return self.lo_make(&caller, parent, name, mode, user_dev(rdev), None);
+        }
         if self.wb().is_some() {
             return self
                 .wb_mknod(caller, parent, name, mode, user_dev(rdev))
@@ -939,6 +957,16 @@ impl Core {
         mode: u32,
     ) -> Result<NodeAttr, FsError> {
         let parent = self.tree.canon(parent);
+        if self.lo_here(parent, name, true) {
+            return self.lo_make(
+                &caller,
+                parent,
+                name,
+                libc::S_IFDIR | (mode & 0o7777),
+                0,
+                None,
+            );
+        }
         if self.wb().is_some() {
             return self.wb_mkdir(caller, parent, name, mode).await;
         }
@@ -960,6 +988,9 @@ impl Core {
         name: &[u8],
     ) -> Result<(), FsError> {
         let parent = self.tree.canon(parent);
+        if self.lo_child(parent, name) {
+            return self.lo_remove(parent, name, false);
+        }
         if self.wb().is_some() {
             return self.wb_remove(caller, parent, name, false).await;
         }
@@ -976,6 +1007,10 @@ impl Core {
         name: &[u8],
     ) -> Result<(), FsError> {
         let parent = self.tree.canon(parent);
+        if self.lo_child(parent, name) {
+            return self.lo_remove(parent, name, true);
+        }
+        self.lo_check_rmdir(parent, name)?;
         if self.wb().is_some() {
             return self.wb_remove(caller, parent, name, true).await;
         }
@@ -1006,6 +1041,10 @@ impl Core {
         target: &[u8],
     ) -> Result<NodeAttr, FsError> {
         let parent = self.tree.canon(parent);
+        if self.lo_here(parent, name, false) {
+            let mode = libc::S_IFLNK | 0o777;
+            return self.lo_make(&caller, parent, name, mode, 0, Some(target.to_vec()));
+        }
         if self.wb().is_some() {
             return self.wb_symlink(caller, parent, name, target).await;
         }
@@ -1032,6 +1071,12 @@ impl Core {
     ) -> Result<(), FsError> {
         let parent = self.tree.canon(parent);
         let new_parent = self.tree.canon(new_parent);
+        if let Some(done) = self
+            .lo_rename(&caller, parent, name, new_parent, new_name, flags)
+            .await
+        {
+            return done;
+        }
         if self.wb().is_some() {
             return self
                 .wb_rename(caller, parent, name, new_parent, new_name, flags)
@@ -1072,6 +1117,12 @@ impl Core {
     ) -> Result<NodeAttr, FsError> {
         let id = self.tree.canon(id);
         let new_parent = self.tree.canon(new_parent);
+        if self.lo_node(id) || self.lo_here(new_parent, new_name, false) {
+            return Err(err!(
+                libc::EXDEV,
+                "hard links to or from local-only names are not supported (see `kmount why`)"
+            ));
+        }
         if self.wb().is_some() {
             return self.wb_link(caller, id, new_parent, new_name).await;
         }
@@ -1091,6 +1142,9 @@ impl Core {
         flags: i32,
     ) -> Result<Opened, FsError> {
         let id = self.tree.canon(id);
+        if self.lo_node(id) {
+            return self.lo_open(id, flags);
+        }
         if self.wb().is_some() {
             return self.wb_open(caller, id, flags).await;
         }
@@ -1137,6 +1191,9 @@ impl Core {
         offset: u64,
         size: u32,
     ) -> Result<Vec<u8>, FsError> {
+        if let Some(r) = self.lo_read(fh, offset, size) {
+            return r;
+        }
         if self.wb().is_some() {
             return self.wb_read(fh, offset, size).await;
         }
@@ -1159,6 +1216,9 @@ impl Core {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<u32, FsError> {
+        if let Some(r) = self.lo_write(fh, offset, &data) {
+            return r;
+        }
         if self.wb().is_some() {
             return self.wb_write(caller, fh, offset, data).await;
         }
@@ -1180,6 +1240,9 @@ impl Core {
     /// whole tree, the file's attributes after them are fetched now, so the tree holds them
     /// even when the agent goes away.
     pub async fn flush(&self, fh: u64) -> Result<(), FsError> {
+        if self.lo().is_some_and(|lo| lo.file(fh).is_some()) {
+            return Ok(());
+        }
         if self.wb().is_some() {
             return self.wb_flush(fh).await;
         }
@@ -1207,6 +1270,9 @@ impl Core {
 
     pub async fn release(&self, id: u64, fh: u64) -> Result<(), FsError> {
         let id = self.tree.canon(id);
+        if let Some(r) = self.lo_release(id, fh) {
+            return r;
+        }
         if self.wb().is_some() {
             return self.wb_release(id, fh).await;
         }
@@ -1241,6 +1307,10 @@ impl Core {
         fh: u64,
         datasync: bool,
     ) -> Result<(), FsError> {
+        if self.lo().is_some_and(|lo| lo.file(fh).is_some()) {
+            // Kept only while the mount lasts: nothing to make durable.
+            return Ok(());
+        }
         if self.wb().is_some() {
             return self.wb_fsync(caller, fh, datasync).await;
         }
@@ -1553,6 +1623,9 @@ impl Core {
         flags: i32,
     ) -> Result<(), FsError> {
         let id = self.tree.canon(id);
+        if let Some(r) = self.lo_xattr(id, true) {
+            return r.map(|_| ());
+        }
         if self.wb().is_some() {
             let (name, value) = (name.to_vec(), value.to_vec());
             return self
@@ -1584,6 +1657,9 @@ impl Core {
         size: u32,
     ) -> Result<Xattr, FsError> {
         let id = self.tree.canon(id);
+        if let Some(r) = self.lo_xattr(id, false) {
+            return r;
+        }
         if self.wb_no_caps(id, name) {
             return Err(err!(libc::ENODATA, "no capabilities"));
         }
@@ -1614,6 +1690,9 @@ impl Core {
         size: u32,
     ) -> Result<Xattr, FsError> {
         let id = self.tree.canon(id);
+        if self.lo_node(id) {
+            return sized(Vec::new(), size);
+        }
         if self.wb().is_some() {
             self.wb_settle(id).await?;
         }
@@ -1632,6 +1711,9 @@ impl Core {
         name: &[u8],
     ) -> Result<(), FsError> {
         let id = self.tree.canon(id);
+        if let Some(r) = self.lo_xattr(id, true) {
+            return r.map(|_| ());
+        }
         if self.wb().is_some() {
             let name = name.to_vec();
             return self
@@ -1651,6 +1733,9 @@ impl Core {
     /// `access(2)`; the kernel only asks without `default_permissions`.
     pub async fn access(&self, caller: Option<Caller>, id: u64, mask: i32) -> Result<(), FsError> {
         let id = self.tree.canon(id);
+        if self.lo_node(id) {
+            return Ok(());
+        }
         if self.wb().is_some() {
             return self.wb_access(&caller, id, mask);
         }
@@ -1668,6 +1753,9 @@ impl Core {
         flags: i32,
     ) -> Result<Created, FsError> {
         let parent = self.tree.canon(parent);
+        if self.lo_here(parent, name, false) {
+            return self.lo_create(&caller, parent, name, mode, flags);
+        }
         if self.wb().is_some() {
             return self.wb_create(caller, parent, name, mode, flags).await;
         }
@@ -1702,6 +1790,9 @@ impl Core {
         len: u64,
         mode: i32,
     ) -> Result<(), FsError> {
+        if let Some(r) = self.lo_fallocate(fh, offset, len, mode) {
+            return r;
+        }
         if self.wb().is_some() {
             return self.wb_fallocate(caller, fh, offset, len, mode).await;
         }
@@ -1730,6 +1821,9 @@ impl Core {
     ) -> Result<i64, FsError> {
         if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
             return Err(err!(libc::EINVAL, "lseek whence {whence} is the kernel's"));
+        }
+        if let Some(r) = self.lo_lseek(fh, offset, whence) {
+            return r;
         }
         if self.wb().is_some() {
             let offset = u64::try_from(offset).map_err(|_| err!(libc::ENXIO, "negative offset"))?;

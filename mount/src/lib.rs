@@ -23,6 +23,8 @@ mod fuse;
 pub mod invalidate;
 pub mod journal;
 pub mod local;
+pub mod local_only;
+mod local_ops;
 pub mod on_change;
 pub mod owner;
 pub mod reconcile;
@@ -180,6 +182,11 @@ impl Default for MountOptions {
 /// Why mounting failed; each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
+    #[error(
+        "cannot make the private directory for local-only files (in the cache directory, \
+         else $TMPDIR): {0}; check that it is writable"
+    )]
+    LocalOnly(std::io::Error),
     #[error("bad ignore rule: {0}")]
     Rules(#[from] rules::RulesError),
     #[error(
@@ -631,7 +638,7 @@ pub fn mount(
         }
         _ => None,
     };
-    let core = Core::new(
+    let mut core = Core::new(
         client,
         tree,
         opts.identity,
@@ -639,8 +646,13 @@ pub fn mount(
         inval,
         write_back,
         opts.remote_timeout,
-    )
-    .into_arc();
+    );
+    if whole_tree {
+        let store =
+            local_only::LocalOnly::new(opts.cache_dir.as_deref()).map_err(MountError::LocalOnly)?;
+        core.set_local_only(store);
+    }
+    let core = core.into_arc();
     let (tasks_tx, tasks_done) = std::sync::mpsc::channel::<()>();
     let mut commands_tx = None;
     if let Some(events_rx) = events_rx {

@@ -35,6 +35,10 @@ pub const ROOT_ID: u64 = 1;
 /// First synthetic node id; remote inode numbers this large do not occur in practice.
 pub const SYNTHETIC_BASE: u64 = 1 << 63;
 
+/// `st_dev` of local-only nodes ([`crate::local_only`]): kept on this side, never on the
+/// remote, so listings, walks and digests of the remote leave them alone.
+pub const LOCAL_ONLY_DEV: u64 = u64::MAX - 1;
+
 /// Deepest path walked before concluding the links form a loop.
 const MAX_DEPTH: usize = 4096;
 
@@ -336,6 +340,13 @@ impl TreeState {
 
     pub fn contains(&self, id: u64) -> bool {
         self.nodes.contains_key(&id)
+    }
+
+    /// Whether node `id` is local-only ([`LOCAL_ONLY_DEV`]).
+    pub fn is_local_only(&self, id: u64) -> bool {
+        self.nodes
+            .get(&id)
+            .is_some_and(|n| n.remote.0 == LOCAL_ONLY_DEV)
     }
 
     pub fn is_dir(&self, id: u64) -> bool {
@@ -804,9 +815,13 @@ impl TreeState {
 
     /// Removes every child of directory `dir` whose name is not in `keep` (after a fresh
     /// listing of it).
+    /// Local-only children stay: the remote never lists them.
     pub fn retain_children(&mut self, dir: u64, keep: &HashSet<Vec<u8>>, fx: &mut Effects) {
         for name in self.child_names(dir) {
-            if !keep.contains(&name) {
+            let local = self
+                .child(dir, &name)
+                .is_some_and(|id| self.is_local_only(id));
+            if !keep.contains(&name) && !local {
                 self.unlink_name(dir, &name, false, fx);
             }
         }
@@ -1073,6 +1088,8 @@ impl TreeState {
         let mut subdirs: Vec<Option<[u8; 16]>> = Vec::with_capacity(node.children.len());
         for (name, &child) in &node.children {
             let sub = match self.nodes.get(&child) {
+                // Not the remote's: its digest leaves them out.
+                Some(c) if c.remote.0 == LOCAL_ONLY_DEV => None,
                 Some(c) if c.is_dir() && level < MAX_DEPTH => {
                     let sub_report = match &report {
                         Some((path, depth)) if *depth > 0 => {
@@ -1093,6 +1110,9 @@ impl TreeState {
             .zip(subdirs)
             .filter_map(|((name, &child), subdir)| {
                 let c = self.nodes.get(&child)?;
+                if c.remote.0 == LOCAL_ONLY_DEV {
+                    return None;
+                }
                 Some(Child {
                     name,
                     attr: &c.attr,
