@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+mod abort;
 pub mod client;
 pub mod content;
 pub mod core;
@@ -302,26 +303,54 @@ pub struct MountHandle {
     commands_tx: Option<tokio::sync::mpsc::Sender<remote::RemoteCommand>>,
     /// Closed when every background task holding the core has ended.
     tasks_done: Option<std::sync::mpsc::Receiver<()>>,
+    /// The kernel's number for this FUSE connection (fusectl), to abort a session that does
+    /// not end after an unmount.
+    conn: Option<u32>,
 }
+
+/// How long a session may take to end after its unmount before its connection is aborted.
+const SESSION_END_GRACE: Duration = Duration::from_secs(10);
 
 impl MountHandle {
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> io::Result<()> {
         self.unmounter.unmount()?;
-        self.join_session()
+        self.join_session(Some(SESSION_END_GRACE))
     }
 
     /// Waits until the filesystem is unmounted (by [`Unmounter::unmount`] or externally).
     pub fn join(mut self) -> io::Result<()> {
-        self.join_session()
+        self.join_session(None)
     }
 
-    fn join_session(&mut self) -> io::Result<()> {
+    /// Waits for the FUSE session to end: without `bound`, for as long as it takes (the
+    /// mount is in use until someone unmounts it); with one, the session was just unmounted
+    /// and should end at once: when it does not (the unmount only detached it, the kernel
+    /// still has requests or open files), its connection is aborted so that nothing waits
+    /// on it forever.
+    fn join_session(&mut self, bound: Option<Duration>) -> io::Result<()> {
         let result = match self.session.take() {
-            Some(thread) => thread
-                .join()
-                .map_err(|_| io::Error::other("the FUSE session thread panicked"))?,
             None => Ok(()),
+            Some(thread) => {
+                let ended = match bound {
+                    None => true,
+                    Some(limit) => finished_within(&thread, limit) || self.abort_session(&thread),
+                };
+                if ended {
+                    thread
+                        .join()
+                        .map_err(|_| io::Error::other("the FUSE session thread panicked"))?
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the FUSE session of {} did not end after its unmount, even after \
+                             aborting its connection",
+                            self.mountpoint.display()
+                        ),
+                    ))
+                }
+            }
         };
         self.core.shutdown();
         if let Some(done) = self.tasks_done.take() {
@@ -329,6 +358,26 @@ impl MountHandle {
             let _ = done.recv_timeout(Duration::from_secs(10));
         }
         result
+    }
+
+    /// Aborts the connection of a session that outlived its unmount; whether it ended then.
+    fn abort_session(&self, thread: &JoinHandle<io::Result<()>>) -> bool {
+        tracing::warn!(
+            "the FUSE session of {} did not end {SESSION_END_GRACE:?} after its unmount; \
+             aborting its connection",
+            self.mountpoint.display()
+        );
+        match self.conn {
+            Some(conn) => {
+                if let Err(e) = abort::abort_connection(conn) {
+                    tracing::warn!("{e}");
+                }
+            }
+            None => tracing::warn!("the FUSE connection number of this mount is unknown"),
+        }
+        // Whatever is left of the mount goes too.
+        let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        finished_within(thread, Duration::from_secs(5))
     }
 
     /// A handle that unmounts this mount from anywhere.
@@ -549,7 +598,9 @@ impl Drop for MountHandle {
         }
         match self.unmounter.unmount() {
             Ok(()) => {
-                let _ = self.join_session();
+                if let Err(e) = self.join_session(Some(SESSION_END_GRACE)) {
+                    tracing::warn!("{e}");
+                }
             }
             Err(e) => tracing::warn!("cannot unmount {}: {e}", self.mountpoint.display()),
         }
@@ -743,8 +794,11 @@ pub fn mount(
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
 
+    // Before the mount: resolving the mountpoint afterwards would ask the mount itself.
+    let absolute = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let mut session =
         Session::new(fs, mountpoint, &config).map_err(|e| mount_error(mountpoint, e))?;
+    let conn = abort::connection_of(&absolute);
     let unmounter = Unmounter(Arc::new(Mutex::new(session.unmount_callable())));
     let notifier = session.notifier();
     // The notifier thread ends when the core (and its invalidator) is gone.
@@ -764,7 +818,20 @@ pub fn mount(
         core,
         commands_tx,
         tasks_done: Some(tasks_done),
+        conn,
     })
+}
+
+/// Whether `thread` ends within `limit`.
+fn finished_within<T>(thread: &JoinHandle<T>, limit: Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while !thread.is_finished() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 /// Runs `fut` on `runtime` and waits for it from this (non-async) thread.
