@@ -783,7 +783,8 @@ impl Core {
     }
 
     pub fn forget(&self, id: u64, nlookup: u64) {
-        self.tree.forget(id, nlookup);
+        let inval = self.tree.forget(id, nlookup);
+        self.inval.send(inval);
     }
 
     /// Attributes of `id`: from the tree when it is current, else from the remote: by an open
@@ -1168,6 +1169,15 @@ impl Core {
             return Err(e);
         }
         let change = self.update(id, &attr);
+        if change != Change::None {
+            // The open reply carries no attributes: the kernel keeps those it cached (a mode
+            // or size the watcher never reported, which reconciliation then cannot see as a
+            // difference: the tree has them now) unless it is told.
+            self.inval.send(vec![crate::invalidate::Inval::Inode {
+                ino: id,
+                data: false,
+            }]);
+        }
         if flags & libc::O_TRUNC != 0 {
             self.touch(&[id]);
         }

@@ -209,6 +209,7 @@ async fn relist(
             }
         }
         t.retain_children(id, &keep, &mut fx);
+        fx.inval.extend(t.take_deferred());
     }
     fx.dedup();
     core.invalidator().send(std::mem::take(&mut fx.inval));

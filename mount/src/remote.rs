@@ -559,7 +559,9 @@ pub async fn handle_events(core: &Core, events: Vec<Event>) {
     let pending = core.pending_set().filter(|p| !p.is_empty());
     let rescans = {
         let mut t = core.tree().lock();
-        apply_events(&mut t, events, &mut fx, pending.as_ref())
+        let rescans = apply_events(&mut t, events, &mut fx, pending.as_ref());
+        fx.inval.extend(t.take_deferred());
+        rescans
     };
     fx.dedup();
     tracing::debug!(inval = ?fx.inval, ?rescans, "applied remote changes");

@@ -176,6 +176,9 @@ pub struct TreeState {
     aliases: HashMap<u64, u64>,
     root_dev: u64,
     next_synthetic: u64,
+    /// Invalidations of changes the tree made by itself (renumbering a node when the id its
+    /// inode number calls for became free); taken by [`TreeState::take_deferred`].
+    deferred: Vec<Inval>,
 }
 
 impl Tree {
@@ -195,6 +198,7 @@ impl Tree {
                 aliases: HashMap::new(),
                 root_dev: root.dev,
                 next_synthetic: SYNTHETIC_BASE,
+                deferred: Vec::new(),
             }),
         }
     }
@@ -229,8 +233,11 @@ impl Tree {
         self.lock().peek(attr)
     }
 
-    pub fn forget(&self, id: u64, n: u64) {
-        self.lock().forget(id, n);
+    /// The kernel dropped `n` references to `id`; returns invalidations to send.
+    pub fn forget(&self, id: u64, n: u64) -> Vec<Inval> {
+        let mut t = self.lock();
+        t.forget(id, n);
+        t.take_deferred()
     }
 
     /// See [`TreeState::canon`].
@@ -1026,6 +1033,7 @@ impl TreeState {
     }
 
     fn maybe_drop(&mut self, id: u64) {
+        let mut freed = Vec::new();
         let mut work = vec![id];
         while let Some(id) = work.pop() {
             let Some(node) = self.nodes.get(&id) else {
@@ -1055,7 +1063,25 @@ impl TreeState {
                 self.by_remote.remove(&node.remote);
             }
             self.aliases.remove(&id);
+            freed.push(id);
         }
+        // A node that got a synthetic id because its inode number was still taken (ext4
+        // gave a dead file's number to a new directory) takes its own number now.
+        for id in freed {
+            if let Some(&successor) = self.by_remote.get(&(self.root_dev, id))
+                && successor >= SYNTHETIC_BASE
+            {
+                let mut fx = Effects::default();
+                if self.renumber(successor, &mut fx).is_some() {
+                    self.deferred.extend(fx.inval);
+                }
+            }
+        }
+    }
+
+    /// Invalidations of changes the tree made by itself since last asked.
+    pub fn take_deferred(&mut self) -> Vec<Inval> {
+        std::mem::take(&mut self.deferred)
     }
 
     /// Digests ([`kmount_proto::digest`]) of directory `dir` (at `path`) and of every

@@ -437,3 +437,36 @@ fn a_moved_directory_keeps_its_subtree() {
     assert!(t.lock().is_complete(e));
     assert_eq!(t.child(ROOT_ID, b"d"), None);
 }
+
+#[test]
+fn a_directory_given_a_dead_files_number_takes_it_once_the_kernel_forgets_the_file() {
+    let t = complete();
+    let (file, _) = up(&t, ROOT_ID, "gone.txt", &attr(300, F));
+    assert_eq!(file, 300);
+    t.lock().count_lookup(file);
+    // Removed remotely; ext4 gives its number to a new directory at once.
+    t.lock()
+        .remove(ROOT_ID, b"gone.txt", &mut Effects::default());
+    let (dir, _) = up(&t, ROOT_ID, "dist", &attr(300, D));
+    assert!(dir >= SYNTHETIC_BASE, "the kernel still holds node 300");
+    let (child, _) = up(&t, dir, "bundle.js", &attr(301, F));
+    t.lock().count_lookup(dir);
+    let inval = t.forget(file, 1);
+    assert_eq!(
+        t.child(ROOT_ID, b"dist"),
+        Some(300),
+        "renumbered to its st_ino"
+    );
+    assert_eq!(path(&t, child), "dist/bundle.js");
+    assert_eq!(
+        t.canon(dir),
+        300,
+        "the kernel's old id forwards to the new one"
+    );
+    assert!(
+        inval.iter().any(
+            |i| matches!(i, Inval::Entry { parent, name } if *parent == ROOT_ID && name == b"dist")
+        ),
+        "{inval:?}"
+    );
+}

@@ -611,9 +611,6 @@ fn blind_watcher_leaves_the_cached_view_until_reconciliation() {
 }
 
 #[test]
-#[ignore = "bug: write-through mount: a chmod made while the watcher saw nothing never shows \
-            (mode and ctime stay old through 20 reconciliations at 1 s); the other changes do, \
-            and the write-back mount shows the chmod too"]
 fn changes_the_watcher_missed_appear_after_reconciliation() {
     changes_appear_after_reconciliation(&[]);
 }
@@ -658,8 +655,6 @@ fn changes_appear_after_reconciliation(envs: &[(&str, &str)]) {
 }
 
 #[test]
-#[ignore = "bug: a directory that reconciliation finds (walks) shows an inode number of the \
-            mount's own (2^63 + n), not the remote's st_ino"]
 fn a_directory_found_by_reconciliation_keeps_its_inode_number() {
     let m = Mounted::with_args(
         reconcile_setup,
