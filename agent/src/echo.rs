@@ -371,15 +371,20 @@ impl Echo {
     }
 
     /// Whether `seen` at `path` is exactly what the agent's own operations left there.
+    /// A name seen present is no longer the absence an own removal left: a later absence
+    /// there is someone else's doing (a file removed through the mount, made again in the
+    /// container and removed or renamed away within [`TTL`] went unreported).
     pub fn is_echo(&self, path: &RelPath, seen: &Seen) -> bool {
         let now = Instant::now();
-        let s = self.state();
+        let mut s = self.state();
         match seen {
             Seen::Absent => s.absent.get(path).is_some_and(|until| *until > now),
-            Seen::Present(a) => s
-                .nodes
-                .get(&key(a))
-                .is_some_and(|(st, until)| *until > now && *st == NodeState::of(a)),
+            Seen::Present(a) => {
+                s.absent.remove(path);
+                s.nodes
+                    .get(&key(a))
+                    .is_some_and(|(st, until)| *until > now && *st == NodeState::of(a))
+            }
         }
     }
 

@@ -31,7 +31,11 @@ use crate::owner::{self, OwnerMap};
 ///   checks (ETXTBSY for a running executable, LSM truncate hooks), so a failing
 ///   `open(O_TRUNC)` would already have emptied the file. Without it the kernel truncates with
 ///   a SETATTR after those checks.
-const WANTED: InitFlags = InitFlags::FUSE_DO_READDIRPLUS
+/// `FUSE_ATOMIC_O_TRUNC`: an `open(O_TRUNC)` reaches us as one open with `O_TRUNC`, not as a
+/// truncate of its own first (which the target's watchers saw as an empty file written and
+/// closed before the real save).
+const WANTED: InitFlags = InitFlags::FUSE_ATOMIC_O_TRUNC
+    .union(InitFlags::FUSE_DO_READDIRPLUS)
     .union(InitFlags::FUSE_READDIRPLUS_AUTO)
     .union(InitFlags::FUSE_PARALLEL_DIROPS)
     .union(InitFlags::FUSE_AUTO_INVAL_DATA)

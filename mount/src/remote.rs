@@ -372,6 +372,13 @@ pub fn apply_events(
                 let src_parent = t.resolve(&from_parent);
                 let src = src_parent.and_then(|p| t.child(p, from_name));
                 match (src_parent, src, complete_dir(t, &to_parent)) {
+                    (Some(sp), Some(s), Some(tp)) if t.child(tp, to_name) == Some(s) => {
+                        // Both names lead to one node here, but the remote moved one to the
+                        // other (a rename between two links of one file changes nothing and
+                        // reports nothing): the tree had put the node under the new name
+                        // already (a request found it there first). The old name goes.
+                        t.remove(sp, from_name, fx);
+                    }
                     (Some(sp), Some(_), Some(tp)) => {
                         t.rename(sp, from_name, tp, to_name, false, fx);
                     }

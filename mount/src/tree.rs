@@ -893,8 +893,11 @@ impl TreeState {
             return;
         };
         node.links.retain(|l| *l != link);
-        let moved: Vec<Link> = if node.is_dir() {
-            // A directory has one name; a new one means it moved.
+        let moved: Vec<Link> = if node.is_dir() || node.attr.nlink == 1 {
+            // A directory has one name, and so has a file whose link count says so: a new
+            // one means it moved (the word on the old name may never come: a remote
+            // create-and-rename at a name this side had just removed looks like an echo of
+            // that removal to the agent).
             std::mem::take(&mut node.links)
         } else {
             Vec::new()

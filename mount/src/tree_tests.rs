@@ -103,8 +103,12 @@ fn open_files_keep_a_forgotten_node() {
 fn hard_links_share_one_node() {
     let t = table();
     let d = t.remember(ROOT_ID, b"d", &attr(100, D));
-    let a = t.remember(ROOT_ID, b"a", &attr(7, F));
-    let b = t.remember(d, b"b", &attr(7, F));
+    let two = Attr {
+        nlink: 2,
+        ..attr(7, F)
+    };
+    let a = t.remember(ROOT_ID, b"a", &two);
+    let b = t.remember(d, b"b", &two);
     assert_eq!(a, b);
     assert_eq!(t.lookup_count(a), Some(2));
     assert_eq!(path(&t, a), "d/b", "the most recently confirmed name first");
@@ -154,8 +158,12 @@ fn rename_exchange_swaps() {
 #[test]
 fn rename_between_links_of_one_inode_changes_nothing() {
     let t = table();
-    let a = t.remember(ROOT_ID, b"a", &attr(10, F));
-    t.remember(ROOT_ID, b"b", &attr(10, F));
+    let two = Attr {
+        nlink: 2,
+        ..attr(10, F)
+    };
+    let a = t.remember(ROOT_ID, b"a", &two);
+    t.remember(ROOT_ID, b"b", &two);
     t.rename(ROOT_ID, b"a", ROOT_ID, b"b", false);
     assert_eq!(t.child(ROOT_ID, b"a"), Some(a));
     assert_eq!(t.child(ROOT_ID, b"b"), Some(a));
@@ -469,4 +477,24 @@ fn a_directory_given_a_dead_files_number_takes_it_once_the_kernel_forgets_the_fi
         ),
         "{inval:?}"
     );
+}
+
+#[test]
+fn a_file_with_one_link_has_one_name() {
+    let t = complete();
+    let (a, _) = up(&t, ROOT_ID, "a", &attr(40, F));
+    // The remote says the same file (nlink 1) is at b now: it moved.
+    let (b, fx) = up(&t, ROOT_ID, "b", &attr(40, F));
+    assert_eq!(a, b);
+    assert_eq!(t.child(ROOT_ID, b"a"), None);
+    assert_eq!(path(&t, a), "b");
+    let _ = fx;
+    // With two links it is a hard link.
+    let two = Attr {
+        nlink: 2,
+        ..attr(40, F)
+    };
+    up(&t, ROOT_ID, "c", &two);
+    assert_eq!(t.child(ROOT_ID, b"b"), Some(a));
+    assert_eq!(t.child(ROOT_ID, b"c"), Some(a));
 }

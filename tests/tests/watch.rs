@@ -443,10 +443,6 @@ fn every_kind_of_remote_change_invalidates_cached_views_with_write_back() {
 /// write-through (every read asks the agent), the read can reach the agent before the watcher's
 /// word does.
 #[test]
-#[ignore = "bug: write-through mount: a read of `dst` that finds the remote node changed \
-            (core.rs fetch_attr_once -> name_moved) upserts the new node under `dst` while it \
-            keeps its old name `tmp`; the watcher's Rename(tmp -> dst) is then a rename between \
-            two links of one node, a no-op, and `tmp` stays in the mount for good"]
 fn remote_rename_over_while_the_target_is_read_through_the_mount() {
     let m = Mounted::with_args(|_| {}, &[], &[WRITE_THROUGH]);
     for round in 0..20 {
@@ -1301,10 +1297,6 @@ fn a_save_through_the_mount_is_not_echoed() {
 /// reaches the target as one write: one open for writing, one close-write, and never an empty
 /// file closed in between, which a watcher would act on.
 #[test]
-#[ignore = "bug: write-through mount: an O_TRUNC save gives two close-writes in the target, the \
-            first on the truncated (empty) file (likely the kernel's separate truncate for \
-            O_TRUNC: FUSE_ATOMIC_O_TRUNC is not asked for, so the truncate runs as its own \
-            open/ftruncate/close in the agent)"]
 fn an_in_place_save_reaches_the_target_as_one_write() {
     in_place_save_is_one_write(&[]);
 }
@@ -1839,11 +1831,6 @@ proptest! {
     /// Write-through (`KMOUNT_WRITE_BACK=0`): every local operation is in the target when it
     /// returns.
     #[test]
-    #[ignore = "bug: write-through mount: unlink a through the mount, then in the target create \
-                a again (ext4 reuses the inode number) and rename a -> b: the mount shows a and \
-                b as two links of one file for good (3 runs in 4); also a remote rename over a \
-                file read through the mount (see \
-                `remote_rename_over_while_the_target_is_read_through_the_mount`)"]
     fn mount_matches_plain_directory_with_remote_changes(
         ops in prop::collection::vec((dside(), dop()), 1..=40)
     ) {
