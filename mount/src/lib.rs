@@ -295,6 +295,8 @@ pub struct MountHandle {
     commands_tx: Option<tokio::sync::mpsc::Sender<remote::RemoteCommand>>,
     /// Closed when every background task holding the core has ended.
     tasks_done: Option<std::sync::mpsc::Receiver<()>>,
+    /// The `--on-change` runner's live status, when a command is set.
+    on_change: Option<on_change::SharedStatus>,
 }
 
 impl MountHandle {
@@ -365,9 +367,11 @@ impl MountHandle {
     }
 
     /// The `--on-change` command's runs and failures.
-    // TODO(helper-a): the runner's live status.
     pub fn on_change_status(&self) -> on_change::Status {
-        on_change::Status::default()
+        self.on_change
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
     }
 
     /// The state of the connection to the agent.
@@ -689,6 +693,10 @@ pub fn mount(
             });
         }
     }
+    let on_change = opts
+        .on_change
+        .as_ref()
+        .map(|command| on_change::spawn(&runtime, core.clone(), command.clone(), tasks_tx.clone()));
     drop(tasks_tx);
     let ttl = if whole_tree {
         opts.cached_ttl
@@ -752,6 +760,7 @@ pub fn mount(
         core,
         commands_tx,
         tasks_done: Some(tasks_done),
+        on_change,
     })
 }
 
