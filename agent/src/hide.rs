@@ -17,6 +17,8 @@ use kmount_proto::{RelPath, WireError};
 #[derive(Debug, Default)]
 pub struct Hide {
     rules: RwLock<Option<Arc<Rules>>>,
+    /// What the rules were compiled from.
+    config: std::sync::Mutex<Option<RulesConfig>>,
 }
 
 /// The rules in force at one moment (cheap to keep for a whole listing).
@@ -24,9 +26,14 @@ pub struct Hide {
 pub struct View(Option<Arc<Rules>>);
 
 impl Hide {
-    /// Compiles and installs `cfg`, replacing earlier rules. An invalid pattern is `EINVAL`
-    /// naming it, and leaves the earlier rules in force.
-    pub fn set(&self, cfg: &RulesConfig) -> Result<(), WireError> {
+    /// Compiles and installs `cfg`, replacing earlier rules; `true` when they differ from
+    /// the earlier ones. An invalid pattern is `EINVAL` naming it, and leaves the earlier
+    /// rules in force.
+    pub fn set(&self, cfg: &RulesConfig) -> Result<bool, WireError> {
+        let mut config = self.config.lock().unwrap_or_else(|p| p.into_inner());
+        if config.as_ref() == Some(cfg) {
+            return Ok(false);
+        }
         let rules = Rules::new(cfg).map_err(|e| {
             WireError::new(
                 libc::EINVAL,
@@ -34,7 +41,8 @@ impl Hide {
             )
         })?;
         *self.rules.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(rules));
-        Ok(())
+        *config = Some(cfg.clone());
+        Ok(true)
     }
 
     pub fn view(&self) -> View {

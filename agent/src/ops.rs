@@ -102,9 +102,23 @@ fn watch(a: &Agent, enable: bool) -> Result<Done, WireError> {
     Ok(Done::Ok)
 }
 
+/// `Op::SetRules`. New rules while the watcher runs restart it (which directories are
+/// watched depends on them) and ask the mount to walk everything again.
+fn set_rules(a: &Agent, rules: &kmount_proto::rules::RulesConfig) -> Result<Done, WireError> {
+    if a.hide.set(rules)? && a.watch.is_running() {
+        a.watch.disable(&a.echo);
+        a.watch.enable(&a.root, &a.echo, &a.hide)?;
+        a.watch.report(vec![kmount_proto::Event::Rescan {
+            path: RelPath::root(),
+            reason: "the ignore rules changed".into(),
+        }]);
+    }
+    Ok(Done::Ok)
+}
+
 fn dispatch(a: &Agent, op: Op) -> Result<Done, WireError> {
     match op {
-        Op::SetRules { rules } => a.hide.set(&rules).map(|()| Done::Ok),
+        Op::SetRules { rules } => set_rules(a, &rules),
         Op::RunCommand {
             command,
             timeout_ms,

@@ -208,9 +208,15 @@ impl Watch {
         self.set_sink(None);
     }
 
-    #[cfg(test)]
     pub fn is_running(&self) -> bool {
         lock(&self.running).is_some()
+    }
+
+    /// Sends `events` to the mount (when anybody listens).
+    pub fn report(&self, events: Vec<Event>) {
+        if let Some(sink) = lock(&self.sink).clone() {
+            sink(events);
+        }
     }
 }
 

@@ -295,3 +295,40 @@ fn the_watcher_reports_nothing_hidden_and_turns_renames_across_the_boundary() {
     let got = step(&mut w, &rx);
     assert!(got.iter().all(|e| e == "upsert ."), "{got:?}");
 }
+
+#[test]
+fn new_rules_restart_the_watcher_and_ask_for_a_rescan() {
+    let fx = Fx::new();
+    project(&fx);
+    set(&fx, rules());
+    let (sink, rx) = super::watch::sink();
+    fx.agent.watch.set_sink(Some(sink));
+    assert_eq!(fx.ok(Op::Watch { enable: true }), Done::Ok);
+    // The same rules again: nothing happens.
+    set(&fx, rules());
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(200))
+            .is_err()
+    );
+    // node_modules visible now: a rescan, and it is watched from then on.
+    set(&fx, RulesConfig::default());
+    let got = rx.recv_timeout(std::time::Duration::from_secs(2)).unwrap();
+    assert!(
+        matches!(&got[..], [kmount_proto::Event::Rescan { path, .. }] if path.is_root()),
+        "{got:?}"
+    );
+    fs::write(fx.at("node_modules/pkg/new.js"), b"x").unwrap();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let batch = rx
+            .recv_timeout(end.saturating_duration_since(std::time::Instant::now()))
+            .expect("no event from the directory that became visible");
+        if batch.iter().any(|e| {
+            matches!(e, kmount_proto::Event::Upsert { path, .. }
+                if path.as_bytes() == b"node_modules/pkg/new.js")
+        }) {
+            break;
+        }
+    }
+    assert!(fx.agent.watch.is_running());
+}
