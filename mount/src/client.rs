@@ -895,10 +895,14 @@ async fn reconnect_loop(shared: Weak<Shared>, generation: u64) {
                     );
                 }
                 let conn = start_conn(h, generation, shared.clone(), s.events.clone());
-                match s.ensure_rules(&conn).await {
-                    Ok(()) => Ok(conn),
-                    Err(Failure::Unsent(reason) | Failure::Lost(reason)) => Err(format!(
+                match tokio::time::timeout(HELLO_TIMEOUT, s.ensure_rules(&conn)).await {
+                    Ok(Ok(())) => Ok(conn),
+                    Ok(Err(Failure::Unsent(reason) | Failure::Lost(reason))) => Err(format!(
                         "the new session broke while it was being set up: {reason}"
+                    )),
+                    Err(_) => Err(format!(
+                        "the new session did not answer its set-up (ignore rules) within {} s",
+                        HELLO_TIMEOUT.as_secs()
                     )),
                 }
             }
