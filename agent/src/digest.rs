@@ -2,7 +2,8 @@
 //! depth, computed bottom-up over the whole subtree.
 //!
 //! Invariants:
-//! - Children are read exactly as [`crate::walk`] reads them ([`crate::walk::tree_entry`]), and
+//! - Children are read exactly as [`crate::walk`] reads them ([`crate::walk::visible_entry`]:
+//!   what the ignore rules hide is left out, so the digest is over the visible entries), and
 //!   a subdirectory that cannot be opened (vanished, replaced, unreadable) counts as empty, as
 //!   it does in a walk: equal trees give equal digests on both ends.
 //! - One directory is open at a time: a directory is listed completely and closed before any of
@@ -12,9 +13,11 @@ use kmount_proto::digest::{Child, dir_digest};
 use kmount_proto::{DirDigest, Done, RelPath, TreeEntry};
 
 use crate::handles::DirStream;
+use crate::hide::View;
 use crate::ops::Agent;
+use crate::sys::Errno;
 use crate::sys::SysResult;
-use crate::walk::tree_entry;
+use crate::walk::visible_entry;
 
 struct Frame {
     path: RelPath,
@@ -61,15 +64,15 @@ fn last_name(p: &RelPath) -> &[u8] {
     }
 }
 
-/// Every entry of the directory `path`.
-fn list(a: &Agent, path: &RelPath) -> SysResult<Vec<TreeEntry>> {
+/// Every entry of the directory `path` that the ignore rules leave visible.
+fn list(a: &Agent, path: &RelPath, hide: &View) -> SysResult<Vec<TreeEntry>> {
     let fd = a
         .root
         .open_beneath(path, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let mut stream = DirStream::new(fd)?;
     let mut out = Vec::new();
     while let Ok(Some(raw)) = stream.next_entry() {
-        if let Some(e) = tree_entry(stream.fd(), path, &raw.name) {
+        if let Some(e) = visible_entry(stream.fd(), path, &raw, hide) {
             out.push(e);
         }
     }
@@ -78,8 +81,12 @@ fn list(a: &Agent, path: &RelPath) -> SysResult<Vec<TreeEntry>> {
 
 /// `Op::Digest`. Digests come sorted by path (`path` itself first).
 pub fn digest(a: &Agent, path: &RelPath, depth: u32) -> SysResult<Done> {
+    let hide = a.hide.view();
+    if hide.hidden(path, true) {
+        return Err(Errno(libc::ENOENT));
+    }
     let mut out = Vec::new();
-    let mut stack = vec![Frame::new(path.clone(), 0, list(a, path)?)];
+    let mut stack = vec![Frame::new(path.clone(), 0, list(a, path, &hide)?)];
     while let Some(top) = stack.last_mut() {
         // The next subdirectory of `top` still to digest.
         let pending = top.children[top.next..]
@@ -90,7 +97,7 @@ pub fn digest(a: &Agent, path: &RelPath, depth: u32) -> SysResult<Done> {
             top.next = i + 1;
             let level = top.level + 1;
             let child = top.children[i].path.clone();
-            match list(a, &child) {
+            match list(a, &child, &hide) {
                 Ok(children) => stack.push(Frame::new(child, level, children)),
                 Err(_) => top.subdirs[i] = Some(dir_digest(&mut [])),
             }

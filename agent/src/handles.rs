@@ -11,6 +11,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use kmount_proto::RelPath;
+
 use crate::sys::{Errno, SysResult};
 use crate::walk::WalkHandle;
 
@@ -103,16 +105,19 @@ pub enum Handle {
         /// The stream's descriptor, for fstat/fsync/xattrs without taking the lock.
         fd: RawFd,
         stream: Mutex<DirStream>,
+        /// The directory's path when it was opened (to judge its entries by the ignore rules).
+        path: RelPath,
     },
     /// A tree walk ([`crate::walk`]); it has no descriptor of its own (`EBADF` for file ops).
     Walk(WalkHandle),
 }
 
 impl Handle {
-    pub fn dir(stream: DirStream) -> Handle {
+    pub fn dir(stream: DirStream, path: RelPath) -> Handle {
         Handle::Dir {
             fd: stream.fd(),
             stream: Mutex::new(stream),
+            path,
         }
     }
 
@@ -124,12 +129,14 @@ impl Handle {
         }
     }
 
-    /// The directory stream; `ENOTDIR` for a file handle.
-    pub fn stream(&self) -> SysResult<MutexGuard<'_, DirStream>> {
+    /// The directory stream and the directory's path; `ENOTDIR` for a file handle.
+    pub fn stream(&self) -> SysResult<(MutexGuard<'_, DirStream>, &RelPath)> {
         match self {
             Handle::File(_) | Handle::Walk(_) => Err(Errno(libc::ENOTDIR)),
             // A panic while listing leaves the stream usable: it only holds a position.
-            Handle::Dir { stream, .. } => Ok(stream.lock().unwrap_or_else(|p| p.into_inner())),
+            Handle::Dir { stream, path, .. } => {
+                Ok((stream.lock().unwrap_or_else(|p| p.into_inner()), path))
+            }
         }
     }
 }

@@ -1,10 +1,12 @@
 //! `kmount-agent [--identity] [--mountpoint LOCAL_MOUNTPOINT] ROOT`: serves ROOT over
 //! stdin/stdout until stdin closes. `kmount-agent --version` prints the version.
 
+mod command;
 mod confine;
 mod digest;
 mod echo;
 mod handles;
+mod hide;
 mod identity;
 mod journal;
 mod ops;
@@ -182,7 +184,8 @@ fn real_main() -> i32 {
     }
     // Modes arrive with the caller's umask already applied by the mount side's kernel.
     // SAFETY: umask cannot fail.
-    unsafe { libc::umask(0) };
+    let started_with = unsafe { libc::umask(0) };
+    command::remember_umask(started_with as u32);
     raise_fd_limit();
     let root = match confine::Root::open(&root_path) {
         Ok(r) => r,

@@ -11,9 +11,11 @@ use kmount_proto::{
     Statfs, Timespec, WireError,
 };
 
+use crate::command::Commands;
 use crate::confine::{Loc, Root, with_fallback};
 use crate::echo::Echo;
 use crate::handles::{DirStream, Handle, Handles};
+use crate::hide::Hide;
 use crate::journal::{self, Journal};
 use crate::sys::{self, Errno, SysResult, cstring, cvt, retry};
 use crate::walk::{self, Walks};
@@ -30,6 +32,10 @@ pub struct Agent {
     pub echo: Arc<Echo>,
     pub watch: Watch,
     pub journal: Journal,
+    /// The mount's ignore rules (`Op::SetRules`): what this session hides.
+    pub hide: Arc<Hide>,
+    /// Commands running for `Op::RunCommand`.
+    pub commands: Commands,
 }
 
 impl Agent {
@@ -45,6 +51,8 @@ impl Agent {
             echo: Arc::new(Echo::default()),
             watch: Watch::default(),
             journal,
+            hide: Arc::new(Hide::default()),
+            commands: Commands::default(),
         }
     }
 }
@@ -87,19 +95,34 @@ pub fn walk_next(
 
 fn watch(a: &Agent, enable: bool) -> Result<Done, WireError> {
     if enable {
-        a.watch.enable(&a.root, &a.echo)?;
+        a.watch.enable(&a.root, &a.echo, &a.hide)?;
     } else {
         a.watch.disable(&a.echo);
     }
     Ok(Done::Ok)
 }
 
+/// `Op::SetRules`. New rules while the watcher runs restart it (which directories are
+/// watched depends on them) and ask the mount to walk everything again.
+fn set_rules(a: &Agent, rules: &kmount_proto::rules::RulesConfig) -> Result<Done, WireError> {
+    if a.hide.set(rules)? && a.watch.is_running() {
+        a.watch.disable(&a.echo);
+        a.watch.enable(&a.root, &a.echo, &a.hide)?;
+        a.watch.report(vec![kmount_proto::Event::Rescan {
+            path: RelPath::root(),
+            reason: "the ignore rules changed".into(),
+        }]);
+    }
+    Ok(Done::Ok)
+}
+
 fn dispatch(a: &Agent, op: Op) -> Result<Done, WireError> {
     match op {
-        Op::SetRules { .. } | Op::RunCommand { .. } => Err(WireError::new(
-            libc::ENOSYS,
-            "not implemented by this agent yet",
-        )),
+        Op::SetRules { rules } => set_rules(a, &rules),
+        Op::RunCommand {
+            command,
+            timeout_ms,
+        } => crate::command::run(a, &command, timeout_ms),
         Op::Lookup { path } => lookup(a, &path).map_err(|e| fail(e, "lstat", &path)),
         Op::GetAttr { node } => getattr(a, &node).map_err(|e| fail(e, "stat", node_name(&node))),
         Op::SetAttr { node, set } => {
@@ -260,7 +283,11 @@ fn stat_loc(loc: &Loc<'_>) -> SysResult<libc::stat> {
 
 fn lookup(a: &Agent, path: &RelPath) -> SysResult<Done> {
     let loc = a.root.locate(path)?;
-    Ok(Done::Attr(attr(&stat_loc(&loc)?)))
+    let found = attr(&stat_loc(&loc)?);
+    if a.hide.hidden(path, found.is_dir()) {
+        return Err(Errno(libc::ENOENT));
+    }
+    Ok(Done::Attr(found))
 }
 
 fn getattr(a: &Agent, node: &NodeRef) -> SysResult<Done> {
@@ -444,11 +471,16 @@ fn truncate(loc: &Loc<'_>, size: libc::off_t) -> SysResult<()> {
 // ---- directories ---------------------------------------------------------------------------
 
 fn opendir(a: &Agent, path: &RelPath) -> SysResult<Done> {
+    if a.hide.hidden(path, true) {
+        return Err(Errno(libc::ENOENT));
+    }
     let fd = a
         .root
         .open_beneath(path, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
     let stream = DirStream::new(fd)?;
-    Ok(Done::Handle(a.handles.insert(Handle::dir(stream))))
+    Ok(Done::Handle(
+        a.handles.insert(Handle::dir(stream, path.clone())),
+    ))
 }
 
 fn readdir(a: &Agent, handle: u64, max: u32) -> SysResult<Done> {
@@ -456,7 +488,8 @@ fn readdir(a: &Agent, handle: u64, max: u32) -> SysResult<Done> {
         return Err(Errno(libc::EINVAL));
     }
     let h = a.handles.get(handle)?;
-    let mut stream = h.stream()?;
+    let (mut stream, dir_path) = h.stream()?;
+    let hide = a.hide.view();
     let dir = stream.fd();
     let mut entries = Vec::new();
     let mut bytes = 0usize;
@@ -469,6 +502,12 @@ fn readdir(a: &Agent, handle: u64, max: u32) -> SysResult<Done> {
             break false;
         }
         let entry = dir_entry(dir, raw.name)?;
+        if hide.active()
+            && let Ok(path) = dir_path.join(&entry.name)
+            && hide.hidden_kind(&path, entry.attr.as_ref().map(Attr::is_dir))
+        {
+            continue;
+        }
         bytes += 160 + entry.name.len() + entry.symlink.as_ref().map_or(0, Vec::len);
         entries.push(entry);
     };

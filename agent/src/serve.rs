@@ -51,7 +51,12 @@ pub fn software() -> String {
 
 /// Our hello: `IDENTITY` only when identity switching is really possible.
 pub fn hello(identity: &Identity) -> Hello {
-    let mut features = features::TREE | features::WATCH | features::JOURNAL | features::RUNS_AS;
+    let mut features = features::TREE
+        | features::WATCH
+        | features::JOURNAL
+        | features::RUNS_AS
+        | features::RULES
+        | features::COMMAND;
     if identity.active() {
         features |= features::IDENTITY;
     }
@@ -140,14 +145,16 @@ where
             .spawn(move || lane_loop(&agent, &identity, &lane_rx, &tx))
             .expect("spawning a thread at start-up")
     };
-    drop(replies_tx);
-
     let queues = Queues {
         pool: requests_tx,
         lane: lane_tx,
+        replies: replies_tx,
+        identity: identity.clone(),
     };
     let read_result = read_loop(&agent, &mut input, &queues, &requests_budget, &broken);
     drop(queues);
+    // Commands still running end with the session (their threads then let go of the writer).
+    agent.commands.kill_all();
     for w in workers {
         // A worker only ends by its queue closing; a panic was already caught per request.
         let _ = w.join();
@@ -255,6 +262,9 @@ struct Queues {
     pool: SyncSender<Job>,
     /// reader --journaled requests--> lane
     lane: SyncSender<Job>,
+    /// command threads --replies--> writer
+    replies: SyncSender<Outgoing>,
+    identity: Arc<Identity>,
 }
 
 /// Events from the watcher become `FromAgent::Events` frames in the writer's queue.
@@ -282,7 +292,7 @@ struct Outgoing {
 }
 
 fn read_loop<R: Read>(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     input: &mut R,
     queues: &Queues,
     budget: &Arc<Budget>,
@@ -298,6 +308,10 @@ fn read_loop<R: Read>(
             return Ok(());
         };
         match decode::<ToAgent>(&payload) {
+            Ok(ToAgent::Request(req)) if matches!(req.op, Op::RunCommand { .. }) => {
+                drop(payload);
+                run_command(agent, queues, req);
+            }
             Ok(ToAgent::Request(req)) => {
                 drop(payload);
                 let ticket = match &req.op {
@@ -320,6 +334,36 @@ fn read_loop<R: Read>(
             Ok(ToAgent::Hello(_)) => return Err("the mount sent a second hello".into()),
             Err(e) => return Err(format!("broken stream: {e}")),
         }
+    }
+}
+
+/// Runs an `Op::RunCommand` on a thread of its own: it may take minutes, and the workers must
+/// stay free for other requests meanwhile.
+fn run_command(agent: &Arc<Agent>, queues: &Queues, req: Request) {
+    let (agent, identity, tx) = (
+        agent.clone(),
+        queues.identity.clone(),
+        queues.replies.clone(),
+    );
+    let id = req.id;
+    let spawned = thread::Builder::new()
+        .name("command".into())
+        .spawn(move || {
+            let result = run_request(&agent, &identity, req, None);
+            let _ = tx.send(Outgoing {
+                frame: encode_reply(id, result),
+                _permit: None,
+            });
+        });
+    if let Err(e) = spawned {
+        let result = Err(WireError::new(
+            libc::EAGAIN,
+            format!("cannot start a thread for the command: {e}; try again later"),
+        ));
+        let _ = queues.replies.send(Outgoing {
+            frame: encode_reply(id, result),
+            _permit: None,
+        });
     }
 }
 
@@ -418,7 +462,7 @@ fn run_request(
     // The watcher and the journal's own files belong to the agent, not to a caller (a thread
     // started while acting as a caller would keep the caller's identity).
     let caller = match op {
-        Op::Watch { .. } | Op::AppliedSeq { .. } => None,
+        Op::Watch { .. } | Op::AppliedSeq { .. } | Op::RunCommand { .. } => None,
         _ => req.caller,
     };
     if let Op::Journaled { session, .. } = op {

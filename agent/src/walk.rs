@@ -21,7 +21,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use kmount_proto::{Done, MAX_FRAME_LEN, RelPath, TreeEntry};
 
-use crate::handles::{DirStream, Handle};
+use crate::handles::{DirStream, Handle, RawEntry};
+use crate::hide::View;
 use crate::ops::{Agent, attr};
 use crate::sys::{self, Errno, SysResult, cstring};
 
@@ -135,6 +136,9 @@ pub fn ticket(a: &Agent, handle: u64) -> Option<Ticket> {
 
 /// `Op::WalkOpen`: the start directory is opened at once, so a bad path fails here.
 pub fn open(a: &Agent, path: &RelPath) -> SysResult<Done> {
+    if a.hide.hidden(path, true) {
+        return Err(Errno(libc::ENOENT));
+    }
     let fd = a
         .root
         .open_beneath(path, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
@@ -202,6 +206,7 @@ fn encode(entries: Vec<TreeEntry>, eof: bool) -> SysResult<Done> {
 
 /// Up to `max` entries; `true` when the walk is complete.
 fn produce(a: &Agent, st: &mut WalkState, max: usize) -> (Vec<TreeEntry>, bool) {
+    let hide = a.hide.view();
     let mut out = Vec::with_capacity(max.min(4096));
     let mut bytes = 0usize;
     while out.len() < max && bytes < BATCH_BYTES {
@@ -227,7 +232,7 @@ fn produce(a: &Agent, st: &mut WalkState, max: usize) -> (Vec<TreeEntry>, bool) 
                 continue;
             }
         };
-        let Some(entry) = tree_entry(stream.fd(), dir, &raw.name) else {
+        let Some(entry) = visible_entry(stream.fd(), dir, &raw, &hide) else {
             continue;
         };
         if entry.attr.is_dir() {
@@ -248,6 +253,34 @@ fn produce(a: &Agent, st: &mut WalkState, max: usize) -> (Vec<TreeEntry>, bool) 
         return (out, true);
     }
     (out, false)
+}
+
+/// [`tree_entry`] of `raw` unless the ignore rules hide it. A hidden entry whose kind the
+/// directory listing gives is not even `lstat`ed (a hidden directory is never looked into).
+pub fn visible_entry(
+    dir: libc::c_int,
+    dir_path: &RelPath,
+    raw: &RawEntry,
+    hide: &View,
+) -> Option<TreeEntry> {
+    if !hide.active() {
+        return tree_entry(dir, dir_path, &raw.name);
+    }
+    let listed = match raw.kind {
+        libc::DT_DIR => Some(true),
+        libc::DT_UNKNOWN => None,
+        _ => Some(false),
+    };
+    if let Some(is_dir) = listed
+        && hide.hidden(&dir_path.join(&raw.name).ok()?, is_dir)
+    {
+        return None;
+    }
+    let e = tree_entry(dir, dir_path, &raw.name)?;
+    if listed != Some(e.attr.is_dir()) && hide.hidden(&e.path, e.attr.is_dir()) {
+        return None;
+    }
+    Some(e)
 }
 
 /// The entry `name` of the open directory `dir` (at `dir_path`), or `None` when it vanished,

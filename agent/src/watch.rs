@@ -25,6 +25,10 @@
 //!   a name moved in is `Upsert` (and a directory moved in is watched and listed).
 //! - Echoes of the agent's own operations are dropped ([`crate::echo`]); paths an operation is
 //!   still working on are held back until it finished.
+//! - Paths the ignore rules hide ([`crate::hide`]) are never reported, and hidden directories
+//!   are neither watched nor listed. A rename from a hidden name to a visible one is reported
+//!   as the new name's `Upsert` (a directory's contents are listed and reported too), a rename
+//!   from a visible name to a hidden one as the old name's `Remove`.
 //! - Queue overflow: `Rescan` of the root, and every directory is watched again. Watch limit:
 //!   one clear message on stderr, `Rescan` of the unwatched directory, which is then compared
 //!   against a snapshot every [`POLL_EVERY`] (and watched again once the limit allows).
@@ -42,8 +46,9 @@ use kmount_proto::{Event, RelPath, WireError};
 use crate::confine::Root;
 use crate::echo::{Echo, NodeState, Seen, look};
 use crate::handles::DirStream;
+use crate::hide::{Hide, View};
 use crate::sys::{self, Errno, SysResult, cvt};
-use crate::walk::tree_entry;
+use crate::walk::visible_entry;
 
 /// The agent's `FromAgent::Events` writer: `false` once nobody listens any more.
 pub type Sink = Arc<dyn Fn(Vec<Event>) -> bool + Send + Sync>;
@@ -119,7 +124,12 @@ impl Watch {
     /// Test switch: with [`NO_WATCH_ENV`] set (to anything but `0`), this answers as if the
     /// watcher were on but starts none, so nothing is ever reported and only the mount's
     /// periodic reconciliation can notice changes (tests/tests/watch.rs uses it).
-    pub fn enable(&self, root: &Arc<Root>, echo: &Arc<Echo>) -> Result<(), WireError> {
+    pub fn enable(
+        &self,
+        root: &Arc<Root>,
+        echo: &Arc<Echo>,
+        hide: &Arc<Hide>,
+    ) -> Result<(), WireError> {
         let mut running = lock(&self.running);
         if running.is_some() {
             return Ok(());
@@ -143,17 +153,20 @@ impl Watch {
         let (ready_tx, ready_rx) = sync_channel(1);
         let thread = {
             let (root, echo, wake, stop) = (root.clone(), echo.clone(), wake.clone(), stop.clone());
+            let hide = hide.clone();
             thread::Builder::new()
                 .name("watcher".into())
-                .spawn(move || match Watcher::start(root, echo, sink, wake, stop) {
-                    Ok(mut w) => {
-                        let _ = ready_tx.send(Ok(()));
-                        w.run();
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                })
+                .spawn(
+                    move || match Watcher::start(root, echo, hide, sink, wake, stop) {
+                        Ok(mut w) => {
+                            let _ = ready_tx.send(Ok(()));
+                            w.run();
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    },
+                )
                 .map_err(|e| {
                     WireError::new(libc::EAGAIN, format!("cannot start the watcher: {e}"))
                 })?
@@ -195,9 +208,15 @@ impl Watch {
         self.set_sink(None);
     }
 
-    #[cfg(test)]
     pub fn is_running(&self) -> bool {
         lock(&self.running).is_some()
+    }
+
+    /// Sends `events` to the mount (when anybody listens).
+    pub fn report(&self, events: Vec<Event>) {
+        if let Some(sink) = lock(&self.sink).clone() {
+            sink(events);
+        }
     }
 }
 
@@ -220,6 +239,8 @@ enum Item {
         wds: Vec<i32>,
         /// `from` was created in this batch.
         from_new: bool,
+        /// The node moved is a directory.
+        is_dir: bool,
     },
     Rescan {
         path: RelPath,
@@ -245,6 +266,9 @@ struct Batch {
     since: Option<Instant>,
     /// When the batch started waiting for the agent's own rename.
     held_since: Option<Instant>,
+    /// Whether each name seen in this batch's events was a directory (what the rules decide
+    /// for a name that is gone by the time the batch is sent can depend on it).
+    kinds: HashMap<RelPath, bool>,
 }
 
 impl Batch {
@@ -325,7 +349,7 @@ struct Polled {
     snapshot: Snapshot,
 }
 
-fn snapshot(root: &Root, top: &RelPath) -> Snapshot {
+fn snapshot(root: &Root, top: &RelPath, hide: &View) -> Snapshot {
     let mut out = Snapshot::new();
     let mut stack = vec![top.clone()];
     let skip = if top.is_root() {
@@ -341,7 +365,7 @@ fn snapshot(root: &Root, top: &RelPath) -> Snapshot {
             continue;
         };
         while let Ok(Some(raw)) = stream.next_entry() {
-            let Some(e) = tree_entry(stream.fd(), &dir, &raw.name) else {
+            let Some(e) = visible_entry(stream.fd(), &dir, &raw, hide) else {
                 continue;
             };
             if e.attr.is_dir() {
@@ -429,6 +453,7 @@ fn parse(buf: &[u8], out: &mut Vec<RawEvent>) {
 pub struct Watcher {
     root: Arc<Root>,
     echo: Arc<Echo>,
+    hide: Arc<Hide>,
     sink: Sink,
     inotify: OwnedFd,
     wake: Arc<OwnedFd>,
@@ -447,6 +472,7 @@ impl Watcher {
     pub fn start(
         root: Arc<Root>,
         echo: Arc<Echo>,
+        hide: Arc<Hide>,
         sink: Sink,
         wake: Arc<OwnedFd>,
         stop: Arc<AtomicBool>,
@@ -461,6 +487,7 @@ impl Watcher {
         let mut w = Watcher {
             root,
             echo,
+            hide,
             sink,
             // SAFETY: fd was just returned to us.
             inotify: unsafe { OwnedFd::from_raw_fd(fd) },
@@ -596,6 +623,7 @@ impl Watcher {
             return;
         };
         let is_dir = e.mask & libc::IN_ISDIR != 0;
+        self.batch.kinds.insert(path.clone(), is_dir);
         if e.mask & libc::IN_MOVED_FROM != 0 {
             let wds = if is_dir {
                 self.dirs
@@ -613,6 +641,7 @@ impl Watcher {
                 to: None,
                 wds,
                 from_new,
+                is_dir,
             });
             self.batch.touch(dir, false, now);
         } else if e.mask & libc::IN_MOVED_TO != 0 {
@@ -650,9 +679,13 @@ impl Watcher {
                     self.batch.touch(dir, false, now);
                     if is_dir {
                         self.renamed_dir(&from, &path);
-                        // Created and renamed before its creation event was handled: it could
-                        // not be watched under its old name, so it is watched and listed now.
-                        if !self.dirs.values().any(|p| *p == path) {
+                        if self.hide.hidden(&path, true) {
+                            // Moved out of sight: nothing below it is reported any more.
+                            self.unwatch_under(&path);
+                        } else if !self.dirs.values().any(|p| *p == path) {
+                            // Created and renamed before its creation event was handled, or
+                            // moved out of a hidden name: it was not watched, so it is watched
+                            // and listed now.
                             self.watch_tree(path, true, now);
                         }
                     }
@@ -715,6 +748,22 @@ impl Watcher {
         }
     }
 
+    /// Stops watching `top` and every directory below it.
+    fn unwatch_under(&mut self, top: &RelPath) {
+        let gone: Vec<i32> = self
+            .dirs
+            .iter()
+            .filter(|(_, p)| under(p, top))
+            .map(|(w, _)| *w)
+            .collect();
+        for wd in gone {
+            self.dirs.remove(&wd);
+            // SAFETY: plain syscall on our inotify descriptor.
+            unsafe { libc::inotify_rm_watch(self.inotify.as_raw_fd(), wd) };
+        }
+        self.polled.retain(|p| !under(&p.root, top));
+    }
+
     /// `fchdir` to the open directory and watch it.
     fn add_watch(&self, dir: RawFd) -> SysResult<i32> {
         // SAFETY: dir is an open directory; the working directory is this thread's own.
@@ -729,10 +778,12 @@ impl Watcher {
 
     /// Watches `top` and every directory below it, each before it is listed. With `report`,
     /// everything found is touched as new.
+    /// Directories the ignore rules hide are left alone.
     fn watch_tree(&mut self, top: RelPath, report: bool, now: Instant) {
+        let hide = self.hide.view();
         let mut stack = vec![top];
         while let Some(dir) = stack.pop() {
-            if self.is_polled(&dir) {
+            if self.is_polled(&dir) || hide.hidden(&dir, true) {
                 continue;
             }
             let Ok(fd) = self
@@ -765,6 +816,9 @@ impl Watcher {
                         .is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR),
                     _ => false,
                 };
+                if hide.hidden(&path, is_dir) {
+                    continue;
+                }
                 if report {
                     self.batch.touch(path.clone(), true, now);
                 }
@@ -780,7 +834,7 @@ impl Watcher {
         if !LIMIT_REPORTED.swap(true, Ordering::Relaxed) {
             eprintln!("{}", limit_message());
         }
-        let snapshot = snapshot(&self.root, &dir);
+        let snapshot = snapshot(&self.root, &dir, &self.hide.view());
         self.polled.push(Polled {
             root: dir.clone(),
             snapshot,
@@ -820,7 +874,7 @@ impl Watcher {
                 // between the two; directories the limit still refuses are polled anew.
                 self.watch_tree(p.root.clone(), false, now);
             }
-            let current = snapshot(&self.root, &p.root);
+            let current = snapshot(&self.root, &p.root, &self.hide.view());
             self.diff(&p.root, &p.snapshot, &current, now);
             if !watched {
                 p.snapshot = current;
@@ -889,10 +943,25 @@ impl Watcher {
             }
         }
         let mut batch = std::mem::take(&mut self.batch);
+        let hide = self.hide.view();
         let mut events = Vec::new();
         let mut again: Vec<RelPath> = Vec::new();
         for item in batch.items {
             match item {
+                Item::Move {
+                    from,
+                    to: Some(to),
+                    from_new,
+                    is_dir,
+                    ..
+                } if hide.hidden(&from, is_dir) || hide.hidden(&to, is_dir) => {
+                    // Across the rules' boundary (or hidden on both ends): out of sight is
+                    // gone, into sight is new (`to` is touched, and a directory's contents
+                    // were listed when it was watched). Both names are reported as they are.
+                    if !hide.hidden(&from, is_dir) && !from_new && !echo.removed_by_us(&from) {
+                        again.push(from);
+                    }
+                }
                 Item::Move {
                     from,
                     to: Some(to),
@@ -924,6 +993,7 @@ impl Watcher {
                     from,
                     to: None,
                     wds,
+                    is_dir,
                     ..
                 } => {
                     // Its watches (if it left the root) report from outside now: forget them. A
@@ -939,17 +1009,21 @@ impl Watcher {
                     // reports the new name). The agent's own rename needs no word.
                     if matches!(look(&self.root, &from), Some(Seen::Present(_))) {
                         again.push(from); // made again since: report what is there now
-                    } else if !echo.removed_by_us(&from) {
+                    } else if !echo.removed_by_us(&from) && !hide.hidden(&from, is_dir) {
                         events.push(Event::Remove { path: from });
                     }
                 }
+                Item::Rescan { path, .. } if hide.hidden(&path, true) => {}
                 Item::Rescan { path, reason } => events.push(Event::Rescan { path, reason }),
                 Item::Exchange { a, b } => {
                     // Both names are touched too; a directory's contents moved as a whole.
                     for path in [a, b] {
                         let seen = look(&self.root, &path);
                         let dir = matches!(&seen, Some(Seen::Present(at)) if at.is_dir());
-                        if dir && !seen.is_some_and(|s| echo.is_echo(&path, &s)) {
+                        if dir
+                            && !hide.hidden(&path, true)
+                            && !seen.is_some_and(|s| echo.is_echo(&path, &s))
+                        {
                             events.push(Event::Rescan {
                                 path,
                                 reason: "swapped with another name (rename exchange)".into(),
@@ -979,6 +1053,13 @@ impl Watcher {
             let Some(seen) = look(&self.root, &path) else {
                 continue; // cannot be seen: nothing to report
             };
+            let hidden = match &seen {
+                Seen::Present(attr) => hide.hidden(&path, attr.is_dir()),
+                Seen::Absent => hide.hidden_kind(&path, batch.kinds.get(&path).copied()),
+            };
+            if hidden {
+                continue;
+            }
             if echo.busy(&path, Some(&seen)) {
                 self.carry(path, t, now);
                 continue;

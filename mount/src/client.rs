@@ -17,14 +17,14 @@ use std::io;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use kmount_proto::rules::{Rules, RulesConfig, RulesError};
 use kmount_proto::{
-    Caller, Done, Event, FromAgent, Hello, NodeRef, Op, ProtoError, Reply, Request, ToAgent,
-    WireError, decode, encode, features, frame_len,
+    Caller, Done, Event, FromAgent, Hello, NodeRef, Op, ProtoError, RelPath, Reply, Request,
+    ToAgent, WireError, decode, encode, features, frame_len,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
@@ -41,6 +41,14 @@ const FRAME_QUEUE: usize = 256;
 
 /// Bytes of the agent's stderr kept for error messages.
 const STDERR_KEEP: usize = 8192;
+
+/// The ignore file at the root of the served directory, read at the start of every session.
+pub const KMOUNTIGNORE: &str = ".kmountignore";
+/// The most of it that is read.
+const KMOUNTIGNORE_MAX: u32 = 1 << 20;
+/// How [`Client::requests_sent`] counts the reads of `.kmountignore` (apart from the
+/// `ReadPath`s of file contents).
+pub const KMOUNTIGNORE_READS: &str = "ReadPath(.kmountignore)";
 
 /// A byte stream to an agent, as a [`Connector`] produces it.
 pub struct BoxedStream {
@@ -305,8 +313,15 @@ struct Shared {
     events: Arc<EventSink>,
     /// Requests sent, by operation.
     sent: Mutex<HashMap<&'static str, u64>>,
-    /// The ignore rules in force ([`Client::set_rules`]), compiled.
+    /// The ignore rules in force ([`Client::set_rules`] and the root's `.kmountignore`),
+    /// compiled.
     rules: Mutex<Arc<Rules>>,
+    /// What [`Client::set_rules`] was given, sent at the start of every session.
+    rules_cfg: Mutex<Option<RulesConfig>>,
+    /// Counts [`Client::set_rules`] calls; a session is ready once it has applied the latest.
+    rules_version: AtomicU64,
+    /// The agent cannot apply rules, and the user was told.
+    rules_warned: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -329,6 +344,10 @@ struct Conn {
     frames_tx: mpsc::Sender<(u64, Frame)>,
     /// The agent's features in this session.
     features: u64,
+    /// The [`Shared::rules_version`] this session's agent has (0: none).
+    rules_applied: AtomicU64,
+    /// Held while the rules are being sent, so every other request of the session waits.
+    rules_gate: tokio::sync::Mutex<()>,
 }
 
 impl Drop for Shared {
@@ -608,8 +627,13 @@ async fn handshake(stream: BoxedStream, what: &str) -> Result<Handshaken, Client
 }
 
 /// Features this side supports.
-const OUR_FEATURES: u64 =
-    features::IDENTITY | features::TREE | features::WATCH | features::JOURNAL | features::RUNS_AS;
+const OUR_FEATURES: u64 = features::IDENTITY
+    | features::TREE
+    | features::WATCH
+    | features::JOURNAL
+    | features::RUNS_AS
+    | features::RULES
+    | features::COMMAND;
 
 /// Starts the reader and writer tasks of a new stream.
 fn start_conn(
@@ -640,6 +664,8 @@ fn start_conn(
         calls,
         frames_tx,
         features: h.features,
+        rules_applied: AtomicU64::new(0),
+        rules_gate: tokio::sync::Mutex::new(()),
     })
 }
 
@@ -667,6 +693,139 @@ impl Shared {
         if retrying {
             tokio::spawn(reconnect_loop(Arc::downgrade(self), generation + 1));
         }
+    }
+
+    /// Makes sure the session on `conn` has the latest rules before anything else is sent on
+    /// it: the first request of a session (or the first after [`Client::set_rules`]) sends
+    /// them, and every other waits meanwhile. A failure means the stream broke.
+    async fn ensure_rules(&self, conn: &Conn) -> Result<(), Failure> {
+        let want = self.rules_version.load(Ordering::Acquire);
+        if conn.rules_applied.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        let _gate = conn.rules_gate.lock().await;
+        let want = self.rules_version.load(Ordering::Acquire);
+        if conn.rules_applied.load(Ordering::Acquire) >= want {
+            return Ok(());
+        }
+        let cfg = lock(&self.rules_cfg).clone();
+        if let Some(cfg) = cfg {
+            self.session_rules(conn, cfg).await?;
+        }
+        conn.rules_applied.store(want, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reads `.kmountignore`, compiles the rules with it and sends them (`Op::SetRules`).
+    async fn session_rules(&self, conn: &Conn, mut cfg: RulesConfig) -> Result<(), Failure> {
+        if conn.features & features::RULES == 0 {
+            let user_rules = !cfg.exclude.is_empty() || !cfg.local_only.is_empty();
+            if user_rules && !self.rules_warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "the agent ({}) cannot apply ignore rules: paths matched by --exclude and                      --local-only are still listed and walked there, and .kmountignore is not                      read; use kmount and kmount-agent from the same release",
+                    self.peer.software
+                );
+            }
+            return Ok(());
+        }
+        if conn.features & features::JOURNAL != 0 {
+            cfg.kmountignore = self
+                .read_kmountignore(conn)
+                .await?
+                .map(|text| (PathBuf::from(KMOUNTIGNORE), text));
+        }
+        let rules = match Rules::new(&cfg) {
+            Ok(rules) => rules,
+            Err(e) => {
+                tracing::warn!(
+                    "ignoring {KMOUNTIGNORE}: {e}; fix that line (kmount reads the file again                      when it reconnects or is mounted again)"
+                );
+                cfg.kmountignore = None;
+                Rules::new(&cfg).unwrap_or_else(|e| {
+                    tracing::warn!("bad ignore rule: {e}; no path is hidden");
+                    Rules::none()
+                })
+            }
+        };
+        *lock(&self.rules) = Arc::new(rules);
+        match self
+            .call_on(conn, Op::SetRules { rules: cfg }, "SetRules")
+            .await?
+        {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(
+                "the agent refused the ignore rules: {e}; it shows every path to this mount"
+            ),
+        }
+        Ok(())
+    }
+
+    /// The text of `.kmountignore` at the root, `None` when there is none (or it cannot be
+    /// read, which is logged).
+    async fn read_kmountignore(&self, conn: &Conn) -> Result<Option<String>, Failure> {
+        let op = Op::ReadPath {
+            path: RelPath::new(KMOUNTIGNORE.as_bytes().to_vec())
+                .expect("a plain file name is a valid path"),
+            offset: 0,
+            len: KMOUNTIGNORE_MAX,
+        };
+        let data = match self.call_on(conn, op, KMOUNTIGNORE_READS).await? {
+            Ok(Done::Content {
+                data, compressed, ..
+            }) if compressed => {
+                match kmount_proto::tree::decompress(&data, KMOUNTIGNORE_MAX as usize) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot read {KMOUNTIGNORE}: malformed reply ({e}); going on without it"
+                        );
+                        return Ok(None);
+                    }
+                }
+            }
+            Ok(Done::Content { data, .. }) => data,
+            Ok(other) => {
+                tracing::warn!(
+                    "cannot read {KMOUNTIGNORE}: the agent answered {other:?}; going on without it"
+                );
+                return Ok(None);
+            }
+            Err(e) if e.errno == libc::ENOENT => return Ok(None),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot read {KMOUNTIGNORE} at the root: {e}; going on without it (make it                      a readable regular file, or remove it)"
+                );
+                return Ok(None);
+            }
+        };
+        if data.len() >= KMOUNTIGNORE_MAX as usize {
+            tracing::warn!(
+                "{KMOUNTIGNORE} is larger than {} KiB; only its beginning is used",
+                KMOUNTIGNORE_MAX >> 10
+            );
+        }
+        Ok(Some(String::from_utf8_lossy(&data).into_owned()))
+    }
+
+    /// Sends `op` on `conn` itself (session set-up, before the session is open to others),
+    /// counted as `kind` in [`Client::requests_sent`].
+    async fn call_on(
+        &self,
+        conn: &Conn,
+        op: Op,
+        kind: &'static str,
+    ) -> Result<Result<Done, WireError>, Failure> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.sent).entry(kind).or_default() += 1;
+        let frame: Frame = Arc::new(
+            encode(&ToAgent::Request(Request {
+                id,
+                caller: None,
+                op,
+            }))
+            .map_err(|e| Failure::Unsent(format!("cannot encode a request: {e}")))?,
+        );
+        conn.call(id, frame).await
     }
 
     fn remote_timeout(&self) -> Duration {
@@ -725,7 +884,8 @@ async fn reconnect_loop(shared: Weak<Shared>, generation: u64) {
             handshake(stream, &s.what).await
         }
         .await;
-        match result {
+        // The session gets the rules before it is open to anybody else.
+        let result = match result {
             Ok(h) => {
                 if h.features != s.features {
                     tracing::warn!(
@@ -735,6 +895,21 @@ async fn reconnect_loop(shared: Weak<Shared>, generation: u64) {
                     );
                 }
                 let conn = start_conn(h, generation, shared.clone(), s.events.clone());
+                match tokio::time::timeout(HELLO_TIMEOUT, s.ensure_rules(&conn)).await {
+                    Ok(Ok(())) => Ok(conn),
+                    Ok(Err(Failure::Unsent(reason) | Failure::Lost(reason))) => Err(format!(
+                        "the new session broke while it was being set up: {reason}"
+                    )),
+                    Err(_) => Err(format!(
+                        "the new session did not answer its set-up (ignore rules) within {} s",
+                        HELLO_TIMEOUT.as_secs()
+                    )),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(conn) => {
                 s.link.send_replace(Link::Up(conn));
                 tracing::info!(generation, attempts, "reconnected to {}", s.what);
                 s.events.emit(ClientEvent::Reconnected { generation });
@@ -754,7 +929,7 @@ async fn reconnect_loop(shared: Weak<Shared>, generation: u64) {
                     } = link
                     {
                         *a = attempts;
-                        *reason = e.to_string();
+                        *reason = e.clone();
                     }
                 });
                 delay = (delay * 2).min(RECONNECT_MAX);
@@ -824,6 +999,9 @@ impl Client {
                 events,
                 sent: Mutex::new(HashMap::new()),
                 rules: Mutex::new(Arc::new(Rules::none())),
+                rules_cfg: Mutex::new(None),
+                rules_version: AtomicU64::new(0),
+                rules_warned: AtomicBool::new(false),
             }
         });
         Ok(Client { shared })
@@ -838,12 +1016,16 @@ impl Client {
             .clone()
     }
 
-    /// Sets the ignore rules of this mount (`.kmountignore` is read from the remote root).
-    // TODO(helper-a): send them to the agent (Op::SetRules) on every session, before anything
-    // else, and read `.kmountignore` from the root.
+    /// Sets the ignore rules of this mount. They go to the agent (`Op::SetRules`, when it
+    /// offers [`features::RULES`]) at the start of every session, before any other request of
+    /// that session, together with the root's `.kmountignore` as it is then (read afresh each
+    /// time; a bad line is logged and the file left out). On the current session they go
+    /// before the next request. An invalid pattern in `cfg` itself is an error here.
     pub fn set_rules(&self, cfg: &RulesConfig) -> Result<(), RulesError> {
         let rules = Rules::new(cfg)?;
-        *self.shared.rules.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(rules);
+        *lock(&self.shared.rules) = Arc::new(rules);
+        *lock(&self.shared.rules_cfg) = Some(cfg.clone());
+        self.shared.rules_version.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
 
@@ -917,6 +1099,16 @@ impl Client {
                     }
                 },
             };
+            if let Err(Failure::Unsent(reason) | Failure::Lost(reason)) =
+                shared.ensure_rules(&conn).await
+            {
+                // This request itself was not sent.
+                shared.link_down(conn.generation, reason.clone());
+                if generation.is_some() || shared.connector.is_none() {
+                    return Err(CallError::Disconnected(reason));
+                }
+                continue;
+            }
             match conn.call(id, frame.clone()).await {
                 Ok(result) => {
                     return result
@@ -960,6 +1152,12 @@ impl Client {
             Link::Up(conn) => conn.clone(),
             Link::Down { reason, .. } => return Err(CallError::NotSent(reason.clone())),
         };
+        if let Err(Failure::Unsent(reason) | Failure::Lost(reason)) =
+            shared.ensure_rules(&conn).await
+        {
+            shared.link_down(conn.generation, reason.clone());
+            return Err(CallError::NotSent(reason));
+        }
         let (slot_tx, slot_rx) = oneshot::channel();
         conn.calls
             .register(id, slot_tx)

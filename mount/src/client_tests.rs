@@ -443,10 +443,15 @@ struct Reconnecting {
     agents_rx: mpsc::UnboundedReceiver<DuplexStream>,
     refuse: Arc<std::sync::atomic::AtomicBool>,
     connects: Arc<AtomicU64>,
+    features: u64,
 }
 
 impl Reconnecting {
     async fn new() -> (Self, FakeAgent) {
+        Self::with(features::TREE).await
+    }
+
+    async fn with(features: u64) -> (Self, FakeAgent) {
         let (agents_tx, mut agents_rx) = mpsc::unbounded_channel();
         let refuse = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let connects = Arc::new(AtomicU64::new(0));
@@ -456,7 +461,7 @@ impl Reconnecting {
             connects: connects.clone(),
         });
         let client = tokio::spawn(Client::connect_shared(connector));
-        let agent = FakeAgent::accept(agents_rx.recv().await.unwrap(), features::TREE).await;
+        let agent = FakeAgent::accept(agents_rx.recv().await.unwrap(), features).await;
         let client = client.await.unwrap().unwrap();
         (
             Self {
@@ -464,6 +469,7 @@ impl Reconnecting {
                 agents_rx,
                 refuse,
                 connects,
+                features,
             },
             agent,
         )
@@ -474,7 +480,7 @@ impl Reconnecting {
             .await
             .expect("no reconnection")
             .unwrap();
-        FakeAgent::accept(theirs, features::TREE).await
+        FakeAgent::accept(theirs, self.features).await
     }
 }
 
@@ -624,4 +630,172 @@ async fn remote_changes_reach_the_events_channel_in_order() {
             }]))
         );
     }
+}
+
+fn some_attr() -> kmount_proto::Attr {
+    let t = kmount_proto::Timespec::default();
+    kmount_proto::Attr {
+        ino: 1,
+        dev: 1,
+        mode: 0o100644,
+        nlink: 1,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        size: 0,
+        blocks: 0,
+        blksize: 4096,
+        atime: t,
+        mtime: t,
+        ctime: t,
+    }
+}
+
+impl FakeAgent {
+    /// Answers the session set-up: the read of `.kmountignore` (with `text`, or ENOENT) and
+    /// the rules; returns the rules sent.
+    async fn serve_rules(&mut self, text: Option<&str>) -> RulesConfig {
+        let read = self.recv_request().await;
+        let Op::ReadPath { path, offset, len } = &read.op else {
+            panic!("the session did not start with reading .kmountignore: {read:?}")
+        };
+        assert_eq!((path.as_bytes(), *offset), (&b".kmountignore"[..], 0));
+        assert!(*len >= 64 << 10, "{len}");
+        let answer = match text {
+            Some(t) => Ok(Done::Content {
+                attr: some_attr(),
+                data: t.as_bytes().to_vec(),
+                compressed: false,
+            }),
+            None => Err(WireError::new(libc::ENOENT, "no such file")),
+        };
+        self.reply(read.id, answer).await;
+        let set = self.recv_request().await;
+        let Op::SetRules { rules } = set.op else {
+            panic!("expected SetRules after reading .kmountignore, got {set:?}")
+        };
+        self.reply(set.id, Ok(Done::Ok)).await;
+        rules
+    }
+}
+
+fn user_rules() -> RulesConfig {
+    RulesConfig {
+        exclude: vec!["tmp/".into()],
+        ..Default::default()
+    }
+}
+
+fn class(c: &Client, path: &str) -> kmount_proto::rules::Class {
+    c.rules().class(std::path::Path::new(path), false)
+}
+
+#[tokio::test]
+async fn rules_and_kmountignore_go_first_in_every_session() {
+    use kmount_proto::rules::Class;
+    let (mut r, mut agent) = Reconnecting::with(features::RULES | features::JOURNAL).await;
+    let mut events = r.client.take_events().unwrap();
+    r.client.set_rules(&user_rules()).unwrap();
+    assert_eq!(class(&r.client, "tmp/x"), Class::Excluded);
+    // The first request after set_rules waits for the session set-up.
+    let call = tokio::spawn({
+        let c = r.client.clone();
+        async move { c.call(lookup("x"), None).await }
+    });
+    let text = "out/\n[local-only]\n*.bak\n";
+    let sent = agent.serve_rules(Some(text)).await;
+    assert_eq!(sent.exclude, user_rules().exclude);
+    assert_eq!(
+        sent.kmountignore,
+        Some((PathBuf::from(".kmountignore"), text.to_string()))
+    );
+    let req = agent.recv_request().await;
+    assert_eq!(req.op, lookup("x"));
+    agent.reply(req.id, Ok(Done::Ok)).await;
+    call.await.unwrap().unwrap();
+    assert_eq!(class(&r.client, "out/a.o"), Class::Excluded);
+    assert_eq!(class(&r.client, "a.bak"), Class::LocalOnly);
+    assert_eq!(class(&r.client, "tmp/x"), Class::Excluded);
+    // Later requests go straight out.
+    let ping = tokio::spawn({
+        let c = r.client.clone();
+        async move { c.call(Op::Ping, None).await }
+    });
+    let req = agent.recv_request().await;
+    assert_eq!(req.op, Op::Ping);
+    agent.reply(req.id, Ok(Done::Ok)).await;
+    ping.await.unwrap().unwrap();
+
+    // A new session: the rules go again, before the replayed read, with the file as it is now
+    // (a bad line: left out, the session goes on).
+    let read = tokio::spawn({
+        let c = r.client.clone();
+        async move { c.call(lookup("y"), None).await }
+    });
+    let req = agent.recv_request().await;
+    assert_eq!(req.op, lookup("y"));
+    drop(agent);
+    let mut agent = r.next_agent().await;
+    let sent = agent.serve_rules(Some("a[z-a]\n")).await;
+    assert_eq!(sent.kmountignore, None, "the bad file is not sent");
+    assert_eq!(sent.exclude, user_rules().exclude);
+    let again = agent.recv_request().await;
+    assert_eq!(again.op, lookup("y"), "the replay comes after the rules");
+    agent.reply(again.id, Ok(Done::Ok)).await;
+    read.await.unwrap().unwrap();
+    assert_eq!(
+        class(&r.client, "out/a.o"),
+        Class::Synced,
+        "the old file is gone"
+    );
+    assert_eq!(class(&r.client, "tmp/x"), Class::Excluded);
+    let mut reconnected = false;
+    while let Ok(Some(e)) = timeout(Duration::from_secs(2), events.recv()).await {
+        if e == (ClientEvent::Reconnected { generation: 2 }) {
+            reconnected = true;
+            break;
+        }
+    }
+    assert!(reconnected);
+
+    // Once more, with no .kmountignore at all.
+    drop(agent);
+    let mut agent = r.next_agent().await;
+    let sent = agent.serve_rules(None).await;
+    assert_eq!(sent.kmountignore, None);
+    assert_eq!(r.client.requests_sent("SetRules"), 3);
+    assert_eq!(r.client.requests_sent(KMOUNTIGNORE_READS), 3);
+    assert_eq!(
+        r.client.requests_sent("ReadPath"),
+        0,
+        "counted apart from file reads"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_without_rules_gets_none() {
+    let (client, mut agent) = connected(features::TREE | features::JOURNAL).await;
+    client.set_rules(&user_rules()).unwrap();
+    let call = tokio::spawn({
+        let c = client.clone();
+        async move { c.call(Op::Ping, None).await }
+    });
+    let req = agent.recv_request().await;
+    assert_eq!(req.op, Op::Ping, "nothing is sent before the request");
+    agent.reply(req.id, Ok(Done::Ok)).await;
+    call.await.unwrap().unwrap();
+    assert_eq!(client.requests_sent("SetRules"), 0);
+    assert!(client.shared.rules_warned.load(Ordering::Relaxed));
+}
+
+#[tokio::test]
+async fn a_bad_user_rule_is_an_error_at_once() {
+    let (client, _agent) = connected(features::RULES).await;
+    let e = client
+        .set_rules(&RulesConfig {
+            exclude: vec!["a[z-a]".into()],
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("a[z-a]"), "{e}");
 }

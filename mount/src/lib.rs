@@ -306,6 +306,8 @@ pub struct MountHandle {
     /// The kernel's number for this FUSE connection (fusectl), to abort a session that does
     /// not end after an unmount.
     conn: Option<u32>,
+    /// The `--on-change` runner's live status, when a command is set.
+    on_change: Option<on_change::SharedStatus>,
 }
 
 /// How long a session may take to end after its unmount before its connection is aborted.
@@ -421,9 +423,11 @@ impl MountHandle {
     }
 
     /// The `--on-change` command's runs and failures.
-    // TODO(helper-a): the runner's live status.
     pub fn on_change_status(&self) -> on_change::Status {
-        on_change::Status::default()
+        self.on_change
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
     }
 
     /// The state of the connection to the agent.
@@ -752,6 +756,10 @@ pub fn mount(
             });
         }
     }
+    let on_change = opts
+        .on_change
+        .as_ref()
+        .map(|command| on_change::spawn(&runtime, core.clone(), command.clone(), tasks_tx.clone()));
     drop(tasks_tx);
     let ttl = if whole_tree {
         opts.cached_ttl
@@ -819,6 +827,7 @@ pub fn mount(
         commands_tx,
         tasks_done: Some(tasks_done),
         conn,
+        on_change,
     })
 }
 

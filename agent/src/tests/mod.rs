@@ -1,10 +1,12 @@
 //! Tests of the operations layer against real directories.
 
+mod command;
 mod confinement;
 mod identity;
 mod journal;
 mod ops;
 mod pathops;
+mod rules;
 mod tree;
 mod watch;
 

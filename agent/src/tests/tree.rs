@@ -33,7 +33,7 @@ fn walk_batches(fx: &Fx, path: &str, max: u32) -> Vec<Vec<TreeEntry>> {
     out
 }
 
-fn walk_all(fx: &Fx, path: &str, max: u32) -> Vec<TreeEntry> {
+pub(super) fn walk_all(fx: &Fx, path: &str, max: u32) -> Vec<TreeEntry> {
     walk_batches(fx, path, max).into_iter().flatten().collect()
 }
 
@@ -96,7 +96,7 @@ fn assert_parents_first(entries: &[TreeEntry], start: &RelPath) {
 }
 
 /// Directory digests computed the way the mount computes them: from walk entries only.
-fn digests_from(entries: &[TreeEntry], start: &RelPath) -> BTreeMap<RelPath, [u8; 16]> {
+pub(super) fn digests_from(entries: &[TreeEntry], start: &RelPath) -> BTreeMap<RelPath, [u8; 16]> {
     let mut children: HashMap<RelPath, Vec<&TreeEntry>> = HashMap::new();
     let mut dirs = vec![start.clone()];
     for e in entries {
@@ -128,7 +128,7 @@ fn digests_from(entries: &[TreeEntry], start: &RelPath) -> BTreeMap<RelPath, [u8
     out
 }
 
-fn digests(fx: &Fx, path: &str, depth: u32) -> Vec<(RelPath, [u8; 16])> {
+pub(super) fn digests(fx: &Fx, path: &str, depth: u32) -> Vec<(RelPath, [u8; 16])> {
     match fx.ok(Op::Digest {
         path: p(path),
         depth,

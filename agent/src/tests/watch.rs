@@ -13,7 +13,7 @@ use kmount_proto::{Attr, Done, Event, NodeRef, Op, SetAttr};
 use super::*;
 use crate::watch::{COALESCE, Sink, Watcher};
 
-fn sink() -> (Sink, Receiver<Vec<Event>>) {
+pub(super) fn sink() -> (Sink, Receiver<Vec<Event>>) {
     let (tx, rx) = channel();
     let tx = Mutex::new(tx);
     let sink: Sink = Arc::new(move |events| tx.lock().unwrap().send(events).is_ok());
@@ -397,7 +397,7 @@ fn a_change_by_someone_else_right_after_our_own_is_reported_once_with_its_state(
 }
 
 /// A watcher driven by hand on this thread: batches are exactly what happened between steps.
-fn manual(fx: &Fx) -> (Watcher, Receiver<Vec<Event>>) {
+pub(super) fn manual(fx: &Fx) -> (Watcher, Receiver<Vec<Event>>) {
     let (sink, rx) = sink();
     // SAFETY: plain syscall; the descriptor is ours.
     let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -405,6 +405,7 @@ fn manual(fx: &Fx) -> (Watcher, Receiver<Vec<Event>>) {
     let w = Watcher::start(
         fx.agent.root.clone(),
         fx.agent.echo.clone(),
+        fx.agent.hide.clone(),
         sink,
         wake,
         Arc::new(AtomicBool::new(false)),
@@ -414,7 +415,7 @@ fn manual(fx: &Fx) -> (Watcher, Receiver<Vec<Event>>) {
 }
 
 /// One batch: everything that happened since the last step.
-fn step(w: &mut Watcher, rx: &Receiver<Vec<Event>>) -> Vec<String> {
+pub(super) fn step(w: &mut Watcher, rx: &Receiver<Vec<Event>>) -> Vec<String> {
     let now = Instant::now();
     assert!(w.step(now), "reads what happened");
     assert!(w.step(now + COALESCE), "sends it");
