@@ -113,7 +113,7 @@ struct MountArgs {
     on_change: Option<String>,
     /// Cap the traffic to the target at RATE bytes per second in each direction: 500K, 2M,
     /// 1G (K = 1024).
-    #[arg(long, value_name = "RATE", value_parser = options::parse_rate)]
+    #[arg(long, value_name = "RATE", value_parser = options::parse_rate, allow_hyphen_values = true)]
     bwlimit: Option<u64>,
 }
 

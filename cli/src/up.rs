@@ -16,6 +16,7 @@ pub fn up() -> Result<()> {
     let base = cfg.path.parent().unwrap_or(Path::new("/")).to_path_buf();
     let dirs = StateDirs::for_current_user()?;
     let exe = std::env::current_exe().context("cannot find the kmount executable")?;
+    check_entries(&cfg, &base)?;
     // Mounts made by this run, and the mountpoints it created, to undo on failure.
     let mut made: Vec<PathBuf> = Vec::new();
     let mut created: Vec<PathBuf> = Vec::new();
@@ -63,6 +64,34 @@ pub fn up() -> Result<()> {
     )
 }
 
+/// Refuses the file before anything is mounted when an entry's target or patterns are bad.
+fn check_entries(cfg: &config::Config, base: &Path) -> Result<()> {
+    for (i, m) in cfg.mounts.iter().enumerate() {
+        let rules = kmount_mount::rules::RulesConfig {
+            exclude: m.exclude.clone(),
+            local_only: m.local_only.clone(),
+            ..Default::default()
+        };
+        let checked = crate::target::Target::parse(&m.target, base)
+            .map(drop)
+            .and_then(|()| {
+                kmount_mount::rules::Rules::new(&rules)
+                    .map(drop)
+                    .map_err(anyhow::Error::from)
+            });
+        if let Err(e) = checked {
+            bail!(
+                "{}:{}: [[mount]] #{}: {e:#}; fix it and run `kmount up` again (nothing was \
+                 mounted)",
+                cfg.path.display(),
+                m.line,
+                i + 1
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Mounts one entry; `Ok(None)` when it was already mounted.
 fn up_one(
     dirs: &StateDirs,
@@ -80,14 +109,16 @@ fn up_one(
         return Ok(None);
     }
     if !mountpoint.exists() {
-        let first_missing = mountpoint
+        // Shallowest first, so that undoing in reverse removes the deepest first.
+        let mut missing: Vec<PathBuf> = mountpoint
             .ancestors()
             .take_while(|a| !a.exists())
-            .last()
-            .map(Path::to_path_buf);
+            .map(Path::to_path_buf)
+            .collect();
+        missing.reverse();
         std::fs::create_dir_all(&mountpoint)
             .with_context(|| format!("cannot create {}", mountpoint.display()))?;
-        created.extend(first_missing);
+        created.extend(missing);
     }
     let mut cmd = std::process::Command::new(exe);
     cmd.current_dir(base);
