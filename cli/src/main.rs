@@ -352,14 +352,39 @@ fn write_stdout(bytes: &[u8]) -> Result<()> {
     }
 }
 
-fn init_logging() {
+/// Logs at `KMOUNT_LOG` (EnvFilter syntax; default `info`) to stderr (the log file, for a
+/// daemon) and, in the foreground, also to the mount's log file (`kmount logs`).
+fn init_logging(daemon: bool, mountpoint: &Path) {
+    use tracing_subscriber::fmt::writer::MakeWriterExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("KMOUNT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let to_terminal = daemon || std::env::var_os("KMOUNT_LOG").is_some();
+    let file = (!daemon).then(|| foreground_log_file(mountpoint)).flatten();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
+        .with_ansi(false);
+    let _ = match (file, to_terminal) {
+        (Some(f), true) => builder
+            .with_writer(std::io::stderr.and(std::sync::Mutex::new(f)))
+            .try_init(),
+        (Some(f), false) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
+        (None, _) => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
+
+/// The log file of a foreground mount (the same one a background mount writes to).
+fn foreground_log_file(mountpoint: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dirs = StateDirs::for_current_user().ok()?;
+    dirs.create().ok()?;
+    let log = dirs.log_path(&mount_id(mountpoint));
+    logs::rotate(&log);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(log)
+        .ok()
 }
 
 fn mount(args: MountArgs) -> Result<()> {
@@ -388,9 +413,7 @@ fn mount(args: MountArgs) -> Result<()> {
         }
     };
     if args.foreground || ready.is_daemon() {
-        if ready.is_daemon() || std::env::var_os("KMOUNT_LOG").is_some() {
-            init_logging();
-        }
+        init_logging(ready.is_daemon(), &mountpoint);
         return run::run(&target, &mountpoint, &flags, ready);
     }
     let dirs = StateDirs::for_current_user()?;

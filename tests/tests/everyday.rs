@@ -903,3 +903,39 @@ fn completions_and_man_cover_the_new_commands() {
         assert!(out.stdout.contains(word), "the man page lacks {word}");
     }
 }
+
+#[test]
+fn a_foreground_mount_logs_to_its_file_too() {
+    use std::io::{BufRead, BufReader};
+    let s = Scratch::new();
+    let src = s.mkdir("fg-src");
+    let mnt = s.mkdir("fg-mnt");
+    let mut child = s
+        .kmount()
+        .arg("-f")
+        .arg(&src)
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("mounted"), "no ready line: {line:?}");
+    let out = s.run(&["logs", mnt.to_str().unwrap()]);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + UNMOUNT_TIMEOUT;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("kmount -f did not exit after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("mounted"), "{out}");
+}
