@@ -15,7 +15,9 @@ use crate::{absolute_mountpoint, control, mounted_list};
 pub struct Question {
     /// Relative to the mount's root, '/'-separated ("" is the root).
     pub path: String,
-    pub is_dir: bool,
+    /// `None`: unknown (the path does not exist in the mount, which it does not when a rule
+    /// hides it); the daemon then tries it as a directory and as a file.
+    pub is_dir: Option<bool>,
 }
 
 /// The daemon's answer.
@@ -29,7 +31,18 @@ pub struct Answer {
 
 /// The daemon side.
 pub fn answer(rules: &kmount_mount::rules::Rules, q: &Question) -> Answer {
-    let d = rules.classify(Path::new(&q.path), q.is_dir);
+    let path = Path::new(&q.path);
+    let d = match q.is_dir {
+        Some(is_dir) => rules.classify(path, is_dir),
+        None => {
+            let as_dir = rules.classify(path, true);
+            if as_dir.class == kmount_mount::rules::Class::Synced {
+                rules.classify(path, false)
+            } else {
+                as_dir
+            }
+        }
+    };
     Answer {
         class: d.class.as_str().to_string(),
         rule: d.rule.map(|r| r.to_string()),
@@ -47,8 +60,13 @@ pub fn command(path: &Path, mount: Option<&Path>) -> Result<bool> {
             rec.mountpoint.display()
         );
     }
-    let is_dir = path.as_os_str().to_string_lossy().ends_with('/')
-        || std::fs::symlink_metadata(rec.mountpoint.join(&rel)).is_ok_and(|m| m.is_dir());
+    let is_dir = if path.as_os_str().to_string_lossy().ends_with('/') {
+        Some(true)
+    } else {
+        std::fs::symlink_metadata(rec.mountpoint.join(&rel))
+            .ok()
+            .map(|m| m.is_dir())
+    };
     let q = Question {
         path: rel.to_string_lossy().into_owned(),
         is_dir,
@@ -151,12 +169,12 @@ mod tests {
             ..RulesConfig::default()
         })
         .unwrap();
-        let ask = |path: &str, is_dir| {
+        let ask = |path: &str, is_dir: bool| {
             answer(
                 &rules,
                 &Question {
                     path: path.into(),
-                    is_dir,
+                    is_dir: Some(is_dir),
                 },
             )
         };
@@ -170,6 +188,19 @@ mod tests {
         );
         let a = ask("src/main.rs", false);
         assert_eq!((a.class.as_str(), a.rule), ("synced", None));
+        // A hidden directory does not exist in the mount: tried as a directory too.
+        let unknown = |path: &str| {
+            answer(
+                &rules,
+                &Question {
+                    path: path.into(),
+                    is_dir: None,
+                },
+            )
+        };
+        assert_eq!(unknown("web/node_modules").class, "excluded");
+        assert_eq!(unknown("a.tmp").class, "local-only");
+        assert_eq!(unknown("src/main.rs").class, "synced");
     }
 
     #[test]

@@ -417,6 +417,10 @@ fn why_names_the_rule_like_check_ignore() {
         out,
         format!("--exclude:1:node_modules/\t{m}/web/node_modules/\texcluded\n")
     );
+    // Without the slash and not in the mount (a rule may hide it): tried as a directory too.
+    let (code, out, full) = why(&s, &[&format!("{m}/web/node_modules")]);
+    assert_eq!(code, 0, "{full}");
+    assert!(out.ends_with("\texcluded\n"), "{full}");
     let (code, out, full) = why(&s, &[&format!("{m}/x.log")]);
     assert_eq!(code, 0, "{full}");
     assert!(out.starts_with("--exclude:2:*.log\t"), "{full}");
@@ -623,6 +627,14 @@ fn unmount_force_when_the_daemon_hangs() {
         !pid_alive(pid)
     });
     s.assert_nothing_mounted(&out);
+}
+
+#[test]
+fn unmount_force_of_something_not_mounted() {
+    let s = Scratch::new();
+    let plain = s.mkdir("plain-dir");
+    let out = s.run(&["unmount", "--force", plain.to_str().unwrap()]);
+    assert_refused(&s, &out, 1, &["plain-dir", "not a kmount mount"]);
 }
 
 #[test]
