@@ -951,3 +951,36 @@ fn a_foreground_mount_logs_to_its_file_too() {
     assert!(out.success(), "{out}");
     assert!(out.stdout.contains("mounted"), "{out}");
 }
+
+#[test]
+fn a_terminal_sees_progress_and_what_was_reached() {
+    let s = Scratch::new();
+    let src = s.mkdir("tty-src");
+    let mnt = s.mkdir("tty-mnt");
+    assert!(
+        Path::new("/usr/bin/script").is_file(),
+        "this test needs `script` (util-linux) to give kmount a terminal: apt-get install bsdutils"
+    );
+    // `script` gives kmount a terminal on stdout and stderr; without one (every other test)
+    // kmount prints the ready line only.
+    let line = format!(
+        "{} {} {}",
+        kmount_bin().display(),
+        src.display(),
+        mnt.display()
+    );
+    let out = run_timeout(
+        Command::new("/usr/bin/script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("KMOUNT_STATE_DIR", &s.state)
+            .env("KMOUNT_AGENT", agent_bin()),
+        MOUNT_TIMEOUT,
+    );
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stdout.contains("kmount: connected to the agent"),
+        "{out}"
+    );
+    assert!(out.stdout.contains("kmount: mounted "), "{out}");
+    assert!(is_mounted(&mnt));
+}
