@@ -2,20 +2,17 @@
 //! mount is unmounted (by `kmount unmount`, a signal, or `fusermount3 -u`).
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use std::sync::Arc;
-
 use kmount_mount::{Client, Connector, Flusher, MountHandle, MountOptions};
 
 use crate::bwlimit::LimitedConnector;
-use crate::options::MountFlags;
-
 use crate::connect;
 use crate::control::{self, ControlRequest};
 use crate::daemon::Ready;
+use crate::options::MountFlags;
 use crate::state::{MountRecord, StateDirs, mount_id};
 use crate::target::Target;
 
@@ -168,7 +165,8 @@ fn mount_and_serve(
     let daemon = Daemon {
         record,
         flags,
-        journal: local_first.then(|| session_dir(&dirs, &target.display(), mountpoint)),
+        journal: local_first
+            .then(|| session_dir(&dirs, &target.display(), mountpoint).join("journal")),
     };
     let result = daemon.serve_until_unmounted(handle, &events_rx);
     dirs.remove_record(mountpoint);
@@ -180,7 +178,7 @@ fn mount_and_serve(
 struct Daemon<'a> {
     record: MountRecord,
     flags: &'a MountFlags,
-    /// The write-back session directory, if local-first.
+    /// The write-back journal, if local-first.
     journal: Option<PathBuf>,
 }
 
@@ -193,6 +191,8 @@ impl Daemon<'_> {
         let mountpoint = self.record.mountpoint.as_path();
         let flusher = handle.flusher();
         let mut interrupts = 0;
+        // Threads answering `wait` and `unmount`.
+        let mut answering: Vec<std::thread::JoinHandle<()>> = Vec::new();
         loop {
             let event = match events_rx.recv_timeout(SESSION_POLL) {
                 Ok(event) => event,
@@ -200,9 +200,14 @@ impl Daemon<'_> {
                     tracing::info!("{} was unmounted", mountpoint.display());
                     // The last hold on the mount's state: the journal and the cache close
                     // with it.
-                    return handle
-                        .join()
-                        .context("the FUSE session ended with an error");
+                    let joined = handle.join();
+                    // An `unmount` is answered after the session ended: let that answer out
+                    // before the process exits.
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    while answering.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    return joined.context("the FUSE session ended with an error");
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
@@ -210,8 +215,26 @@ impl Daemon<'_> {
                 }
             };
             match event {
+                // Waiting for changes to land can take long: on a thread of its own, so
+                // that `status` and `why` are answered meanwhile.
+                Event::Control(req) if matches!(req.command.as_str(), "wait" | "unmount") => {
+                    let flusher = flusher.clone();
+                    let mountpoint = mountpoint.to_path_buf();
+                    answering.retain(|t| !t.is_finished());
+                    answering.push(std::thread::spawn(move || {
+                        let flushed = flush(&flusher, UNMOUNT_FLUSH);
+                        let result = if req.command == "unmount" {
+                            flushed
+                                .map_err(|e| e.context("not unmounted"))
+                                .and_then(|()| unmount_path(&mountpoint, false))
+                        } else {
+                            flushed
+                        };
+                        req.answer(&answer_line(result.map(|()| String::new())));
+                    }));
+                }
                 Event::Control(req) => {
-                    let answer = self.answer(&req.command, &handle, &flusher);
+                    let answer = self.answer(&req.command, &handle);
                     req.answer(&answer);
                 }
                 Event::Signal(name) => {
@@ -232,16 +255,11 @@ impl Daemon<'_> {
         }
     }
 
-    /// The answer line to one control command.
-    fn answer(&self, command: &str, handle: &MountHandle, flusher: &Flusher) -> String {
+    /// The answer line to a control command that is answered at once.
+    fn answer(&self, command: &str, handle: &MountHandle) -> String {
         let (verb, arg) = command.split_once(' ').unwrap_or((command, ""));
-        let result: Result<String> = match verb {
+        answer_line(match verb {
             "ping" => Ok(std::process::id().to_string()),
-            "wait" => flush(flusher, UNMOUNT_FLUSH).map(|()| String::new()),
-            "unmount" => flush(flusher, UNMOUNT_FLUSH)
-                .map_err(|e| e.context("not unmounted"))
-                .and_then(|()| unmount_path(&self.record.mountpoint, false))
-                .map(|()| String::new()),
             "status" => {
                 let s = crate::status::snapshot(&self.record, handle, self.flags);
                 serde_json::to_string(&s).map_err(Into::into)
@@ -265,12 +283,16 @@ impl Daemon<'_> {
             other => Err(anyhow::anyhow!(
                 "unknown command '{other}' (is this kmount older than the one asking?)"
             )),
-        };
-        match result {
-            Ok(s) if s.is_empty() => "ok".to_string(),
-            Ok(s) => format!("ok {s}"),
-            Err(e) => format!("error: {e:#}"),
-        }
+        })
+    }
+}
+
+/// `ok [DATA]` or `error: MESSAGE`, on one line as the protocol wants.
+fn answer_line(result: Result<String>) -> String {
+    match result {
+        Ok(s) if s.is_empty() => "ok".to_string(),
+        Ok(s) => format!("ok {s}"),
+        Err(e) => format!("error: {}", format!("{e:#}").replace('\n', "; ")),
     }
 }
 

@@ -984,3 +984,61 @@ fn a_terminal_sees_progress_and_what_was_reached() {
     assert!(out.stdout.contains("kmount: mounted "), "{out}");
     assert!(is_mounted(&mnt));
 }
+
+#[test]
+fn status_counts_unapplied_changes_while_wait_waits() {
+    let s = Scratch::new();
+    let (src, mnt) = s.mount("pend", &["--write-back"]);
+    let pid = s.daemon_pid(&mnt);
+    let agent: i32 = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("the daemon has no agent child")
+        .parse()
+        .unwrap();
+    let agent = nix::unistd::Pid::from_raw(agent);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    fs::write(mnt.join("later.txt"), b"soon").unwrap();
+    let mut waiting = s
+        .kmount()
+        .arg("wait")
+        .arg(&mnt)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The daemon answers status while `wait` waits.
+    let started = Instant::now();
+    let out = run_timeout(
+        s.kmount().args(["status", "--json"]).arg(&mnt),
+        Duration::from_secs(8),
+    );
+    let _ = nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGCONT);
+    assert!(out.success(), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "status waited for wait"
+    );
+    assert!(out.stdout.contains("\"write_back\": true"), "{out}");
+    assert!(!out.stdout.contains("\"pending_changes\": 0,"), "{out}");
+    let text = s.run(&["status", mnt.to_str().unwrap()]);
+    assert!(text.stdout.contains("write-back"), "{text}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = waiting.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = waiting.kill();
+            panic!("kmount wait did not return once the agent was back");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert_eq!(fs::read(src.join("later.txt")).unwrap(), b"soon");
+    let out = s.run(&["status", "--json", mnt.to_str().unwrap()]);
+    assert!(out.stdout.contains("\"pending_changes\": 0,"), "{out}");
+}
