@@ -10,6 +10,7 @@ mod doctor_target;
 mod install;
 mod kube;
 mod logs;
+mod manpage;
 mod options;
 mod preflight;
 mod run;
@@ -324,9 +325,8 @@ fn main() -> ExitCode {
         }
         Some(Command::Man) => {
             use clap::CommandFactory;
-            let mut page = Vec::new();
-            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
-                Ok(()) => write_stdout(&page),
+            match manpage::render(Cli::command()) {
+                Ok(page) => write_stdout(&page),
                 Err(e) => Err(e).context("cannot render the manual page"),
             }
         }

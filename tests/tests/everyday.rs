@@ -910,7 +910,12 @@ fn completions_and_man_cover_the_new_commands() {
         "bwlimit",
         "local\\-only",
         "no\\-default\\-ignores",
-        "status",
+        "KMOUNT STATUS",
+        "KMOUNT LOGS",
+        "KMOUNT WHY",
+        "KMOUNT UNMOUNT",
+        "\\-\\-force",
+        "KMOUNT UP",
     ] {
         assert!(out.stdout.contains(word), "the man page lacks {word}");
     }
