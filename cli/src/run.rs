@@ -146,9 +146,12 @@ fn mount_and_serve(
     };
     dirs.write_record(&record)?;
     let files = handle.tree_counts().nodes;
+    // Kubernetes: " (pod P, container C)"; ssh: " via kmount-agent on HOST (ssh)".
     let via = match target {
         Target::Local { .. } => String::new(),
-        _ => format!(" via {peer}"),
+        _ => peer
+            .strip_prefix(&format!("the agent in {}", target.display()))
+            .map_or_else(|| format!(" via {peer}"), str::to_string),
     };
     let line = format!(
         "kmount: mounted {}{via} at {}: {files} file{} in {:.2}s (pid {}; `kmount unmount {}` to stop)",
