@@ -1047,3 +1047,48 @@ fn status_counts_unapplied_changes_while_wait_waits() {
     let out = s.run(&["status", "--json", mnt.to_str().unwrap()]);
     assert!(out.stdout.contains("\"pending_changes\": 0,"), "{out}");
 }
+
+#[test]
+fn over_ssh_doctor_checks_the_host_and_the_ready_line_names_it() {
+    use kmount_bench::sshd::{HOST_ALIAS, TestSshd, Variant};
+    let sshd = TestSshd::start().unwrap_or_else(|e| panic!("cannot start the test sshd: {e}"));
+    let s = Scratch::new();
+    let remote = s.mkdir("remote");
+    let mnt = s.mkdir("ssh-mnt");
+    let target = format!("ssh://{HOST_ALIAS}:{}{}", sshd.port(), remote.display());
+
+    let doctor = |v: Variant| {
+        run_timeout(
+            s.kmount()
+                .env("KMOUNT_SSH", sshd.ssh_command(v))
+                .args(["doctor", &target]),
+            Duration::from_secs(60),
+        )
+    };
+    let out = doctor(Variant::Good);
+    assert!(out.success(), "{out}");
+    assert!(out.stdout.contains("ok    ssh"), "{out}");
+    let out = doctor(Variant::UnauthorizedKey);
+    assert_eq!(out.status.and_then(|c| c.code()), Some(1), "{out}");
+    assert!(out.stdout.contains("FAIL  ssh"), "{out}");
+    assert!(
+        out.stdout.contains("without a password"),
+        "no next step: {out}"
+    );
+
+    let out = run_timeout(
+        s.kmount()
+            .env("KMOUNT_SSH", sshd.ssh_command(Variant::Good))
+            .arg(&target)
+            .arg(&mnt),
+        MOUNT_TIMEOUT * 2,
+    );
+    assert!(out.success(), "{out}");
+    assert!(
+        out.stdout
+            .contains(&format!("via kmount-agent on {HOST_ALIAS}")),
+        "the ready line does not say what it reached: {out}"
+    );
+    let out = s.run(&["status", "--json", mnt.to_str().unwrap()]);
+    assert!(out.stdout.contains("\"state\": \"connected\""), "{out}");
+}
