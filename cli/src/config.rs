@@ -36,6 +36,9 @@ pub struct MountEntry {
     #[serde(default)]
     pub local_only: Vec<String>,
     pub on_change: Option<String>,
+    /// The line of its `[[mount]]` header (filled in by [`load`]), for messages.
+    #[serde(skip)]
+    pub line: usize,
 }
 
 /// A loaded file: where it is and what it says, with mountpoints made absolute.
@@ -73,10 +76,12 @@ pub fn load(path: &Path) -> Result<Config> {
     let mounts = file
         .mount
         .into_iter()
-        .map(|mut m| {
+        .enumerate()
+        .map(|(i, mut m)| {
             if m.mountpoint.is_relative() {
                 m.mountpoint = base.join(&m.mountpoint);
             }
+            m.line = mount_line(&text, i);
             m
         })
         .collect();

@@ -1,8 +1,11 @@
-//! The daemon's control socket: a Unix socket in the private run directory through which
-//! `kmount unmount` (and later `status`, `wait`) talk to a running mount.
+//! The daemon's control socket: a Unix socket in the private run directory through which the
+//! `kmount` commands talk to a running mount.
 //!
-//! Protocol: the client sends one command line, the daemon answers one line, `ok …` or
-//! `error: …`. Only the daemon's own uid (or root) may connect.
+//! Protocol: the client sends one command line, the daemon answers one line, `ok [DATA]` or
+//! `error: MESSAGE`. Commands (answered in `run.rs`): `ping` (the pid), `wait`, `unmount`,
+//! `status` (a [`crate::status::MountStatus`] as JSON), `pending` (a
+//! [`crate::unmount::Unapplied`] as JSON), `why JSON` (a [`crate::why::Question`], answered
+//! with a [`crate::why::Answer`]). Only the daemon's own uid (or root) may connect.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -3,7 +3,7 @@
 //! through a pipe, prints one line and exits.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -45,6 +45,61 @@ impl Ready {
 
     pub fn is_daemon(&self) -> bool {
         matches!(self, Ready::Pipe(_))
+    }
+
+    /// A step of a long phase (connecting, reading the tree): on a terminal, the user sees
+    /// it on stderr while waiting; in the log it is a plain line.
+    pub fn progress(&mut self, text: &str) {
+        tracing::info!("{text}");
+        match self {
+            Ready::Stdout => {
+                if std::io::stderr().is_terminal() {
+                    eprintln!("kmount: {text}");
+                }
+            }
+            Ready::Pipe(f) => {
+                let _ = writeln!(f, "progress {text}");
+            }
+        }
+    }
+
+    /// A [`kmount_mount::Progress`] that reports the walk of the tree (at most twice a second).
+    pub fn walk_progress(&self) -> kmount_mount::Progress {
+        let out: Option<File> = match self {
+            Ready::Pipe(f) => f.try_clone().ok(),
+            Ready::Stdout => None,
+        };
+        let to_stderr = out.is_none() && std::io::stderr().is_terminal();
+        // (pipe copy, last report, the first walk is done)
+        let out = std::sync::Mutex::new((out, std::time::Instant::now(), false));
+        kmount_mount::Progress::new(move |p| {
+            let mut guard = out.lock().unwrap_or_else(|e| e.into_inner());
+            let (file, last, finished) = &mut *guard;
+            // Only the first walk (the mount's) is shown; later rescans are not.
+            if p.done || *finished {
+                *file = None;
+                *finished = true;
+                return;
+            }
+            if last.elapsed() < std::time::Duration::from_millis(500) {
+                return;
+            }
+            *last = std::time::Instant::now();
+            let text = format!(
+                "reading the tree: {} files, {} so far",
+                p.files,
+                crate::status::human_bytes(p.bytes)
+            );
+            let sent = file
+                .as_mut()
+                .map(|f| writeln!(f, "progress {text}").is_ok());
+            match sent {
+                Some(true) => {}
+                Some(false) => *file = None,
+                None if to_stderr => eprintln!("kmount: {text}"),
+                None => {}
+            }
+        })
     }
 
     /// The mount is ready: say so with `line`.
@@ -103,25 +158,41 @@ pub fn spawn_background(args: &[&std::ffi::OsStr], log: &Path) -> Result<String>
             Ok(())
         });
     }
+    crate::logs::rotate(log);
     let child = cmd.spawn().context("cannot start the kmount daemon")?;
     drop(write_end);
-    let mut answer = String::new();
-    File::from(read_end)
-        .read_to_string(&mut answer)
-        .context("cannot read from the kmount daemon")?;
-    let answer = answer.trim_end();
-    if let Some(line) = answer.strip_prefix("ready ") {
-        return Ok(line.to_string());
-    }
-    if let Some(msg) = answer.strip_prefix("error ") {
-        return Err(anyhow!("{msg}"));
+    // Progress lines until the ready or error line; the daemon may keep a copy of the pipe
+    // open after that, so reading stops there.
+    let show = std::io::stderr().is_terminal();
+    let mut lines = BufReader::new(File::from(read_end)).lines();
+    while let Some(line) = lines.next() {
+        let line = line.context("cannot read from the kmount daemon")?;
+        if let Some(text) = line.strip_prefix("progress ") {
+            if show {
+                eprintln!("kmount: {text}");
+            }
+        } else if let Some(line) = line.strip_prefix("ready ") {
+            return Ok(line.to_string());
+        } else if let Some(msg) = line.strip_prefix("error ") {
+            // The rest of a multi-line message follows, up to the daemon's exit.
+            let mut msg = msg.to_string();
+            for more in lines.map_while(Result::ok) {
+                msg.push('\n');
+                msg.push_str(&more);
+            }
+            return Err(anyhow!("{msg}"));
+        }
     }
     let tail = log_tail(log, 15);
     bail!(
-        "the kmount daemon (pid {}) exited before the mount was ready; its log {} ends with:\n{}",
+        "the kmount daemon (pid {}) exited before the mount was ready; its log {} ends with:\n{}\n\
+         (`kmount logs {}` shows all of it)",
         child.id(),
         log.display(),
-        tail
+        tail,
+        args.last()
+            .map(|a| a.to_string_lossy().into_owned())
+            .unwrap_or_default()
     )
 }
 

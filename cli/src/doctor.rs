@@ -24,7 +24,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
+    pub fn ok(name: &'static str, detail: impl Into<String>) -> Self {
         Check {
             name,
             status: Status::Ok,
@@ -32,7 +32,7 @@ impl Check {
             fix: None,
         }
     }
-    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
         Check {
             name,
             status: Status::Warn,
@@ -40,7 +40,7 @@ impl Check {
             fix: Some(fix.into()),
         }
     }
-    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+    pub fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
         Check {
             name,
             status: Status::Fail,

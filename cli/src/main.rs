@@ -1,27 +1,36 @@
 //! `kmount`: mount a directory of a container, a host or this machine through FUSE.
 
+mod bwlimit;
 mod config;
 mod connect;
 mod control;
 mod daemon;
 mod doctor;
+mod doctor_target;
 mod install;
 mod kube;
+mod logs;
+mod manpage;
+mod options;
 mod preflight;
 mod run;
 mod ssh;
 mod state;
+mod status;
 mod target;
+mod unmount;
+mod up;
+mod why;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use crate::daemon::Ready;
-use crate::state::{StateDirs, mount_id, pid_alive};
+use crate::state::{MountRecord, StateDirs, mount_id, pid_alive};
 use crate::target::Target;
 
 const EXAMPLES: &str = "\
@@ -29,7 +38,12 @@ Examples:
   kmount ./src ./mnt           mount ./src at ./mnt (in the background)
   kmount -f ~/project /tmp/p   the same in the foreground; Ctrl-C unmounts
   kmount me@box:/srv/app ./mnt mount /srv/app of host box over ssh
+  kmount deploy/app:/app ./mnt mount /app of a container of deployment app
+  kmount --exclude node_modules/ --on-change 'make' ./src ./mnt
   kmount list                  show the active mounts
+  kmount status ./mnt          what the mount is doing (--json for scripts)
+  kmount logs -f ./mnt         follow the mount's log
+  kmount why ./mnt/a.swp       which ignore rule decides for a path
   kmount unmount ./mnt         flush and unmount
   kmount unmount --all         unmount every kmount mount";
 
@@ -83,14 +97,42 @@ struct MountArgs {
     /// unmount` sends them first). Also KMOUNT_WRITE_BACK=1.
     #[arg(long)]
     write_back: bool,
+    /// Hide paths matching PATTERN (gitignore syntax) in both directions; repeatable. Also
+    /// read from `.kmountignore` at the target's root.
+    #[arg(long, value_name = "PATTERN", allow_hyphen_values = true)]
+    exclude: Vec<String>,
+    /// Keep paths matching PATTERN on this side only: usable in the mount, never sent to the
+    /// target; repeatable. Editor swap and backup files are local-only by default.
+    #[arg(long, value_name = "PATTERN", allow_hyphen_values = true)]
+    local_only: Vec<String>,
+    /// Leave out the built-in local-only patterns (editor swap and backup files).
+    #[arg(long)]
+    no_default_ignores: bool,
+    /// Run COMMAND in the target (`sh -c`, in the mounted directory) after each batch of
+    /// changes made through the mount has landed there; runs never overlap.
+    #[arg(long, value_name = "COMMAND", allow_hyphen_values = true)]
+    on_change: Option<String>,
+    /// Cap the traffic to the target at RATE bytes per second in each direction: 500K, 2M,
+    /// 1G (K = 1024).
+    #[arg(long, value_name = "RATE", value_parser = options::parse_rate, allow_hyphen_values = true)]
+    bwlimit: Option<u64>,
 }
 
-/// `--write-back` of this mount, read by [`run`] when it builds the mount options.
-static WRITE_BACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Whether `--write-back` was given.
-pub fn write_back_flag() -> bool {
-    WRITE_BACK.load(std::sync::atomic::Ordering::Relaxed)
+impl MountArgs {
+    fn flags(&self) -> options::MountFlags {
+        options::MountFlags {
+            reconcile_interval: self.reconcile_interval,
+            write_back: self.write_back,
+            rules: kmount_mount::rules::RulesConfig {
+                exclude: self.exclude.clone(),
+                local_only: self.local_only.clone(),
+                no_defaults: self.no_default_ignores,
+                kmountignore: None,
+            },
+            on_change: self.on_change.clone(),
+            bwlimit: self.bwlimit,
+        }
+    }
 }
 
 /// `--reconcile-interval`: `500ms`, `2s`, `1.5` (seconds); at least 10 ms.
@@ -118,23 +160,12 @@ fn parse_interval(s: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// The `--reconcile-interval` of this mount, read by [`run`] when it builds the mount options.
-static RECONCILE_INTERVAL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-
-/// How often the running mount reconciles (`--reconcile-interval`, else the library default).
-pub fn reconcile_interval() -> Duration {
-    RECONCILE_INTERVAL
-        .get()
-        .copied()
-        .unwrap_or_else(|| kmount_mount::MountOptions::default().reconcile_interval)
-}
-
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Flush pending changes and unmount.
     #[command(
         visible_alias = "umount",
-        after_help = "Examples:\n  kmount unmount ./mnt\n  kmount unmount --all"
+        after_help = "Examples:\n  kmount unmount ./mnt\n  kmount unmount --all\n  kmount unmount --force ./mnt   the target is gone or the mount hangs"
     )]
     Unmount {
         /// The mountpoint to unmount.
@@ -143,6 +174,11 @@ enum Command {
         /// Unmount every kmount mount of this user.
         #[arg(long)]
         all: bool,
+        /// Unmount at once even when the target or the mount's process is gone or hangs
+        /// (lazy unmount; the process is ended). Changes not yet applied are listed and kept
+        /// for the next mount of the same target at the same place.
+        #[arg(long)]
+        force: bool,
     },
     /// Wait until every change made through a mount is in its target.
     #[command(
@@ -156,11 +192,60 @@ enum Command {
     /// List the active mounts: target, mountpoint, state and daemon pid.
     #[command(visible_alias = "ls", after_help = "Example:\n  kmount list")]
     List,
-    /// Check this machine (FUSE, fusermount3, inotify limits, the agent) and say what to fix.
+    /// Show what a mount is doing: connection, changes not yet applied, reconciliation,
+    /// conflicts, errors, cache, the --on-change command.
     #[command(
-        after_help = "Exit status: 0 when everything needed is there, 1 otherwise.\n\nExample:\n  kmount doctor"
+        after_help = "--json prints {\"schema\": \"kmount.status\", \"version\": 1, \"mounts\": [...]}; \
+                      the keys are listed in the README (Everyday use).\n\nExamples:\n  kmount status\n  kmount status ./mnt --json"
     )]
-    Doctor,
+    Status {
+        /// The mountpoint [default: every mount].
+        mountpoint: Option<PathBuf>,
+        /// Print JSON (stable keys, see the README).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a mount's log (KMOUNT_LOG=debug when mounting logs more).
+    #[command(after_help = "Examples:\n  kmount logs ./mnt\n  kmount logs -f ./mnt")]
+    Logs {
+        /// The mountpoint [default: the only mount].
+        mountpoint: Option<PathBuf>,
+        /// Keep printing what is added until interrupted or the mount ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Say which ignore rule decides for a path, like `git check-ignore -v`.
+    #[command(
+        after_help = "Prints SOURCE:LINE:PATTERN<TAB>PATH<TAB>CLASS (CLASS: excluded, local-only, synced).\n\n\
+                      Exit status: 0 when PATH is excluded or local-only, 1 when it is synced, 2 on error.\n\n\
+                      Examples:\n  kmount why ./mnt/node_modules\n  kmount why --mount ./mnt build/out.o"
+    )]
+    Why {
+        /// A path in a mount (it need not exist), or relative to the root of --mount.
+        path: PathBuf,
+        /// The mount PATH is relative to [default: the mount PATH is in].
+        #[arg(long, value_name = "MOUNTPOINT")]
+        mount: Option<PathBuf>,
+    },
+    /// Check this machine (FUSE, fusermount3, inotify limits, the agent) and, given a target,
+    /// the cluster or ssh host it needs; say what to fix.
+    #[command(
+        after_help = "Exit status: 0 when everything needed is there, 1 otherwise.\n\nExamples:\n  kmount doctor\n  kmount doctor deploy/app:/app --context dev\n  kmount doctor me@box:/srv/app"
+    )]
+    Doctor {
+        /// A target to check the way to (Kubernetes: kubeconfig, cluster, exec permission;
+        /// ssh: the host answers without a password prompt).
+        target: Option<String>,
+        /// Kubernetes: the namespace to check exec permission in.
+        #[arg(short = 'n', long, value_name = "NAMESPACE")]
+        namespace: Option<String>,
+        /// Kubernetes: the kubeconfig context to check (checked even without a target).
+        #[arg(long, value_name = "NAME")]
+        context: Option<String>,
+        /// Kubernetes: the kubeconfig file.
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  kmount completions bash > /etc/bash_completion.d/kmount\n  kmount completions zsh > \"${fpath[1]}/_kmount\"\n  kmount completions fish > ~/.config/fish/completions/kmount.fish"
@@ -171,7 +256,7 @@ enum Command {
     },
     /// Mount every [[mount]] entry of the nearest kmount.toml.
     #[command(
-        after_help = "kmount.toml (found in the current directory or the nearest parent):\n\n  [[mount]]\n  target = \"deploy/app:/app\"   # any target kmount accepts\n  mountpoint = \"mnt\"           # relative to the file\n  # optional: namespace, context, container\n\nExample:\n  kmount up"
+        after_help = "kmount.toml (found in the current directory or the nearest parent):\n\n  [[mount]]\n  target = \"deploy/app:/app\"   # any target kmount accepts\n  mountpoint = \"mnt\"           # relative to the file\n  # optional:\n  namespace = \"dev\"\n  context = \"staging\"\n  container = \"app\"\n  exclude = [\"node_modules/\"]\n  local_only = [\"build/\"]\n  on_change = \"make\"\n\nWhen an entry fails, the mounts this `up` made are unmounted again.\n\nExample:\n  kmount up"
     )]
     Up,
     /// Unmount every [[mount]] entry of the nearest kmount.toml.
@@ -185,13 +270,48 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Unmount { mountpoint, all }) => unmount(mountpoint.as_deref(), all),
+        Some(Command::Unmount {
+            mountpoint,
+            all,
+            force,
+        }) => unmount::command(mountpoint.as_deref(), all, force),
         Some(Command::Wait { mountpoint }) => wait(&mountpoint),
         Some(Command::List) => list(),
-        Some(Command::Up) => up(),
-        Some(Command::Down) => down(),
-        Some(Command::Doctor) => {
-            return if doctor::report(&doctor::local_checks()) {
+        Some(Command::Status { mountpoint, json }) => status::command(mountpoint.as_deref(), json),
+        Some(Command::Logs { mountpoint, follow }) => logs::command(mountpoint.as_deref(), follow),
+        Some(Command::Why { path, mount }) => {
+            return match why::command(&path, mount.as_deref()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("kmount: error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Some(Command::Up) => up::up(),
+        Some(Command::Down) => up::down(),
+        Some(Command::Doctor {
+            target,
+            namespace,
+            context,
+            kubeconfig,
+        }) => {
+            let kube = kube::KubeOptions {
+                namespace,
+                container: None,
+                context,
+                kubeconfig: kubeconfig.map(|p| std::path::absolute(&p).unwrap_or(p)),
+            };
+            let mut checks = doctor::local_checks();
+            match doctor_target::target_checks(target.as_deref(), kube) {
+                Ok(more) => checks.extend(more),
+                Err(e) => {
+                    eprintln!("kmount: error: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            return if doctor::report(&checks) {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
@@ -205,9 +325,8 @@ fn main() -> ExitCode {
         }
         Some(Command::Man) => {
             use clap::CommandFactory;
-            let mut page = Vec::new();
-            match clap_mangen::Man::new(Cli::command()).render(&mut page) {
-                Ok(()) => write_stdout(&page),
+            match manpage::render(Cli::command()) {
+                Ok(page) => write_stdout(&page),
                 Err(e) => Err(e).context("cannot render the manual page"),
             }
         }
@@ -233,27 +352,47 @@ fn write_stdout(bytes: &[u8]) -> Result<()> {
     }
 }
 
-fn init_logging() {
+/// Logs at `KMOUNT_LOG` (EnvFilter syntax; default `info`) to stderr (the log file, for a
+/// daemon) and, in the foreground, also to the mount's log file (`kmount logs`).
+fn init_logging(daemon: bool, mountpoint: &Path) {
+    use tracing_subscriber::fmt::writer::MakeWriterExt;
     let filter = tracing_subscriber::EnvFilter::try_from_env("KMOUNT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let to_terminal = daemon || std::env::var_os("KMOUNT_LOG").is_some();
+    let file = (!daemon).then(|| foreground_log_file(mountpoint)).flatten();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .try_init();
+        .with_ansi(false);
+    let _ = match (file, to_terminal) {
+        (Some(f), true) => builder
+            .with_writer(std::io::stderr.and(std::sync::Mutex::new(f)))
+            .try_init(),
+        (Some(f), false) => builder.with_writer(std::sync::Mutex::new(f)).try_init(),
+        (None, _) => builder.with_writer(std::io::stderr).try_init(),
+    };
+}
+
+/// The log file of a foreground mount (the same one a background mount writes to).
+fn foreground_log_file(mountpoint: &Path) -> Option<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dirs = StateDirs::for_current_user().ok()?;
+    dirs.create().ok()?;
+    let log = dirs.log_path(&mount_id(mountpoint));
+    logs::rotate(&log);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(log)
+        .ok()
 }
 
 fn mount(args: MountArgs) -> Result<()> {
+    let flags = args.flags();
     let (Some(target_arg), Some(mountpoint_arg)) = (args.target, args.mountpoint) else {
         bail!("usage: kmount [-f] TARGET MOUNTPOINT (see kmount --help)");
     };
-    let ready = Ready::from_env();
-    if let Some(every) = args.reconcile_interval {
-        let _ = RECONCILE_INTERVAL.set(every);
-    }
-    if args.write_back {
-        WRITE_BACK.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
+    let mut ready = Ready::from_env();
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let kube = kube::KubeOptions {
         namespace: args.namespace,
@@ -263,20 +402,19 @@ fn mount(args: MountArgs) -> Result<()> {
             .kubeconfig
             .map(|p| std::path::absolute(&p).unwrap_or(p)),
     };
-    let checked = preflight_mount(&target_arg, &mountpoint_arg, &cwd, kube);
+    let checked = flags
+        .check_rules()
+        .and_then(|()| preflight_mount(&target_arg, &mountpoint_arg, &cwd, kube));
     let (target, mountpoint) = match checked {
         Ok(v) => v,
         Err(e) => {
-            let mut ready = ready;
             ready.fail(&e);
             return Err(e);
         }
     };
     if args.foreground || ready.is_daemon() {
-        if ready.is_daemon() || std::env::var_os("KMOUNT_LOG").is_some() {
-            init_logging();
-        }
-        return run::run(&target, &mountpoint, ready);
+        init_logging(ready.is_daemon(), &mountpoint);
+        return run::run(&target, &mountpoint, &flags, ready);
     }
     let dirs = StateDirs::for_current_user()?;
     dirs.create()?;
@@ -285,12 +423,8 @@ fn mount(args: MountArgs) -> Result<()> {
         Target::Kube(k) => k.options.to_args(),
         _ => Vec::new(),
     };
-    if let Some(every) = args.reconcile_interval {
-        daemon_args.push(format!("--reconcile-interval={}ms", every.as_millis()).into());
-    }
-    if args.write_back {
-        daemon_args.push("--write-back".into());
-    }
+    daemon_args.extend(flags.to_args());
+    daemon_args.push("--".into());
     daemon_args.push(target.to_arg());
     daemon_args.push(mountpoint.clone().into_os_string());
     let daemon_args: Vec<&std::ffi::OsStr> = daemon_args.iter().map(|a| a.as_os_str()).collect();
@@ -333,30 +467,31 @@ fn preflight_mount(
     Ok((target, mountpoint))
 }
 
-/// The absolute form of a mountpoint argument without touching the mount itself (a dead FUSE
-/// mount cannot be canonicalized: stat fails with ENOTCONN).
 /// `kmount wait`: asks the mount's daemon to return once every change is applied.
 fn wait(mountpoint: &Path) -> Result<()> {
     let dirs = StateDirs::for_current_user()?;
-    let mountpoint = absolute_mountpoint(mountpoint)?;
-    match dirs.record_for(&mountpoint) {
-        Some(rec) if pid_alive(rec.pid) => {
-            control::request(
-                &dirs.socket_path(&mount_id(&mountpoint)),
-                "wait",
-                Duration::from_secs(120),
-            )
-            .with_context(|| format!("changes made through {}", mountpoint.display()))?;
-            Ok(())
-        }
-        _ => bail!(
-            "{} is not a running kmount mount (see `kmount list`)",
-            mountpoint.display()
-        ),
+    let rec = find_record(&dirs, mountpoint)?;
+    if !pid_alive(rec.pid) {
+        bail!(
+            "the kmount process of {} (pid {}) is gone; `kmount unmount {}` cleans up and the \
+             next mount of the same target there sends what was left",
+            rec.mountpoint.display(),
+            rec.pid,
+            rec.mountpoint.display()
+        );
     }
+    control::request(
+        &dirs.socket_path(&mount_id(&rec.mountpoint)),
+        "wait",
+        Duration::from_secs(120),
+    )
+    .with_context(|| format!("changes made through {}", rec.mountpoint.display()))?;
+    Ok(())
 }
 
-fn absolute_mountpoint(p: &Path) -> Result<PathBuf> {
+/// The absolute form of a mountpoint argument without touching the mount itself (a dead FUSE
+/// mount cannot be canonicalized: stat fails with ENOTCONN).
+pub fn absolute_mountpoint(p: &Path) -> Result<PathBuf> {
     if let Ok(c) = p.canonicalize() {
         return Ok(c);
     }
@@ -369,174 +504,44 @@ fn absolute_mountpoint(p: &Path) -> Result<PathBuf> {
     Ok(abs)
 }
 
-fn unmount(mountpoint: Option<&Path>, all: bool) -> Result<()> {
-    let dirs = StateDirs::for_current_user()?;
-    if all {
-        let records = dirs.records();
-        if records.is_empty() {
-            println!("kmount: nothing is mounted");
-            return Ok(());
-        }
-        let mut failed = 0;
-        for rec in records {
-            if let Err(e) = unmount_one(&dirs, &rec.mountpoint) {
-                eprintln!("kmount: error: {e:#}");
-                failed += 1;
-            }
-        }
-        if failed > 0 {
-            bail!("{failed} mount(s) could not be unmounted (see above)");
-        }
-        return Ok(());
+/// The record of the mount at `mountpoint`, or an error that says what is mounted.
+pub fn find_record(dirs: &StateDirs, mountpoint: &Path) -> Result<MountRecord> {
+    let abs = absolute_mountpoint(mountpoint)?;
+    if let Some(rec) = dirs.record_for(&abs) {
+        return Ok(rec);
     }
-    let Some(mountpoint) = mountpoint else {
-        bail!("give a mountpoint or --all");
-    };
-    unmount_one(&dirs, &absolute_mountpoint(mountpoint)?)
+    bail!(
+        "{} is not a kmount mount; {}",
+        abs.display(),
+        mounted_list(dirs)
+    )
 }
 
-fn unmount_one(dirs: &StateDirs, mountpoint: &Path) -> Result<()> {
-    let id = mount_id(mountpoint);
-    let record = dirs.record_for(mountpoint);
-    let mounted = preflight::mounted_fs_type(mountpoint)?;
-    match record {
-        Some(rec) if pid_alive(rec.pid) => {
-            control::request(&dirs.socket_path(&id), "unmount", Duration::from_secs(120))
-                .with_context(|| format!("cannot unmount {}", mountpoint.display()))?;
-            // The daemon exits once the kernel has ended the session.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while pid_alive(rec.pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if pid_alive(rec.pid) {
-                bail!(
-                    "{} was unmounted but its kmount process (pid {}) has not exited yet; see its log {}",
-                    mountpoint.display(),
-                    rec.pid,
-                    dirs.log_path(&id).display()
-                );
-            }
-            println!("kmount: unmounted {}", mountpoint.display());
-            Ok(())
-        }
-        rec => {
-            let is_kmount = mounted.as_deref().is_some_and(|t| t.starts_with("fuse"));
-            if !is_kmount {
-                dirs.remove_record(mountpoint);
-                if rec.is_some() {
-                    println!(
-                        "kmount: {} was no longer mounted; removed its stale record",
-                        mountpoint.display()
-                    );
-                    return Ok(());
-                }
-                bail!(
-                    "{} is not a kmount mount (see `kmount list`)",
-                    mountpoint.display()
-                );
-            }
-            // The daemon is gone (killed, crashed): detach the dead mount.
-            run::unmount_path(mountpoint, true)?;
-            dirs.remove_record(mountpoint);
-            println!(
-                "kmount: unmounted {} (its kmount process was gone)",
-                mountpoint.display()
-            );
-            Ok(())
-        }
+/// "mounted: /a, /b" or "nothing is mounted", for error messages.
+pub fn mounted_list(dirs: &StateDirs) -> String {
+    let records = dirs.records();
+    if records.is_empty() {
+        return "nothing is mounted (see `kmount list`)".into();
     }
-}
-
-/// `kmount up`: mounts each entry of kmount.toml by running `kmount` for it, from the file's
-/// directory (so relative targets and mountpoints are relative to the file).
-fn up() -> Result<()> {
-    let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let cfg = config::load_nearest(&cwd)?;
-    let base = cfg.path.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let dirs = StateDirs::for_current_user()?;
-    let exe = std::env::current_exe().context("cannot find the kmount executable")?;
-    let mut failed = 0;
-    for (i, m) in cfg.mounts.iter().enumerate() {
-        let unsupported: Vec<&str> = [
-            (!m.exclude.is_empty(), "exclude"),
-            (!m.local_only.is_empty(), "local_only"),
-            (m.on_change.is_some(), "on_change"),
-        ]
-        .into_iter()
-        .filter_map(|(set, k)| set.then_some(k))
+    let names: Vec<String> = records
+        .iter()
+        .map(|r| r.mountpoint.display().to_string())
         .collect();
-        if !unsupported.is_empty() {
-            eprintln!(
-                "kmount: error: {} [[mount]] #{}: {} not supported by this version of kmount yet; \
-                 remove it to mount this entry",
-                cfg.path.display(),
-                i + 1,
-                unsupported.join(", ")
-            );
-            failed += 1;
-            continue;
-        }
-        let mountpoint = absolute_mountpoint(&m.mountpoint)?;
-        if dirs
-            .record_for(&mountpoint)
-            .is_some_and(|r| pid_alive(r.pid))
-        {
-            println!("kmount: {} is already mounted", mountpoint.display());
-            continue;
-        }
-        if !mountpoint.exists() {
-            std::fs::create_dir_all(&mountpoint)
-                .with_context(|| format!("cannot create {}", mountpoint.display()))?;
-        }
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.current_dir(&base);
-        for (flag, value) in [
-            ("--namespace", &m.namespace),
-            ("--context", &m.context),
-            ("--container", &m.container),
-        ] {
-            if let Some(v) = value {
-                cmd.arg(flag).arg(v);
-            }
-        }
-        cmd.arg(&m.target).arg(&mountpoint);
-        let status = cmd.status().context("cannot run kmount")?;
-        if !status.success() {
-            failed += 1;
-        }
-    }
-    if failed > 0 {
-        bail!(
-            "{failed} of {} mount(s) in {} did not come up (see above)",
-            cfg.mounts.len(),
-            cfg.path.display()
-        );
-    }
-    Ok(())
+    format!("kmount mounts: {}", names.join(", "))
 }
 
-/// `kmount down`: unmounts each entry of kmount.toml that is mounted.
-fn down() -> Result<()> {
-    let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let cfg = config::load_nearest(&cwd)?;
-    let dirs = StateDirs::for_current_user()?;
-    let mut failed = 0;
-    for m in &cfg.mounts {
-        let mountpoint = absolute_mountpoint(&m.mountpoint)?;
-        let mounted = preflight::mounted_fs_type(&mountpoint)?.is_some();
-        if !mounted && dirs.record_for(&mountpoint).is_none() {
-            println!("kmount: {} is not mounted", mountpoint.display());
-            continue;
-        }
-        if let Err(e) = unmount_one(&dirs, &mountpoint) {
-            eprintln!("kmount: error: {e:#}");
-            failed += 1;
-        }
+/// The mount a command without MOUNTPOINT means: the only one there is.
+pub fn only_record(dirs: &StateDirs) -> Result<MountRecord> {
+    let mut records = dirs.records();
+    match records.len() {
+        1 => Ok(records.remove(0)),
+        0 => bail!("nothing is mounted (see `kmount list`); give a MOUNTPOINT"),
+        _ => bail!(
+            "{} mounts are running; give one MOUNTPOINT ({})",
+            records.len(),
+            mounted_list(dirs)
+        ),
     }
-    if failed > 0 {
-        bail!("{failed} mount(s) could not be unmounted (see above)");
-    }
-    Ok(())
 }
 
 fn list() -> Result<()> {

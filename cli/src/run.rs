@@ -2,15 +2,17 @@
 //! mount is unmounted (by `kmount unmount`, a signal, or `fusermount3 -u`).
 
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use kmount_mount::{Client, Flusher, MountOptions};
+use kmount_mount::{Client, Connector, Flusher, MountHandle, MountOptions};
 
+use crate::bwlimit::LimitedConnector;
 use crate::connect;
 use crate::control::{self, ControlRequest};
 use crate::daemon::Ready;
+use crate::options::MountFlags;
 use crate::state::{MountRecord, StateDirs, mount_id};
 use crate::target::Target;
 
@@ -18,13 +20,12 @@ use crate::target::Target;
 enum Event {
     Signal(&'static str),
     Control(ControlRequest),
-    SessionEnded(std::io::Result<()>),
 }
 
 /// Mounts `target` (already checked) at `mountpoint` (canonical, empty) and serves it until it
 /// is unmounted. Reports readiness or failure through `ready`.
-pub fn run(target: &Target, mountpoint: &Path, mut ready: Ready) -> Result<()> {
-    match mount_and_serve(target, mountpoint, &mut ready) {
+pub fn run(target: &Target, mountpoint: &Path, flags: &MountFlags, mut ready: Ready) -> Result<()> {
+    match mount_and_serve(target, mountpoint, flags, &mut ready) {
         Ok(()) => Ok(()),
         Err(e) => {
             ready.fail(&e);
@@ -33,7 +34,12 @@ pub fn run(target: &Target, mountpoint: &Path, mut ready: Ready) -> Result<()> {
     }
 }
 
-fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Result<()> {
+fn mount_and_serve(
+    target: &Target,
+    mountpoint: &Path,
+    flags: &MountFlags,
+    ready: &mut Ready,
+) -> Result<()> {
     let started = Instant::now();
     let dirs = StateDirs::for_current_user()?;
     dirs.create()?;
@@ -46,13 +52,20 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
         .context("cannot start the I/O runtime")?;
 
     let plan = connect::plan(target, mountpoint)?;
+    let connector: Arc<dyn Connector> = match flags.bwlimit {
+        Some(rate) => Arc::new(LimitedConnector::new(plan.connector.clone(), rate)),
+        None => plan.connector.clone(),
+    };
+    ready.progress(&format!("connecting to {}", connector.describe()));
     // Shared: a lost connection is made again through the same connector.
     let client = runtime
-        .block_on(Client::connect_shared(plan.connector.clone()))
+        .block_on(Client::connect_shared(connector.clone()))
         .with_context(|| format!("cannot start serving {}", target.display()))?;
-    let local_first = write_back_enabled();
+    let peer = connector.describe();
+    ready.progress(&format!("connected to {peer}; reading the tree"));
+    let local_first = flags.write_back_enabled();
     let (cache_dir, journal_dir) = if local_first {
-        let state = session_dir(&dirs, target, mountpoint);
+        let state = session_dir(&dirs, &target.display(), mountpoint);
         crate::state::private_dir(&state)?;
         (Some(state.join("cache")), Some(state.join("journal")))
     } else {
@@ -65,14 +78,18 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
         default_permissions: plan.shared,
         identity: plan.identity,
         owner_map: plan.owner_map(&client),
-        reconcile_interval: crate::reconcile_interval(),
+        reconcile_interval: flags
+            .reconcile_interval
+            .unwrap_or_else(|| MountOptions::default().reconcile_interval),
         cache_dir,
         journal_dir,
+        rules: flags.rules.clone(),
+        on_change: flags.on_change.clone(),
+        progress: Some(ready.walk_progress()),
         ..MountOptions::default()
     };
     let handle = kmount_mount::mount(runtime.handle().clone(), client, mountpoint, &opts)
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
-    let flusher = handle.flusher();
     if local_first && !handle.status().write_back {
         tracing::info!(
             "the agent keeps no journal: every change reaches it before the call returns"
@@ -80,15 +97,6 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
     }
 
     let (events_tx, events_rx) = mpsc::channel::<Event>();
-    // session thread --ended--> main loop
-    {
-        let events_tx = events_tx.clone();
-        std::thread::Builder::new()
-            .name("session-join".into())
-            .spawn(move || {
-                let _ = events_tx.send(Event::SessionEnded(handle.join()));
-            })?;
-    }
     // control socket --requests--> main loop
     {
         let (control_tx, control_rx) = mpsc::channel::<ControlRequest>();
@@ -127,7 +135,7 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
         });
     }
 
-    dirs.write_record(&MountRecord {
+    let record = MountRecord {
         target: target.display(),
         mountpoint: mountpoint.to_path_buf(),
         pid: std::process::id(),
@@ -135,11 +143,21 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-    })?;
+    };
+    dirs.write_record(&record)?;
+    let files = handle.tree_counts().nodes;
+    // Kubernetes: " (pod P, container C)"; ssh: " via kmount-agent on HOST (ssh)".
+    let via = match target {
+        Target::Local { .. } => String::new(),
+        _ => peer
+            .strip_prefix(&format!("the agent in {}", target.display()))
+            .map_or_else(|| format!(" via {peer}"), str::to_string),
+    };
     let line = format!(
-        "kmount: mounted {} at {} in {:.2}s (pid {}; `kmount unmount {}` to stop)",
+        "kmount: mounted {}{via} at {}: {files} file{} in {:.2}s (pid {}; `kmount unmount {}` to stop)",
         target.display(),
         mountpoint.display(),
+        if files == 1 { "" } else { "s" },
         started.elapsed().as_secs_f64(),
         std::process::id(),
         mountpoint.display()
@@ -147,64 +165,142 @@ fn mount_and_serve(target: &Target, mountpoint: &Path, ready: &mut Ready) -> Res
     tracing::info!("{line}");
     ready.ok(&line);
 
-    let result = serve_until_unmounted(mountpoint, &events_rx, &flusher);
-    // The last hold on the mount's state: the journal and the cache close with it.
-    drop(flusher);
+    let daemon = Daemon {
+        record,
+        flags,
+        journal: local_first
+            .then(|| session_dir(&dirs, &target.display(), mountpoint).join("journal")),
+    };
+    let result = daemon.serve_until_unmounted(handle, &events_rx);
     dirs.remove_record(mountpoint);
     runtime.shutdown_timeout(Duration::from_secs(5));
     result
 }
 
-fn serve_until_unmounted(
-    mountpoint: &Path,
-    events_rx: &mpsc::Receiver<Event>,
-    flusher: &Flusher,
-) -> Result<()> {
-    let mut interrupts = 0;
-    loop {
-        let Ok(event) = events_rx.recv() else {
-            bail!("internal error: every event source of the mount is gone");
-        };
-        match event {
-            Event::SessionEnded(res) => {
-                tracing::info!("{} was unmounted", mountpoint.display());
-                return res.context("the FUSE session ended with an error");
-            }
-            Event::Control(req) => {
-                let answer = match req.command.as_str() {
-                    "ping" => format!("ok {}", std::process::id()),
-                    "wait" => match flush(flusher, UNMOUNT_FLUSH) {
-                        Ok(()) => "ok".to_string(),
-                        Err(e) => format!("error: {e:#}"),
-                    },
-                    "unmount" => match flush(flusher, UNMOUNT_FLUSH)
-                        .map_err(|e| e.context("not unmounted"))
-                        .and_then(|()| unmount_path(mountpoint, false))
-                    {
-                        Ok(()) => "ok".to_string(),
-                        Err(e) => format!("error: {e:#}"),
-                    },
-                    other => format!("error: unknown command '{other}'"),
-                };
-                req.answer(&answer);
-            }
-            Event::Signal(name) => {
-                interrupts += 1;
-                // A second interrupt gives up waiting for busy users of the mount.
-                let lazy = interrupts > 1;
-                tracing::info!("{name}: unmounting {}", mountpoint.display());
-                if !lazy && let Err(e) = flush(flusher, SIGNAL_FLUSH) {
-                    // Kept in the journal: the next mount of this target here sends them.
-                    tracing::warn!("{e:#}; unmounting anyway, the journal keeps them");
+/// What the main loop of a running mount answers from.
+struct Daemon<'a> {
+    record: MountRecord,
+    flags: &'a MountFlags,
+    /// The write-back journal, if local-first.
+    journal: Option<PathBuf>,
+}
+
+impl Daemon<'_> {
+    fn serve_until_unmounted(
+        &self,
+        handle: MountHandle,
+        events_rx: &mpsc::Receiver<Event>,
+    ) -> Result<()> {
+        let mountpoint = self.record.mountpoint.as_path();
+        let flusher = handle.flusher();
+        let mut interrupts = 0;
+        // Threads answering `wait` and `unmount`.
+        let mut answering: Vec<std::thread::JoinHandle<()>> = Vec::new();
+        loop {
+            let event = match events_rx.recv_timeout(SESSION_POLL) {
+                Ok(event) => event,
+                Err(mpsc::RecvTimeoutError::Timeout) if handle.session_ended() => {
+                    tracing::info!("{} was unmounted", mountpoint.display());
+                    // The last hold on the mount's state: the journal and the cache close
+                    // with it.
+                    let joined = handle.join();
+                    // An `unmount` is answered after the session ended: let that answer out
+                    // before the process exits.
+                    let deadline = Instant::now() + Duration::from_secs(2);
+                    while answering.iter().any(|t| !t.is_finished()) && Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    return joined.context("the FUSE session ended with an error");
                 }
-                if let Err(e) = unmount_path(mountpoint, lazy) {
-                    tracing::error!("{e:#}");
-                    eprintln!("kmount: {e:#}\nkmount: press Ctrl-C again to detach it anyway");
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("internal error: every event source of the mount is gone")
+                }
+            };
+            match event {
+                // Waiting for changes to land can take long: on a thread of its own, so
+                // that `status` and `why` are answered meanwhile.
+                Event::Control(req) if matches!(req.command.as_str(), "wait" | "unmount") => {
+                    let flusher = flusher.clone();
+                    let mountpoint = mountpoint.to_path_buf();
+                    answering.retain(|t| !t.is_finished());
+                    answering.push(std::thread::spawn(move || {
+                        let flushed = flush(&flusher, UNMOUNT_FLUSH);
+                        let result = if req.command == "unmount" {
+                            flushed
+                                .map_err(|e| e.context("not unmounted"))
+                                .and_then(|()| unmount_path(&mountpoint, false))
+                        } else {
+                            flushed
+                        };
+                        req.answer(&answer_line(result.map(|()| String::new())));
+                    }));
+                }
+                Event::Control(req) => {
+                    let answer = self.answer(&req.command, &handle);
+                    req.answer(&answer);
+                }
+                Event::Signal(name) => {
+                    interrupts += 1;
+                    // A second interrupt gives up waiting for busy users of the mount.
+                    let lazy = interrupts > 1;
+                    tracing::info!("{name}: unmounting {}", mountpoint.display());
+                    if !lazy && let Err(e) = flush(&flusher, SIGNAL_FLUSH) {
+                        // Kept in the journal: the next mount of this target here sends them.
+                        tracing::warn!("{e:#}; unmounting anyway, the journal keeps them");
+                    }
+                    if let Err(e) = unmount_path(mountpoint, lazy) {
+                        tracing::error!("{e:#}");
+                        eprintln!("kmount: {e:#}\nkmount: press Ctrl-C again to detach it anyway");
+                    }
                 }
             }
         }
     }
+
+    /// The answer line to a control command that is answered at once.
+    fn answer(&self, command: &str, handle: &MountHandle) -> String {
+        let (verb, arg) = command.split_once(' ').unwrap_or((command, ""));
+        answer_line(match verb {
+            "ping" => Ok(std::process::id().to_string()),
+            "status" => {
+                let s = crate::status::snapshot(&self.record, handle, self.flags);
+                serde_json::to_string(&s).map_err(Into::into)
+            }
+            "pending" => {
+                let p = handle.pending().unwrap_or_default();
+                let u = crate::unmount::Unapplied {
+                    records: p.records,
+                    bytes: p.bytes,
+                    paths: p.paths.iter().map(ToString::to_string).collect(),
+                    journal: self.journal.clone(),
+                };
+                serde_json::to_string(&u).map_err(Into::into)
+            }
+            "why" => serde_json::from_str::<crate::why::Question>(arg)
+                .context("bad question")
+                .and_then(|q| {
+                    let a = crate::why::answer(&handle.rules(), &q);
+                    serde_json::to_string(&a).map_err(Into::into)
+                }),
+            other => Err(anyhow::anyhow!(
+                "unknown command '{other}' (is this kmount older than the one asking?)"
+            )),
+        })
+    }
 }
+
+/// `ok [DATA]` or `error: MESSAGE`, on one line as the protocol wants.
+fn answer_line(result: Result<String>) -> String {
+    match result {
+        Ok(s) if s.is_empty() => "ok".to_string(),
+        Ok(s) => format!("ok {s}"),
+        Err(e) => format!("error: {}", format!("{e:#}").replace('\n', "; ")),
+    }
+}
+
+/// How often the main loop looks whether the kernel has ended the session.
+const SESSION_POLL: Duration = Duration::from_millis(100);
 
 /// How long `kmount unmount` waits for changes to reach the target before giving up (the
 /// mount then stays). Below the control request's own timeout.
@@ -212,25 +308,16 @@ const UNMOUNT_FLUSH: Duration = Duration::from_secs(100);
 /// How long an interrupt waits for them before unmounting anyway.
 const SIGNAL_FLUSH: Duration = Duration::from_secs(20);
 
-/// Whether this mount is local-first (`--write-back`, or `KMOUNT_WRITE_BACK=1`): changes land
-/// in a local journal and content cache and reach the target in order, in the background.
-/// Not the default yet: through the CLI's test tiers some attributes (inode numbers of nodes
-/// made while many changes are queued, times of directories) and extended attribute flags
-/// still differ from the target's.
-pub fn write_back_enabled() -> bool {
-    crate::write_back_flag() || std::env::var_os("KMOUNT_WRITE_BACK").is_some_and(|v| v == "1")
-}
-
 /// The directory of this mount's journal and content cache: one per target and mountpoint,
 /// kept across runs so that changes not yet sent when kmount stopped are sent by the next
 /// mount of the same target at the same place (`<state>/mounts/<mountpoint id>-<target id>`).
-fn session_dir(dirs: &StateDirs, target: &Target, mountpoint: &Path) -> PathBuf {
+fn session_dir(dirs: &StateDirs, target: &str, mountpoint: &Path) -> PathBuf {
     let base = dirs
         .logs
         .parent()
         .map_or_else(|| dirs.logs.clone(), Path::to_path_buf);
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in target.display().bytes() {
+    for b in target.bytes() {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }

@@ -162,7 +162,7 @@ impl RemoteShell for SshShell {
 }
 
 /// Turns ssh's exit code and error output into a message saying what to do.
-fn explain_ssh_failure(
+pub fn explain_ssh_failure(
     code: Option<i32>,
     stderr: &str,
     host: &str,

@@ -539,6 +539,13 @@ impl MountHandle {
             .sent
             .load(std::sync::atomic::Ordering::Relaxed)
     }
+
+    /// Whether the FUSE session has ended (the filesystem was unmounted, by anyone):
+    /// [`MountHandle::join`] then returns at once. Lets the owner keep the handle (for
+    /// [`MountHandle::status`]) instead of parking a thread in `join`.
+    pub fn session_ended(&self) -> bool {
+        self.session.as_ref().is_none_or(|s| s.is_finished())
+    }
 }
 
 /// Waits for a mount's changes to reach the remote; cheap to clone, usable from any thread.

@@ -53,6 +53,8 @@ struct State {
     connects: u64,
     /// The pod (uid, name) of the last successful connect.
     last_pod: Option<(String, String)>,
+    /// The container of the last successful connect.
+    last_container: Option<String>,
 }
 
 impl KubeConnector {
@@ -151,6 +153,7 @@ impl KubeConnector {
         let mut st = self.state();
         st.connects += 1;
         st.last_pod = Some((choice.uid.clone(), choice.pod.clone()));
+        st.last_container = Some(choice.container.clone());
         tracing::info!(
             "started the agent {} ({:?}) for {} in {}",
             launched.path,
@@ -172,7 +175,14 @@ impl Connector for KubeConnector {
     }
 
     fn describe(&self) -> String {
-        format!("the agent in {}", self.target)
+        let st = self.state();
+        match (&st.last_pod, &st.last_container) {
+            (Some((_, pod)), Some(container)) => format!(
+                "the agent in {} (pod {pod}, container {container})",
+                self.target
+            ),
+            _ => format!("the agent in {}", self.target),
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Kubernetes targets: `kmount [TYPE/]NAME:/path` resolved to a pod and container, the agent
 //! installed and run there through the exec subresource (kube-rs, no kubectl needed).
 
-mod cluster;
+pub mod cluster;
 mod connector;
 mod error;
 mod exec;
