@@ -466,7 +466,6 @@ fn why_errors_exit_2() {
 }
 
 #[test]
-#[ignore = "needs the mount-side rules (core/agent): .kmountignore read from the target root"]
 fn why_reads_kmountignore() {
     let s = Scratch::new();
     let src = s.mkdir("ki-src");
@@ -487,7 +486,6 @@ fn why_reads_kmountignore() {
 }
 
 #[test]
-#[ignore = "needs the mount-side rules (core/agent): excluded paths hidden, local-only kept here"]
 fn excluded_paths_are_hidden_and_local_only_stay_local() {
     let s = Scratch::new();
     let src = s.mkdir("h-src");
@@ -553,7 +551,6 @@ fn on_change_reaches_the_mount() {
 }
 
 #[test]
-#[ignore = "needs the mount-side --on-change runner (core/agent)"]
 fn on_change_runs_after_a_batch_of_changes() {
     let s = Scratch::new();
     let (src, mnt) = s.mount("ocr", &["--on-change", "date >> .ran"]);
@@ -1091,4 +1088,78 @@ fn over_ssh_doctor_checks_the_host_and_the_ready_line_names_it() {
     );
     let out = s.run(&["status", "--json", mnt.to_str().unwrap()]);
     assert!(out.stdout.contains("\"state\": \"connected\""), "{out}");
+}
+
+/// A vim session through the mount: its swap file is there for vim (and `kmount why` names
+/// the built-in rule that keeps it here) while the target never sees it, and the save arrives.
+#[test]
+fn a_vim_session_leaves_no_swap_file_in_the_target() {
+    let s = Scratch::new();
+    let (src, mnt) = s.mount("vim", &[]);
+    fs::write(src.join("app.js"), "let a = 1;\n".repeat(50)).unwrap();
+    wait_until("app.js in the mount", Duration::from_secs(10), || {
+        mnt.join("app.js").exists()
+    });
+    let out = s.mkdir("vim-out");
+    let o = out.to_str().unwrap();
+    let b = src.to_str().unwrap();
+    // While vim holds the swap file: is it readable in the mount, present in the target, and
+    // what does `kmount why` say of it (run by vim itself, with this test's environment).
+    let probe = format!(
+        "call writefile([string(filereadable(swapname('%'))), \
+         string(filereadable('{b}/' . fnamemodify(swapname('%'), ':t'))), \
+         fnamemodify(swapname('%'), ':t')], '{o}/probe') | \
+         call writefile(systemlist('{kmount} why ' . shellescape(swapname('%'))), '{o}/why')",
+        kmount = kmount_bin().display()
+    );
+    let vim = Command::new("vim")
+        .current_dir(&mnt)
+        .env("KMOUNT_STATE_DIR", &s.state)
+        .env("KMOUNT_AGENT", agent_bin())
+        .args([
+            "-u",
+            "NONE",
+            "-i",
+            "NONE",
+            "-N",
+            "-es",
+            "-c",
+            "set swapfile directory=.",
+            "-c",
+            "preserve",
+            "-c",
+            &probe,
+            "-c",
+            "%s/a = 1/a = 2/",
+            "-c",
+            "wq",
+            "app.js",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("vim is not installed: apt-get install -y vim (or scripts/deps.sh --test)");
+    assert!(vim.status.success(), "vim failed: {vim:?}");
+    let probe = fs::read_to_string(out.join("probe")).unwrap();
+    let lines: Vec<&str> = probe.lines().collect();
+    assert_eq!(
+        lines[0], "1",
+        "vim's swap file is not readable in the mount: {probe}"
+    );
+    assert_eq!(lines[1], "0", "the swap file reached the target: {probe}");
+    assert_eq!(lines[2], ".app.js.swp");
+    let why = fs::read_to_string(out.join("why")).unwrap();
+    assert!(
+        why.starts_with("default:") && why.contains(".swp\t") && why.ends_with("\tlocal-only\n"),
+        "kmount why on the swap file: {why:?}"
+    );
+    assert_eq!(
+        fs::read_to_string(src.join("app.js")).unwrap(),
+        "let a = 2;\n".repeat(50)
+    );
+    let mut left: Vec<String> = fs::read_dir(&src)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["app.js"], "vim left files in the target");
 }
