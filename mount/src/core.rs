@@ -255,6 +255,8 @@ pub struct Core {
     this: OnceLock<Weak<Core>>,
     /// Nodes the ignore rules keep on this side (whole-tree mounts).
     pub(crate) local_only: Option<crate::local_only::LocalOnly>,
+    /// Files changed on both sides (write-through), as `kmount status` shows them.
+    pub(crate) conflicts: Mutex<Vec<crate::local::Conflict>>,
 }
 
 impl std::fmt::Debug for Core {
@@ -354,12 +356,21 @@ impl Core {
             remote_timeout,
             this: OnceLock::new(),
             local_only: None,
+            conflicts: Mutex::new(Vec::new()),
         }
     }
 
     /// Keeps what the ignore rules call excluded or local-only on this side, in `store`.
     pub fn set_local_only(&mut self, store: crate::local_only::LocalOnly) {
         self.local_only = Some(store);
+    }
+
+    /// Files changed on both sides so far (write-through; write-back keeps its own).
+    pub fn conflicts(&self) -> Vec<crate::local::Conflict> {
+        self.conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Wraps the core in an `Arc` that tasks it starts can hold on to.
@@ -1085,6 +1096,10 @@ impl Core {
         }
         let from = self.tree.child_path(parent, name)?;
         let to = self.tree.child_path(new_parent, new_name)?;
+        if flags & libc::RENAME_EXCHANGE == 0 && self.whole_tree {
+            self.keep_their_version(&caller, new_parent, new_name)
+                .await?;
+        }
         self.call_ok(Op::Rename { from, to, flags }, &caller)
             .await?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
@@ -1148,6 +1163,12 @@ impl Core {
         }
         if self.wb().is_some() {
             return self.wb_open(caller, id, flags).await;
+        }
+        if flags & libc::O_TRUNC != 0 && self.whole_tree {
+            let link = self.tree.lock().parent_and_name(id);
+            if let Some((parent, name)) = link {
+                self.keep_their_version(&caller, parent, &name).await?;
+            }
         }
         let path = self.tree.path(id)?;
         let (handle, attr, generation) = self

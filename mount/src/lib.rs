@@ -516,7 +516,11 @@ impl MountHandle {
             applied_seq,
             tail_seq,
             sync: self.sync_stats(),
-            conflicts: wb.map(|w| w.conflicts()).unwrap_or_default(),
+            conflicts: {
+                let mut all = self.core.conflicts();
+                all.extend(wb.map(|w| w.conflicts()).unwrap_or_default());
+                all
+            },
             blocked: wb.and_then(|w| w.blocked()),
             recent_errors: wb.map(|w| w.recent_errors()).unwrap_or_default(),
             cache_usage: wb.map_or(0, |w| w.cache.usage()),

@@ -60,11 +60,12 @@ pub struct RemoteError {
     pub at: SystemTime,
 }
 
-/// A file changed on both sides; the local version was kept under another name.
+/// A file changed on both sides; one version keeps the name, the other was kept under
+/// another name, in the mount only (see [`crate::local_ops`] for the rule).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
     pub path: RelPath,
-    /// The name the local version has in the mount now (never sent to the remote).
+    /// The name the other version has in the mount now (never sent to the remote).
     pub saved_as: RelPath,
     pub at: SystemTime,
 }

@@ -1,6 +1,14 @@
 //! The filesystem operations on local-only nodes ([`crate::local_only`]): answered here, from
 //! the tree and the local store, with no round trip; and the renames that cross between
 //! local-only and synced names, which move the bytes.
+//!
+//! Conflicts. A save that replaces a file (`open(O_TRUNC)`, a rename over it) first checks that
+//! the target's file is still the version kmount last saw (inode, size, mtime). When it is not
+//! (changed in the container, the watcher's word still on its way or lost), the file changed
+//! on both sides: the local save keeps the name (it is what the user just did and what the app
+//! should run), and the container's version is kept beside it in the mount only, as
+//! `NAME.kmount-conflict-YYYYMMDD-HHMMSS` (local-only: never sent, so it sets off no watcher in
+//! the container). A warning goes to the log and `kmount status` counts it.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -14,6 +22,7 @@ use kmount_proto::{Attr, Caller, Done, MAX_IO_LEN, Op, RelPath, SetAttr};
 use crate::core::{Core, Created, NodeAttr, Opened, Xattr};
 use crate::err;
 use crate::error::FsError;
+use crate::local::Conflict;
 use crate::local_only::{self, LocalOnly};
 use crate::tree::{Effects, TreeState};
 
@@ -341,6 +350,92 @@ impl Core {
         })
     }
 
+    /// Before a save replaces the synced file `name` in `parent` (node `id`): keeps the
+    /// target's version under a conflict name when it is not the one kmount last saw.
+    pub(crate) async fn keep_their_version(
+        &self,
+        caller: &Option<Caller>,
+        parent: u64,
+        name: &[u8],
+    ) -> Result<(), FsError> {
+        let Some(lo) = self.lo() else {
+            return Ok(());
+        };
+        let known = {
+            let t = self.tree.lock();
+            let Some(id) = t.child(parent, name) else {
+                return Ok(());
+            };
+            if t.is_local_only(id) || t.is_stale(id) || t.is_open(id) {
+                // Ours, or changed here since last seen (no version to compare with), or open
+                // here (a program writing it through the mount).
+                return Ok(());
+            }
+            match t.attr(id) {
+                Ok(a) if a.file_type() == libc::S_IFREG => a.clone(),
+                _ => return Ok(()),
+            }
+        };
+        let path = self.tree.child_path(parent, name)?;
+        let op = Op::GetAttr {
+            node: kmount_proto::NodeRef::Path(path.clone()),
+        };
+        let theirs = match self.call_attr(op, caller).await {
+            Ok(a) => a,
+            Err(e) if e.errno == libc::ENOENT => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if theirs.file_type() != libc::S_IFREG
+            || (theirs.ino == known.ino && theirs.size == known.size && theirs.mtime == known.mtime)
+        {
+            return Ok(());
+        }
+        let stamp = chrono_stamp(std::time::SystemTime::now());
+        let saved_name = [name, format!(".kmount-conflict-{stamp}").as_bytes()].concat();
+        let saved_as = self.tree.child_path(parent, &saved_name)?;
+        let (uid, gid) = (theirs.uid, theirs.gid);
+        let mut attr = lo.new_attr(theirs.mode, uid, gid, 0);
+        attr.mtime = theirs.mtime;
+        attr.atime = theirs.atime;
+        match self.copy_here(caller, &path, attr.ino).await {
+            Ok(size) => {
+                attr.size = size;
+                attr.blocks = size.div_ceil(512);
+            }
+            Err(e) => {
+                lo.remove(attr.ino);
+                return Err(err!(
+                    e.errno,
+                    "{path} changed in the target too, and its version could not be kept \
+                     ({e}); the save was not made"
+                ));
+            }
+        }
+        let mut fx = Effects::default();
+        {
+            let mut t = self.tree.lock();
+            if t.child(parent, &saved_name).is_some() {
+                // The same second twice: the newer copy replaces the older.
+                t.remove(parent, &saved_name, &mut fx);
+            }
+            t.upsert(parent, &saved_name, &attr, None, true, &mut fx);
+        }
+        self.invalidator().send(fx.inval);
+        tracing::warn!(
+            "conflict: {path} changed in the target since kmount last saw it, and is replaced \
+             by a save made here; the target's version is kept here as {saved_as} (never sent)"
+        );
+        self.conflicts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Conflict {
+                path,
+                saved_as,
+                at: std::time::SystemTime::now(),
+            });
+        Ok(())
+    }
+
     /// `rename` when it involves a local-only node or name; `None` when it does not.
     pub(crate) async fn lo_rename(
         &self,
@@ -460,6 +555,10 @@ impl Core {
             return Err(exdev("a rename of a directory, symlink or special file"));
         }
         let to = self.tree.child_path(new_parent, new_name)?;
+        if dst.is_some() {
+            self.keep_their_version(caller, new_parent, new_name)
+                .await?;
+        }
         let chunk = MAX_IO_LEN as u64;
         let first = lo
             .read_at(attr.ino, 0, chunk as usize)
@@ -572,6 +671,9 @@ impl Core {
         }
         let lo = self.lo().expect("local-only store");
         let from = self.tree.child_path(parent, name)?;
+        // The file's name goes from the target: a version made there that kmount has not
+        // shown yet would go with it.
+        self.keep_their_version(caller, parent, name).await?;
         let old = self.lo_attr(src)?;
         let kind = old.file_type();
         let symlink = self.tree.lock().symlink(src).map(<[u8]>::to_vec);
@@ -678,6 +780,31 @@ impl Core {
     }
 }
 
+/// `YYYYMMDD-HHMMSS` in UTC.
+fn chrono_stamp(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 fn check_removable(t: &TreeState, id: u64, dir: bool) -> Result<(), FsError> {
     match (dir, t.is_dir(id)) {
         (true, false) => Err(err!(libc::ENOTDIR, "not a directory")),
@@ -697,5 +824,19 @@ fn check_replace(t: &TreeState, src_dir: bool, dst: u64) -> Result<(), FsError> 
             Err(err!(libc::ENOTEMPTY, "the target is not empty"))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn conflict_stamps_are_utc_dates() {
+        let at = |s| UNIX_EPOCH + Duration::from_secs(s);
+        assert_eq!(chrono_stamp(at(0)), "19700101-000000");
+        assert_eq!(chrono_stamp(at(951_782_400)), "20000229-000000");
+        assert_eq!(chrono_stamp(at(1_795_699_845)), "20261126-133045");
     }
 }

@@ -457,6 +457,11 @@ impl TreeState {
         id == ROOT_ID || self.nodes.get(&id).is_some_and(|n| !n.links.is_empty())
     }
 
+    /// The first name of `id`: its parent and the name there.
+    pub fn parent_and_name(&self, id: u64) -> Option<(u64, Vec<u8>)> {
+        self.nodes.get(&id).and_then(|n| n.links.first()).cloned()
+    }
+
     /// Parent of `id` through its first link; the root is its own parent.
     pub fn parent_of(&self, id: u64) -> u64 {
         self.nodes

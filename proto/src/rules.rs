@@ -32,6 +32,8 @@ pub const DEFAULT_LOCAL_ONLY: &[&str] = &[
     "*___jb_old___",
     // macOS Finder
     ".DS_Store",
+    // kmount's own: the other version of a file changed on both sides
+    "*.kmount-conflict-*",
 ];
 
 /// What the rules decide for a path.
@@ -296,6 +298,7 @@ mod tests {
             "Main.java___jb_tmp___",
             "Main.java___jb_old___",
             "deep/.DS_Store",
+            "src/app.js.kmount-conflict-20261126-131500",
         ] {
             assert_eq!(r.class(Path::new(p), false), Class::LocalOnly, "{p}");
         }
