@@ -213,8 +213,17 @@ fn dispatch(a: &Agent, op: Op) -> Result<Done, WireError> {
             mode,
             mtime,
             atomic,
-        } => pathops::put_file(a, &path, &data, compressed, mode, mtime, atomic)
-            .map_err(|e| fail(e, "write whole file", &path)),
+            keep_mode,
+        } => {
+            let how = pathops::Put {
+                compressed,
+                mode,
+                mtime,
+                atomic,
+                keep_mode,
+            };
+            pathops::put_file(a, &path, &data, how).map_err(|e| fail(e, "write whole file", &path))
+        }
         Op::ReadPath { path, offset, len } => {
             pathops::read_path(a, &path, offset, len).map_err(|e| fail(e, "read", &path))
         }

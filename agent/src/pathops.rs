@@ -161,10 +161,12 @@ pub fn write_content_limited(
 }
 
 /// Mode, then mtime (atime untouched), through the descriptor.
-fn finish_file(fd: RawFd, mode: u32, mtime: Option<Timespec>) -> SysResult<()> {
+fn finish_file(fd: RawFd, mode: Option<u32>, mtime: Option<Timespec>) -> SysResult<()> {
     // After the data: writing clears set-id bits.
-    // SAFETY: fd is open.
-    cvt(unsafe { libc::fchmod(fd, mode & 0o7777) })?;
+    if let Some(mode) = mode {
+        // SAFETY: fd is open.
+        cvt(unsafe { libc::fchmod(fd, mode & 0o7777) })?;
+    }
     if let Some(t) = mtime {
         let times = [
             libc::timespec {
@@ -212,31 +214,45 @@ fn temp_name(name: &[u8]) -> Vec<u8> {
     out
 }
 
+/// How an `Op::PutFile` writes (its fields besides the path and the bytes).
+#[derive(Debug, Clone, Copy)]
+pub struct Put {
+    pub compressed: bool,
+    pub mode: u32,
+    pub mtime: Option<Timespec>,
+    pub atomic: bool,
+    pub keep_mode: bool,
+}
+
 /// `Op::PutFile`.
-pub fn put_file(
-    a: &Agent,
-    path: &RelPath,
-    data: &[u8],
-    compressed: bool,
-    mode: u32,
-    mtime: Option<Timespec>,
-    atomic: bool,
-) -> SysResult<Done> {
+pub fn put_file(a: &Agent, path: &RelPath, data: &[u8], how: Put) -> SysResult<Done> {
+    let Put {
+        compressed,
+        mode,
+        mtime,
+        atomic,
+        keep_mode,
+    } = how;
     let Some((parent, name)) = path.split_last() else {
         return Err(Errno(libc::EISDIR)); // the root
     };
     let loc = a.root.locate(path)?;
     let dir = loc.dirfd();
-    match sys::fstatat(dir, loc.name(), libc::AT_SYMLINK_NOFOLLOW) {
+    let existed = match sys::fstatat(dir, loc.name(), libc::AT_SYMLINK_NOFOLLOW) {
         Ok(st) => {
             if let Some(e) = not_regular(st.st_mode) {
                 return Err(e);
             }
+            Some(st.st_mode)
         }
-        Err(Errno(libc::ENOENT)) => {}
+        Err(Errno(libc::ENOENT)) => None,
         Err(e) => return Err(e),
-    }
+    };
     if !atomic {
+        // An existing file saved in place keeps its mode when asked to: no chmod at all (the
+        // write clears set-id bits as it would have by itself, and a caller who may write but
+        // does not own the file could not chmod it).
+        let chmod = !(keep_mode && existed.is_some());
         let fd = sys::openat(
             dir,
             loc.name(),
@@ -254,7 +270,7 @@ pub fn put_file(
             return Err(e);
         }
         write_content(fd.as_raw_fd(), data, compressed)?;
-        finish_file(fd.as_raw_fd(), mode, mtime)?;
+        finish_file(fd.as_raw_fd(), chmod.then_some(mode), mtime)?;
         return Ok(Done::Attr(attr(&sys::fstat(fd.as_raw_fd())?)));
     }
     // Atomic: a fresh temporary file beside the target, renamed over it. Its name is claimed
@@ -289,7 +305,7 @@ pub fn put_file(
     };
     let result = (|| {
         write_content(fd.as_raw_fd(), data, compressed)?;
-        finish_file(fd.as_raw_fd(), mode, mtime)?;
+        finish_file(fd.as_raw_fd(), Some(mode), mtime)?;
         // SAFETY: both names are NUL-terminated and relative to the same open directory.
         cvt(unsafe { libc::renameat(dir, tmp.as_ptr(), dir, loc.name().as_ptr()) })?;
         sys::fstat(fd.as_raw_fd())

@@ -264,6 +264,7 @@ fn journaled_requests_apply_in_order_beside_concurrent_ones_and_survive_a_restar
                 mode: 0o644,
                 mtime: None,
                 atomic: seq % 2 == 0,
+                keep_mode: false,
             },
             1 => Op::Mkdir {
                 path: p(&format!("d{seq}")),
@@ -350,6 +351,7 @@ fn events_flow_on_stdout_and_the_mounts_own_requests_do_not_echo() {
                 mode: 0o644,
                 mtime: None,
                 atomic: true,
+                keep_mode: false,
             },
         ),
         journaled(
@@ -572,6 +574,7 @@ fn whole_file_requests_over_the_stream_stay_within_memory_bounds() {
         mode: 0o644,
         mtime: None,
         atomic: true,
+        keep_mode: false,
     };
     let Ok(Done::Attr(attr)) = f.call(&mut a, put) else {
         panic!("put failed")

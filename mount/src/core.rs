@@ -365,6 +365,18 @@ impl Core {
         self.local_only = Some(store);
     }
 
+    /// Files open for writing through the mount now (write-back: every open file), local-only
+    /// ones aside: a batch of changes is not over while one is.
+    pub fn open_writers(&self) -> usize {
+        let direct = self
+            .files()
+            .by_fh
+            .values()
+            .filter(|f| f.flags & libc::O_ACCMODE != libc::O_RDONLY)
+            .count();
+        direct + self.wb().map_or(0, WriteBack::open_files)
+    }
+
     /// Files changed on both sides so far (write-through; write-back keeps its own).
     pub fn conflicts(&self) -> Vec<crate::local::Conflict> {
         self.conflicts

@@ -37,7 +37,7 @@ pub use kmount_proto::rules;
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -46,7 +46,7 @@ pub use client::{
     DEFAULT_REMOTE_TIMEOUT, LinkStatus, LocalConnector, StderrTail,
 };
 pub use error::FsError;
-pub use fuser::{Notifier, SessionUnmounter};
+pub use fuser::Notifier;
 pub use owner::OwnerMap;
 pub use remote::{SyncStats, WalkProgress};
 
@@ -280,14 +280,65 @@ pub struct FlushError {
 }
 
 /// Unmounts a live mount; cheap to clone and usable from any thread (e.g. a signal handler
-/// task).
+/// task). Not fuser's own unmounter: that one forgets the mount after a first failure, so a
+/// retry "succeeded" without unmounting and the session was then waited for forever.
 #[derive(Debug, Clone)]
-pub struct Unmounter(Arc<Mutex<SessionUnmounter>>);
+pub struct Unmounter {
+    mountpoint: PathBuf,
+}
 
 impl Unmounter {
-    /// Unmounts; the session then ends. Fails with `EBUSY` while files are in use.
+    /// Unmounts (not lazily); the session then ends. Fails with `EBUSY` while files are in
+    /// use; a file closed just before may take a moment to leave the kernel (its release is
+    /// asynchronous), so `EBUSY` is retried for up to 2 s. Not mounted is success.
     pub fn unmount(&self) -> io::Result<()> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).unmount()
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            match unmount_once(&self.mountpoint) {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn unmount_once(mountpoint: &Path) -> io::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        return match nix::mount::umount(mountpoint) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        };
+    }
+    let fusermount = find_fusermount().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "fusermount3 is missing: install fuse3 (apt-get install fuse3)",
+        )
+    })?;
+    let out = std::process::Command::new(fusermount)
+        .arg("-u")
+        .arg("--")
+        .arg(mountpoint)
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if stderr.contains("busy") {
+        Err(io::Error::from_raw_os_error(libc::EBUSY))
+    } else if stderr.contains("not found in") || stderr.contains("not mounted") {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "fusermount3 -u {}: {stderr}",
+            mountpoint.display()
+        )))
     }
 }
 
@@ -314,7 +365,9 @@ pub struct MountHandle {
 const SESSION_END_GRACE: Duration = Duration::from_secs(10);
 
 impl MountHandle {
-    /// Unmounts and waits for the session to end.
+    /// Unmounts and waits for the session to end. When files stay in use (`EBUSY` for 2 s),
+    /// the error is returned and, the handle being gone, the mount is detached and its
+    /// connection aborted as when it is dropped.
     pub fn unmount(mut self) -> io::Result<()> {
         self.unmounter.unmount()?;
         self.join_session(Some(SESSION_END_GRACE))
@@ -611,13 +664,16 @@ impl Drop for MountHandle {
         if self.session.is_none() {
             return;
         }
-        match self.unmounter.unmount() {
-            Ok(()) => {
-                if let Err(e) = self.join_session(Some(SESSION_END_GRACE)) {
-                    tracing::warn!("{e}");
-                }
-            }
-            Err(e) => tracing::warn!("cannot unmount {}: {e}", self.mountpoint.display()),
+        if let Err(e) = self.unmounter.unmount() {
+            // Nobody is left to serve it: detached, and its connection aborted below.
+            tracing::warn!(
+                "cannot unmount {}: {e}; detaching it",
+                self.mountpoint.display()
+            );
+            let _ = nix::mount::umount2(&self.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if let Err(e) = self.join_session(Some(SESSION_END_GRACE)) {
+            tracing::warn!("{e}");
         }
     }
 }
@@ -815,10 +871,11 @@ pub fn mount(
 
     // Before the mount: resolving the mountpoint afterwards would ask the mount itself.
     let absolute = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
-    let mut session =
-        Session::new(fs, mountpoint, &config).map_err(|e| mount_error(mountpoint, e))?;
+    let session = Session::new(fs, mountpoint, &config).map_err(|e| mount_error(mountpoint, e))?;
     let conn = abort::connection_of(&absolute);
-    let unmounter = Unmounter(Arc::new(Mutex::new(session.unmount_callable())));
+    let unmounter = Unmounter {
+        mountpoint: absolute.clone(),
+    };
     let notifier = session.notifier();
     // The notifier thread ends when the core (and its invalidator) is gone.
     inval_queue

@@ -304,6 +304,11 @@ impl WriteBack {
         lock(&self.errors).iter().cloned().collect()
     }
 
+    /// Files open through the mount now.
+    pub fn open_files(&self) -> usize {
+        lock(&self.files).len()
+    }
+
     pub fn conflicts(&self) -> Vec<Conflict> {
         lock(&self.conflicts).clone()
     }

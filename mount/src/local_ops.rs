@@ -649,6 +649,7 @@ impl Core {
             mode: attr.mode & 0o7777,
             mtime: Some(attr.mtime),
             atomic,
+            keep_mode: false,
         };
         self.call_attr(op, caller).await
     }

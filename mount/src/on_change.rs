@@ -23,6 +23,8 @@ use crate::core::Core;
 
 /// How long the mount must be quiet (no new local change) before a batch ends.
 pub const QUIET: Duration = Duration::from_millis(300);
+/// How long a batch waits, once quiet, for files still open for writing to be closed.
+pub const WRITER_PATIENCE: Duration = Duration::from_secs(5);
 /// Longest a run may take; the agent then kills it (its whole process group).
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 /// How often the change counters are looked at.
@@ -75,6 +77,10 @@ fn lock(s: &SharedStatus) -> std::sync::MutexGuard<'_, Status> {
 pub trait Target: Send + Sync + 'static {
     /// A count that grows with every change made through the mount.
     fn changes(&self) -> u64;
+    /// Whether a file is open for writing through the mount (its writes may go on).
+    fn writing(&self) -> bool {
+        false
+    }
     /// Waits until every change made so far is applied remotely; `Err` says why it cannot be.
     fn applied(&self) -> impl Future<Output = Result<(), String>> + Send;
     /// Runs `command` in the target.
@@ -85,6 +91,10 @@ pub trait Target: Send + Sync + 'static {
 struct CoreTarget(Arc<Core>);
 
 impl Target for CoreTarget {
+    fn writing(&self) -> bool {
+        self.0.open_writers() > 0
+    }
+
     fn changes(&self) -> u64 {
         // Direct changes count in the core; write-back changes as journal records.
         let records = self.0.write_back().map_or(0, |wb| wb.journal.tail());
@@ -198,7 +208,11 @@ async fn runs<T: Target>(
             let now = target.changes();
             if now != last {
                 (last, since) = (now, Instant::now());
-            } else if since.elapsed() >= quiet {
+            } else if since.elapsed() >= quiet
+                && (!target.writing() || since.elapsed() >= WRITER_PATIENCE)
+            {
+                // Quiet, and no file is still being written (a slow writer may pause longer
+                // than the quiet spell; one that stays open, a log, is not waited for forever).
                 break;
             }
         }
@@ -304,11 +318,16 @@ mod tests {
         /// How long a run takes.
         run_for: Duration,
         exit: i32,
+        /// A file is open for writing.
+        writing: std::sync::atomic::AtomicBool,
     }
 
     impl Target for Arc<Fake> {
         fn changes(&self) -> u64 {
             self.changes.load(Ordering::SeqCst)
+        }
+        fn writing(&self) -> bool {
+            self.writing.load(Ordering::SeqCst)
         }
         fn applied(&self) -> impl Future<Output = Result<(), String>> + Send {
             let me = self.clone();
@@ -346,7 +365,10 @@ mod tests {
     }
 
     fn start(fake: Fake, quiet: Duration) -> Running {
-        let fake = Arc::new(fake);
+        start_shared(Arc::new(fake), quiet)
+    }
+
+    fn start_shared(fake: Arc<Fake>, quiet: Duration) -> Running {
         let status: SharedStatus = Arc::default();
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(run(fake.clone(), "make".into(), status.clone(), rx, quiet));
@@ -399,6 +421,20 @@ mod tests {
         let s = r.stop().await;
         assert_eq!((s.runs, s.failures, s.last_status), (1, 0, Some(0)));
         assert!(s.last_run.is_some() && !s.running);
+    }
+
+    #[tokio::test]
+    async fn an_open_writer_holds_the_batch_back() {
+        let fake = Arc::new(Fake::default());
+        fake.writing.store(true, Ordering::SeqCst);
+        let r = start_shared(fake.clone(), QUIET);
+        r.change();
+        sleep_ms(QUIET.as_millis() as u64 * 3).await;
+        assert_eq!(r.runs(), 0, "ran while a file was still being written");
+        fake.writing.store(false, Ordering::SeqCst);
+        sleep_ms(QUIET.as_millis() as u64 + 200).await;
+        assert_eq!(r.runs(), 1);
+        r.stop().await;
     }
 
     #[tokio::test]

@@ -342,6 +342,9 @@ pub enum Op {
         mode: u32,
         mtime: Option<Timespec>,
         atomic: bool,
+        /// With `atomic: false`, a file already at `path` keeps its mode: `mode` applies only
+        /// when the file is made (the save of an existing file: `open(O_TRUNC)` and writes).
+        keep_mode: bool,
     },
     /// Reads up to `len` bytes at `offset` of the regular file at `path` in one round trip
     /// (open, pread, fstat, close). -> [`Done::Content`]; `attr` is the file's state when read,

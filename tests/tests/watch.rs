@@ -1053,9 +1053,6 @@ fn nodemon_restarts_once_per_atomic_rename_save_with_write_back() {
 }
 
 #[test]
-#[ignore = "bug: write-back mount: cp over the file reaches the target as two writes (see \
-            `an_in_place_save_reaches_the_target_as_one_write_with_write_back`); when they \
-            straddle nodemon's 200 ms delay it restarts twice for one save (1 save in 4)"]
 fn nodemon_restarts_once_per_cp_over_the_file_with_write_back() {
     nodemon_restarts_once_per_save(Save::Cp, &[WRITE_BACK]);
 }
@@ -1302,9 +1299,6 @@ fn an_in_place_save_reaches_the_target_as_one_write() {
 }
 
 #[test]
-#[ignore = "bug: write-back mount: an O_TRUNC save reaches the target as two writes (open, \
-            truncate, close-write; then open, write, close-write ~10 ms later): a watcher sees \
-            an empty file closed first"]
 fn an_in_place_save_reaches_the_target_as_one_write_with_write_back() {
     in_place_save_is_one_write(&[WRITE_BACK]);
 }

@@ -249,6 +249,7 @@ fn every_op_through(dir: &str) -> Vec<Op> {
             mode: 0o666,
             mtime: None,
             atomic: true,
+            keep_mode: false,
         },
         Op::PutFile {
             path: at("secret"),
@@ -257,6 +258,7 @@ fn every_op_through(dir: &str) -> Vec<Op> {
             mode: 0o666,
             mtime: None,
             atomic: false,
+            keep_mode: false,
         },
         Op::PutFile {
             path: at("new"),
@@ -265,6 +267,7 @@ fn every_op_through(dir: &str) -> Vec<Op> {
             mode: 0o666,
             mtime: None,
             atomic: true,
+            keep_mode: false,
         },
         // Each in a session of its own: a failed seq blocks its session.
         journaled(Op::Mkdir {
@@ -354,6 +357,7 @@ fn symlinks_as_the_final_name_are_never_followed() {
                         mode: 0o666,
                         mtime: None,
                         atomic,
+                        keep_mode: false,
                     },
                 );
             }

@@ -18,6 +18,7 @@ fn put(path: &str, data: &[u8], compressed: bool, atomic: bool) -> Op {
             nsec: 123_456_789,
         }),
         atomic,
+        keep_mode: false,
     }
 }
 
@@ -63,6 +64,7 @@ fn put_file_atomic_replaces_in_one_step_with_mode_and_mtime() {
         mode: 0o4755,
         mtime: None,
         atomic: true,
+        keep_mode: false,
     });
     assert_eq!(a.mode, 0o104755, "set-id bits set after the data");
     assert_eq!(fs::read(fx.at("d/new")).unwrap(), b"hi");

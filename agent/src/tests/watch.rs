@@ -311,6 +311,7 @@ fn own_ops(fx: &Fx) {
             mode: 0o644,
             mtime: None,
             atomic,
+            keep_mode: false,
         });
     }
     fx.ok(Op::PutFile {
@@ -320,6 +321,7 @@ fn own_ops(fx: &Fx) {
         mode: 0o644,
         mtime: None,
         atomic: true,
+        keep_mode: false,
     });
     fx.ok(Op::Journaled {
         session: 9,

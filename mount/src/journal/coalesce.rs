@@ -26,6 +26,12 @@
 //!   bytes with the create mode, which is what `PutFile` produces. Set-id bits are excluded
 //!   because the kernel clears them on writes by unprivileged callers, and `PutFile` sets the
 //!   mode after writing.
+//! - A truncation to 0 of an existing file (`SetAttr` with only `size: 0`: an `open(O_TRUNC)`),
+//!   then `WritePath`s from offset 0 on, then mode/mtime `SetAttr`s: one `PutFile { atomic:
+//!   false, keep_mode }` (the mode only when one of those `SetAttr`s set it), so a save in
+//!   place reaches the target as one open, write and close: a watcher there never sees the
+//!   emptied file closed first. Should the file be gone from the target meanwhile, the save
+//!   makes it again instead of failing: the local save wins.
 //! - `WritePath`s to one path, each starting where the previous one ended: one `WritePath` of
 //!   at most [`MAX_MERGED_WRITE`] bytes.
 //! - Everything else is passed through as it is.
@@ -69,7 +75,7 @@ pub fn coalesce(records: &[Record]) -> Vec<Batch> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < records.len() {
-        if let Some((batch, next)) = put_file_run(records, i) {
+        if let Some((batch, next)) = put_file_run(records, i).or_else(|| save_run(records, i)) {
             out.push(batch);
             i = next;
         } else if let Some((batch, next)) = write_run(records, i) {
@@ -167,6 +173,81 @@ fn put_file_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
                 mode,
                 mtime,
                 atomic: false,
+                keep_mode: false,
+            },
+        },
+        j,
+    ))
+}
+
+/// The truncation to 0 that an `open(O_TRUNC)` journals, and what follows it.
+fn save_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
+    let Op::SetAttr {
+        node: NodeRef::Path(path),
+        set:
+            SetAttr {
+                size: Some(0),
+                mode: None,
+                uid: None,
+                gid: None,
+                atime: None,
+                mtime: None,
+            },
+    } = &records[i].op
+    else {
+        return None;
+    };
+    let mut data: Vec<u8> = Vec::new();
+    let mut j = i + 1;
+    while continues(records, j, i) {
+        match &records[j].op {
+            Op::WritePath {
+                path: p,
+                offset,
+                data: d,
+            } if p == path
+                && *offset == data.len() as u64
+                && data.len() + d.len() <= MAX_PUT_FILE =>
+            {
+                data.extend_from_slice(d);
+                j += 1;
+            }
+            _ => break,
+        }
+    }
+    if j == i + 1 {
+        return None;
+    }
+    let mut mode: Option<u32> = None;
+    let mut mtime: Option<Timespec> = None;
+    while continues(records, j, i) {
+        let Some((m, t)) = mode_mtime(&records[j].op, path) else {
+            break;
+        };
+        if let Some(m) = m {
+            mode = Some(m & 0o7777);
+        }
+        match t {
+            Some(SetTime::At(t)) => mtime = Some(t),
+            Some(SetTime::Now) => mtime = None,
+            None => {}
+        }
+        j += 1;
+    }
+    let (data, compressed) = maybe_compress(data);
+    Some((
+        Batch {
+            first_seq: records[i].seq,
+            seq: records[j - 1].seq,
+            caller: records[i].caller.clone(),
+            op: Op::PutFile {
+                path: path.clone(),
+                data,
+                compressed,
+                mode: mode.unwrap_or(0o644),
+                mtime,
+                atomic: false,
+                keep_mode: mode.is_none(),
             },
         },
         j,

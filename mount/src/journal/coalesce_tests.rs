@@ -437,6 +437,7 @@ fn apply(root: &Path, op: &Op) -> Result<(), i32> {
             mode,
             mtime,
             atomic: false,
+            keep_mode,
         } => {
             let data = if *compressed {
                 kmount_proto::tree::decompress(data, 1 << 30).map_err(|_| libc::EINVAL)?
@@ -444,10 +445,13 @@ fn apply(root: &Path, op: &Op) -> Result<(), i32> {
                 data.clone()
             };
             let f = full(root, path);
+            let existed = f.symlink_metadata().is_ok();
             let h = open_new_or_existing(&f, libc::O_TRUNC, *mode)?;
             h.write_all_at(&data, 0).map_err(errno)?;
-            h.set_permissions(fs::Permissions::from_mode(mode & 0o7777))
-                .map_err(errno)?;
+            if !(*keep_mode && existed) {
+                h.set_permissions(fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(errno)?;
+            }
             if let Some(t) = mtime {
                 set_times(&f, None, Some(SetTime::At(*t)))?;
             }
@@ -553,6 +557,13 @@ enum Action {
         file: usize,
         tail: Tail,
     },
+    /// A save in place of an existing file: truncate to 0 (`open(O_TRUNC)`), write from 0 on,
+    /// then set attributes.
+    Save {
+        file: usize,
+        chunks: Vec<Vec<u8>>,
+        tail: Vec<Tail>,
+    },
     Rename {
         from: usize,
         to: usize,
@@ -571,7 +582,8 @@ impl Action {
         match self {
             Action::NewFile { file, .. }
             | Action::Writes { file, .. }
-            | Action::Attr { file, .. } => Some(*file),
+            | Action::Attr { file, .. }
+            | Action::Save { file, .. } => Some(*file),
             _ => None,
         }
     }
@@ -625,6 +637,12 @@ fn action() -> impl Strategy<Value = Action> {
         )
             .prop_map(|(file, offset, back, chunks)| Action::Writes { file, offset, back, chunks }),
         1 => (file.clone(), tail()).prop_map(|(file, tail)| Action::Attr { file, tail }),
+        2 => (
+            file.clone(),
+            proptest::collection::vec(bytes(), 0..4),
+            proptest::collection::vec(tail(), 0..2),
+        )
+            .prop_map(|(file, chunks, tail)| Action::Save { file, chunks, tail }),
         1 => (file.clone(), file.clone()).prop_map(|(from, to)| Action::Rename { from, to }),
         1 => file.prop_map(|file| Action::Unlink { file }),
         1 => Just(Action::Mkdir),
@@ -700,6 +718,24 @@ fn expand(root: &Path, a: &Action) -> Vec<Op> {
             }
         }
         Action::Attr { file, tail } => ops.push(tail_op(FILES[*file], tail)),
+        Action::Save { file, chunks, tail } => {
+            let path = FILES[*file];
+            if fs::symlink_metadata(full(root, &p(path))).is_ok_and(|m| m.is_file()) {
+                ops.push(Op::SetAttr {
+                    node: NodeRef::Path(p(path)),
+                    set: SetAttr {
+                        size: Some(0),
+                        ..SetAttr::default()
+                    },
+                });
+                let mut off = 0;
+                for c in chunks {
+                    ops.push(write(path, off, c));
+                    off += c.len() as u64;
+                }
+                ops.extend(tail.iter().map(|t| tail_op(path, t)));
+            }
+        }
         Action::Rename { from, to } => ops.push(Op::Rename {
             from: p(FILES[*from]),
             to: p(FILES[*to]),
@@ -797,4 +833,48 @@ proptest! {
         run(resumed_dir.path(), rest.into_iter().map(|b| b.op));
         prop_assert_eq!(&snapshot(resumed_dir.path()), &want);
     }
+}
+
+#[test]
+fn a_save_in_place_becomes_one_put_file_keeping_the_mode() {
+    let trunc = Op::SetAttr {
+        node: NodeRef::Path(p("f")),
+        set: SetAttr {
+            size: Some(0),
+            ..SetAttr::default()
+        },
+    };
+    let b = coalesce(&records(vec![
+        trunc.clone(),
+        write("f", 0, b"hello "),
+        write("f", 6, b"world"),
+    ]));
+    assert_eq!(ranges(&b), vec![(100, 102)]);
+    match &b[0].op {
+        Op::PutFile {
+            atomic: false,
+            keep_mode: true,
+            ..
+        } => {}
+        other => panic!("expected an in-place PutFile keeping the mode, got {other:?}"),
+    }
+    assert_eq!(put_data(&b[0].op).0, b"hello world");
+    // With a chmod after it, the mode is the chmod's.
+    let b = coalesce(&records(vec![
+        trunc.clone(),
+        write("f", 0, b"x"),
+        chmod("f", 0o600),
+    ]));
+    assert_eq!(ranges(&b), vec![(100, 102)]);
+    assert!(matches!(
+        b[0].op,
+        Op::PutFile {
+            mode: 0o600,
+            keep_mode: false,
+            ..
+        }
+    ));
+    // A truncation alone stays one.
+    let b = coalesce(&records(vec![trunc.clone(), chmod("f", 0o600)]));
+    assert_eq!(ranges(&b), vec![(100, 100), (101, 101)]);
 }
