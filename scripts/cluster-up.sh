@@ -20,7 +20,14 @@ done
 [ -n "$up" ] || die "cannot find k8s-local/up.sh (looked in $here/../../shared/k8s-local and /work/shared/k8s-local)"
 
 echo "cluster-up: starting the cluster with $up (first run builds Kubernetes: 6 to 30 min)" >&2
-up_out=$("$up") || die "$up failed (exit $?); logs in /opt/k8s-local/logs/"
+pressure_hint() {  # why pods may not run: the kubelet evicts them when the disk is nearly full
+  local k=/opt/k8s-local/etc/admin.kubeconfig
+  if [ -f "$k" ] && KUBECONFIG=$k kubectl describe nodes 2>/dev/null | grep -q 'DiskPressure *True'; then
+    echo "; the node reports DiskPressure: free disk space (df -h /; the kubelet evicts pods \
+below about 10-15% free, and lifts the pressure 5 min after)"
+  fi
+}
+up_out=$("$up") || { code=$?; die "$up failed (exit $code); logs in /opt/k8s-local/logs/$(pressure_hint)"; }
 kubeconfig=$(printf '%s\n' "$up_out" | tail -n 1)
 [ -f "$kubeconfig" ] || die "$up did not print a kubeconfig path (last line: '$kubeconfig')"
 export KUBECONFIG=$kubeconfig
@@ -42,6 +49,10 @@ wait_for 120 "the default ServiceAccount in kmount-ns" kubectl get serviceaccoun
 kubectl get deploy app -n default >/dev/null 2>&1 ||
   kubectl apply -f /opt/k8s-local/etc/app-deployment.yaml >/dev/null ||
   die "the Deployment app (from k8s-local's README) is missing and cannot be created"
+
+# Fixture pods the kubelet evicted (disk or memory pressure) stay as Failed records and would
+# never run again: they go, and are made again below.
+kubectl delete pods --all-namespaces --field-selector=status.phase=Failed --wait=false >/dev/null 2>&1 || true
 
 # Long-running commands: `sleep infinity` where coreutils has it, a long busybox sleep otherwise.
 kubectl apply -f - >/dev/null <<'EOF' || die "cannot apply the test fixtures"
@@ -178,7 +189,7 @@ subjects:
 EOF
 
 kubectl wait --for=condition=Ready pod -l kmount-fixture=true -n default --timeout=300s >/dev/null ||
-  die "the fixture pods did not become ready: $(kubectl get pods -n default -o wide 2>&1)"
+  die "the fixture pods did not become ready: $(kubectl get pods -n default -o wide 2>&1)$(pressure_hint)"
 kubectl wait --for=condition=Ready pod -l kmount-fixture=true -n kmount-ns --timeout=300s >/dev/null ||
   die "the fixture pod in kmount-ns did not become ready: $(kubectl get pods -n kmount-ns 2>&1)"
 kubectl rollout status deploy/app -n default --timeout=300s >/dev/null ||

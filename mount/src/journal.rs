@@ -434,6 +434,8 @@ struct Shared {
     /// (applied seq, segment, offset) of record `applied + 1`, found by [`Journal::pending`].
     pending_cache: Mutex<Option<(u64, u64, u64)>>,
     counters: Counters,
+    /// Callers in [`Journal::wait_applied`] now: the sender holds nothing back for them.
+    waiters: std::sync::atomic::AtomicUsize,
 }
 
 /// The journal. Cheap to share by reference across threads (`Arc<Journal>`); all methods take
@@ -631,6 +633,7 @@ impl Journal {
             bg_cv: Condvar::new(),
             pending_cache: Mutex::new(None),
             counters: Counters::default(),
+            waiters: std::sync::atomic::AtomicUsize::new(0),
         });
         let s = shared.clone();
         let flusher = std::thread::Builder::new()
@@ -866,6 +869,16 @@ impl Journal {
     /// Waits until every record up to `seq` is applied remotely. Fails when the journal closes
     /// first.
     pub async fn wait_applied(&self, seq: u64) -> Result<(), JournalError> {
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+        }
+        self.shared
+            .waiters
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let _waiting = Waiting(&self.shared.waiters);
         let mut rx = self.shared.applied_tx.subscribe();
         let closed = self.watch_closed();
         tokio::select! {
@@ -887,6 +900,14 @@ impl Journal {
                 return;
             }
         }
+    }
+
+    /// Whether someone waits for records to be applied (`fsync`, `kmount wait`, unmount).
+    pub fn has_waiters(&self) -> bool {
+        self.shared
+            .waiters
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
     }
 
     /// The applied seq, as it changes.

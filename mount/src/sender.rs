@@ -37,6 +37,11 @@ const READ_RECORDS: usize = 256;
 /// Bytes of records read per round (about).
 const READ_BYTES: usize = 8 << 20;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// How long the records of a file still open for writing are held back, so that its new
+/// content reaches the target in one piece rather than as the part written so far.
+const HOLD_OPEN_FILE: Duration = Duration::from_secs(2);
+/// How often held records are looked at again.
+const HOLD_POLL: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 type Reply = std::pin::Pin<Box<dyn Future<Output = Result<(Done, u64), CallError>> + Send>>;
@@ -171,10 +176,12 @@ async fn run_once(
     let mut reader = journal.records_after(next - 1);
     let mut in_flight: VecDeque<InFlight> = VecDeque::new();
     let mut pending_records: VecDeque<Record> = VecDeque::new();
+    // Since when the tail of `pending_records` is held back (a file still being written).
+    let mut held_since: Option<std::time::Instant> = None;
     loop {
         // Fill the window.
         while in_flight.len() < MAX_IN_FLIGHT {
-            if pending_records.is_empty() {
+            if pending_records.is_empty() || held_since.is_some() {
                 let mut bytes = 0;
                 while pending_records.len() < READ_RECORDS && bytes < READ_BYTES {
                     match reader.next() {
@@ -200,7 +207,21 @@ async fn run_once(
             if pending_records.is_empty() {
                 break;
             }
-            let records: Vec<Record> = pending_records.drain(..).collect();
+            let mut records: Vec<Record> = pending_records.drain(..).collect();
+            let hold = if *coalescing && !journal.has_waiters() {
+                held_tail(&core, &records)
+            } else {
+                0
+            };
+            if hold > 0 && held_since.is_none_or(|t| t.elapsed() < HOLD_OPEN_FILE) {
+                held_since.get_or_insert_with(std::time::Instant::now);
+                pending_records.extend(records.split_off(records.len() - hold));
+            } else {
+                held_since = None;
+            }
+            if records.is_empty() {
+                break;
+            }
             let batches = if *coalescing {
                 coalesce(&records)
             } else {
@@ -223,9 +244,11 @@ async fn run_once(
         }
         // Wait for the oldest reply, new records, or the end.
         let Some((batch, sent_in, reply)) = in_flight.pop_front() else {
+            let held = held_since.is_some();
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return Stop::Shutdown,
                 r = durable.changed() => if r.is_err() { return Stop::Shutdown },
+                () = tokio::time::sleep(HOLD_POLL), if held => {}
             }
             continue;
         };
@@ -378,6 +401,46 @@ async fn run_once(
 /// Sends one batch: its operation under its first seq, then a no-op (`Ping`) under each
 /// later seq it covers (the agent takes seqs only one after the other). The reply is the
 /// operation's, once every seq of the batch is answered.
+/// How many records at the end of `records` to hold back: a run that makes or rewrites one
+/// file from its start (a `Create`, or a truncation to 0) and writes it, while that file is
+/// still open here. Sent now, the target would get the part written so far, closed, and then
+/// the rest: a watcher there would act on a half-written file.
+fn held_tail(core: &Core, records: &[Record]) -> usize {
+    let Some(last) = records.last() else {
+        return 0;
+    };
+    let paths = op_paths(&last.op);
+    let [path] = paths.as_slice() else {
+        return 0;
+    };
+    let path = (*path).clone();
+    let mut start = None;
+    for (i, r) in records.iter().enumerate().rev() {
+        let same = op_paths(&r.op).as_slice() == [&path];
+        if !same || (i + 1 < records.len() && records[i + 1].seq != r.seq + 1) {
+            break;
+        }
+        match &r.op {
+            Op::Create { .. } => {
+                start = Some(i);
+                break;
+            }
+            Op::SetAttr { set, .. } if set.size == Some(0) => {
+                start = Some(i);
+                break;
+            }
+            Op::WritePath { .. } | Op::SetAttr { .. } | Op::FallocatePath { .. } => {}
+            _ => break,
+        }
+    }
+    let Some(start) = start else { return 0 };
+    let t = core.tree().lock();
+    match t.resolve(&path) {
+        Some(id) if t.is_open(id) => records.len() - start,
+        _ => 0,
+    }
+}
+
 async fn send_batch(client: &crate::client::Client, session: u64, b: &Batch) -> Reply {
     let op = Op::Journaled {
         session,

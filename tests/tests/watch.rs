@@ -1040,9 +1040,6 @@ fn nodemon_restarts_once_per_echo_append() {
 }
 
 #[test]
-#[ignore = "bug: write-back (experimental) mount: a vim save of a 3 MiB file sometimes reaches the \
-            target in two parts, so the app starts once on a half-written file (CI run of \
-            d7835b5: restarts [1, 2, 1, 1], 'BAD Vim-2 len=2875392/3147780'); write-through passes"]
 fn nodemon_restarts_once_per_vim_save_with_write_back() {
     nodemon_restarts_once_per_save(Save::Vim, &[WRITE_BACK]);
 }
