@@ -209,7 +209,7 @@ async fn run_once(
             }
             let mut records: Vec<Record> = pending_records.drain(..).collect();
             let hold = if *coalescing && !journal.has_waiters() {
-                held_tail(&core, &records)
+                held_tail(core, &records)
             } else {
                 0
             };
