@@ -186,6 +186,10 @@ struct OpenFile {
     /// As opened, to open it again on a new session.
     flags: i32,
     caller: Option<Caller>,
+    /// Opened for writing on a version of the file the tree did not have (changed in the
+    /// target, unseen here): its attributes. A save's truncation through this open keeps that
+    /// version as a conflict copy first ([`crate::local_ops`]).
+    unseen: Option<Attr>,
 }
 
 #[derive(Debug, Default)]
@@ -582,6 +586,28 @@ impl Core {
         }
     }
 
+    /// A kernel handle open for writing on `id` by `caller` in the current session, and the
+    /// unseen version it found (taken: only the first truncation keeps it).
+    pub(crate) fn writable_open_of(
+        &self,
+        id: u64,
+        caller: &Option<Caller>,
+    ) -> Option<(u64, Option<Attr>)> {
+        let current = self.client.generation();
+        let mut files = self.files();
+        let fhs = files.by_node.get(&id)?.clone();
+        // The newest first: the open this truncation follows.
+        let fh = fhs.into_iter().rev().find(|fh| {
+            files.by_fh.get(fh).is_some_and(|f| {
+                f.generation == current
+                    && f.flags & libc::O_ACCMODE != libc::O_RDONLY
+                    && f.caller == *caller
+            })
+        })?;
+        let unseen = files.by_fh.get_mut(&fh)?.unseen.take();
+        Some((fh, unseen))
+    }
+
     /// An agent file handle of the current session open on `id`, if any.
     fn handle_of(&self, id: u64) -> Option<(u64, u64)> {
         let current = self.client.generation();
@@ -913,6 +939,21 @@ impl Core {
         if self.wb().is_some() {
             return self.wb_setattr(caller, id, fh, set).await;
         }
+        // `open(O_TRUNC)`: the kernel opens, then truncates by path (no handle). Done through
+        // the open it follows, the target sees one open and one close for the save, and a
+        // version the open found unseen is kept first.
+        let fh = match fh {
+            Some(fh) => Some(fh),
+            None if set
+                == (SetAttr {
+                    size: Some(0),
+                    ..SetAttr::default()
+                }) =>
+            {
+                self.truncating_open(&caller, id).await?
+            }
+            None => None,
+        };
         let (node, generation) = self.node_ref(id, fh)?;
         let attr = match self
             .call_node(generation, Op::SetAttr { node, set }, &caller)
@@ -1176,12 +1217,6 @@ impl Core {
         if self.wb().is_some() {
             return self.wb_open(caller, id, flags).await;
         }
-        if flags & libc::O_TRUNC != 0 && self.whole_tree {
-            let link = self.tree.lock().parent_and_name(id);
-            if let Some((parent, name)) = link {
-                self.keep_their_version(&caller, parent, &name).await?;
-            }
-        }
         let path = self.tree.path(id)?;
         let (handle, attr, generation) = self
             .call_opened(
@@ -1197,6 +1232,10 @@ impl Core {
             self.name_moved(id, &path, &attr);
             return Err(err!(libc::ESTALE, "{path} is another file now"));
         }
+        // Before the tree takes the version found: was it one the tree did not have?
+        let unseen = (flags & libc::O_ACCMODE != libc::O_RDONLY)
+            .then(|| self.unseen_version(id, &attr))
+            .flatten();
         if let Err(e) = self.tree.opened(id) {
             self.close_quietly(generation, handle).await;
             return Err(e);
@@ -1220,6 +1259,7 @@ impl Core {
             generation,
             flags,
             caller,
+            unseen,
         });
         Ok(Opened {
             fh,
@@ -1821,6 +1861,7 @@ impl Core {
             generation,
             flags,
             caller,
+            unseen: None,
         });
         Ok(Created { attr, fh })
     }

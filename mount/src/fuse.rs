@@ -24,17 +24,15 @@ use crate::core::{Core, NodeAttr, Xattr, timespec};
 use crate::error::FsError;
 use crate::owner::{self, OwnerMap};
 
-/// Capabilities asked of the kernel when it offers them.
-///
-/// `FUSE_ATOMIC_O_TRUNC`: an `open(O_TRUNC)` reaches us as one open with `O_TRUNC`, not as a
-/// SETATTR truncate first, which the target's watchers saw as an empty file written and closed
-/// before the real save. (The kernel's ETXTBSY check, `get_write_access`, runs before the
-/// open is sent either way; pjdfstest's open and truncate sets pass.)
-///
-/// Left out on purpose: `FUSE_WRITEBACK_CACHE`: it trusts the local size and mtime over the
-/// remote's and breaks `O_APPEND`.
-const WANTED: InitFlags = InitFlags::FUSE_ATOMIC_O_TRUNC
-    .union(InitFlags::FUSE_DO_READDIRPLUS)
+/// Capabilities asked of the kernel when it offers them. Left out on purpose:
+/// - `FUSE_WRITEBACK_CACHE`: it trusts the local size and mtime over the remote's and breaks
+///   `O_APPEND`;
+/// - `FUSE_ATOMIC_O_TRUNC`: with it the kernel sends `O_TRUNC` inside FUSE_OPEN and skips its
+///   own truncate, and with it the ETXTBSY check of `open(O_RDONLY | O_TRUNC)` on a running
+///   executable (pjdfstest open::etxtbsy): the file would be emptied. Without it the kernel
+///   truncates with a SETATTR (no handle) after the open; the core runs that truncate through
+///   the open it follows, so the target still sees one open and one close per save.
+const WANTED: InitFlags = InitFlags::FUSE_DO_READDIRPLUS
     .union(InitFlags::FUSE_READDIRPLUS_AUTO)
     .union(InitFlags::FUSE_PARALLEL_DIROPS)
     .union(InitFlags::FUSE_AUTO_INVAL_DATA)

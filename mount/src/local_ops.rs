@@ -358,9 +358,9 @@ impl Core {
         parent: u64,
         name: &[u8],
     ) -> Result<(), FsError> {
-        let Some(lo) = self.lo() else {
+        if self.lo().is_none() {
             return Ok(());
-        };
+        }
         let known = {
             let t = self.tree.lock();
             let Some(id) = t.child(parent, name) else {
@@ -385,11 +385,59 @@ impl Core {
             Err(e) if e.errno == libc::ENOENT => return Ok(()),
             Err(e) => return Err(e),
         };
-        if theirs.file_type() != libc::S_IFREG
-            || (theirs.ino == known.ino && theirs.size == known.size && theirs.mtime == known.mtime)
-        {
+        if theirs.file_type() != libc::S_IFREG || same_version(&theirs, &known) {
             return Ok(());
         }
+        self.save_their_version(caller, parent, name, &theirs).await
+    }
+
+    /// `attr`, the target's attributes of file `id`, found by an open for writing: `Some` when
+    /// that is a version the tree did not have (and the node is not one changed here).
+    pub(crate) fn unseen_version(&self, id: u64, attr: &Attr) -> Option<Attr> {
+        self.lo()?;
+        let t = self.tree.lock();
+        if t.is_local_only(id) || t.is_stale(id) || t.is_open(id) {
+            return None;
+        }
+        let known = t.attr(id).ok()?;
+        (known.file_type() == libc::S_IFREG
+            && attr.file_type() == libc::S_IFREG
+            && !same_version(attr, known))
+        .then(|| attr.clone())
+    }
+
+    /// The truncation of an `open(O_TRUNC)` (a size-0 SETATTR without a handle) of `id`:
+    /// the open it follows (writable, same caller, this session), whose unseen version, if
+    /// any, is kept first. Its kernel handle, to truncate through.
+    pub(crate) async fn truncating_open(
+        &self,
+        caller: &Option<Caller>,
+        id: u64,
+    ) -> Result<Option<u64>, FsError> {
+        let Some((fh, unseen)) = self.writable_open_of(id, caller) else {
+            return Ok(None);
+        };
+        let link = self.tree.lock().parent_and_name(id);
+        if let (Some(theirs), Some((parent, name))) = (unseen, link) {
+            self.save_their_version(caller, parent, &name, &theirs)
+                .await?;
+        }
+        Ok(Some(fh))
+    }
+
+    /// Keeps the target's version `theirs` of `name` in `parent` as a local-only conflict
+    /// copy, before a save replaces it.
+    async fn save_their_version(
+        &self,
+        caller: &Option<Caller>,
+        parent: u64,
+        name: &[u8],
+        theirs: &Attr,
+    ) -> Result<(), FsError> {
+        let Some(lo) = self.lo() else {
+            return Ok(());
+        };
+        let path = self.tree.child_path(parent, name)?;
         let stamp = chrono_stamp(std::time::SystemTime::now());
         let saved_name = [name, format!(".kmount-conflict-{stamp}").as_bytes()].concat();
         let saved_as = self.tree.child_path(parent, &saved_name)?;
@@ -804,6 +852,11 @@ fn chrono_stamp(t: std::time::SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// The same version of a file: inode, size and mtime.
+fn same_version(a: &Attr, b: &Attr) -> bool {
+    a.ino == b.ino && a.size == b.size && a.mtime == b.mtime
 }
 
 fn check_removable(t: &TreeState, id: u64, dir: bool) -> Result<(), FsError> {
