@@ -133,7 +133,7 @@ pub fn mountinfo_lookup(info: &str, path: &Path) -> Option<String> {
         if fields.len() < 10 {
             continue;
         }
-        if unescape_mountinfo(fields[4]) != want {
+        if kmount_mount::unescape_mountinfo(fields[4]) != want {
             continue;
         }
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
@@ -142,27 +142,6 @@ pub fn mountinfo_lookup(info: &str, path: &Path) -> Option<String> {
         found = fields.get(sep + 1).map(|s| s.to_string());
     }
     found
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
-                .ok()
-                .and_then(|oct| u8::from_str_radix(oct, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ fn connection_in(info: &str, mountpoint: &Path) -> Option<u32> {
         let Some(sep) = fields.iter().position(|f| *f == "-") else {
             continue;
         };
-        if fields.len() < 5 || unescape(fields[4]) != want {
+        if fields.len() < 5 || unescape_mountinfo(fields[4]) != want {
             continue;
         }
         let fstype = fields.get(sep + 1).copied().unwrap_or("");
@@ -37,8 +37,9 @@ fn connection_in(info: &str, mountpoint: &Path) -> Option<u32> {
     found
 }
 
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> String {
+/// A path field of `/proc/self/mountinfo`, which escapes space, tab, newline and backslash
+/// as `\ooo`.
+pub fn unescape_mountinfo(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -41,6 +41,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use abort::unescape_mountinfo;
 pub use client::{
     BoxedStream, CallError, Client, ClientError, ClientEvent, ConnectFuture, Connector,
     DEFAULT_REMOTE_TIMEOUT, LinkStatus, LocalConnector, StderrTail,

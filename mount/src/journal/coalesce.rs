@@ -115,88 +115,20 @@ fn mode_mtime(op: &Op, path: &kmount_proto::RelPath) -> Option<(Option<u32>, Opt
     }
 }
 
-fn put_file_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
-    let Op::Create { path, flags, mode } = &records[i].op else {
-        return None;
-    };
-    if flags & (libc::O_EXCL | libc::O_TRUNC) == 0 || mode & 0o6000 != 0 {
-        return None;
-    }
-    let mut data: Vec<u8> = Vec::new();
-    let mut j = i + 1;
-    while continues(records, j, i) {
-        match &records[j].op {
-            Op::WritePath {
-                path: p,
-                offset,
-                data: d,
-            } if p == path
-                && *offset == data.len() as u64
-                && data.len() + d.len() <= MAX_PUT_FILE =>
-            {
-                data.extend_from_slice(d);
-                j += 1;
-            }
-            _ => break,
-        }
-    }
-    if j == i + 1 {
-        return None;
-    }
-    let mut mode = mode & 0o7777;
-    let mut mtime: Option<Timespec> = None;
-    while continues(records, j, i) {
-        let Some((m, t)) = mode_mtime(&records[j].op, path) else {
-            break;
-        };
-        if let Some(m) = m {
-            mode = m & 0o7777;
-        }
-        match t {
-            Some(SetTime::At(t)) => mtime = Some(t),
-            // "Now" is when the file is written, which PutFile leaves as the mtime.
-            Some(SetTime::Now) => mtime = None,
-            None => {}
-        }
-        j += 1;
-    }
-    let (data, compressed) = maybe_compress(data);
-    Some((
-        Batch {
-            first_seq: records[i].seq,
-            seq: records[j - 1].seq,
-            caller: records[i].caller.clone(),
-            op: Op::PutFile {
-                path: path.clone(),
-                data,
-                compressed,
-                mode,
-                mtime,
-                atomic: false,
-                keep_mode: false,
-            },
-        },
-        j,
-    ))
+/// What follows a record that starts a file from empty at `path` (record `i`): the
+/// `WritePath`s writing it sequentially from offset 0 (at most [`MAX_PUT_FILE`] bytes), then
+/// `SetAttr`s changing only its mode and/or mtime. `None` without a write.
+struct Filled {
+    data: Vec<u8>,
+    /// The last mode set, if any.
+    mode: Option<u32>,
+    /// The last explicit mtime (a "now" leaves the time of writing).
+    mtime: Option<Timespec>,
+    /// The index after the run.
+    next: usize,
 }
 
-/// The truncation to 0 that an `open(O_TRUNC)` journals, and what follows it.
-fn save_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
-    let Op::SetAttr {
-        node: NodeRef::Path(path),
-        set:
-            SetAttr {
-                size: Some(0),
-                mode: None,
-                uid: None,
-                gid: None,
-                atime: None,
-                mtime: None,
-            },
-    } = &records[i].op
-    else {
-        return None;
-    };
+fn filled(records: &[Record], i: usize, path: &kmount_proto::RelPath) -> Option<Filled> {
     let mut data: Vec<u8> = Vec::new();
     let mut j = i + 1;
     while continues(records, j, i) {
@@ -229,29 +161,85 @@ fn save_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
         }
         match t {
             Some(SetTime::At(t)) => mtime = Some(t),
+            // "Now" is when the file is written, which PutFile leaves as the mtime.
             Some(SetTime::Now) => mtime = None,
             None => {}
         }
         j += 1;
     }
-    let (data, compressed) = maybe_compress(data);
-    Some((
+    Some(Filled {
+        data,
+        mode,
+        mtime,
+        next: j,
+    })
+}
+
+/// One in-place `PutFile` standing for records `i..f.next`.
+fn put_batch(
+    records: &[Record],
+    i: usize,
+    path: &kmount_proto::RelPath,
+    f: Filled,
+    mode: u32,
+    keep_mode: bool,
+) -> (Batch, usize) {
+    let (data, compressed) = maybe_compress(f.data);
+    (
         Batch {
             first_seq: records[i].seq,
-            seq: records[j - 1].seq,
+            seq: records[f.next - 1].seq,
             caller: records[i].caller.clone(),
             op: Op::PutFile {
                 path: path.clone(),
                 data,
                 compressed,
-                mode: mode.unwrap_or(0o644),
-                mtime,
+                mode,
+                mtime: f.mtime,
                 atomic: false,
-                keep_mode: mode.is_none(),
+                keep_mode,
             },
         },
-        j,
-    ))
+        f.next,
+    )
+}
+
+fn put_file_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
+    let Op::Create { path, flags, mode } = &records[i].op else {
+        return None;
+    };
+    if flags & (libc::O_EXCL | libc::O_TRUNC) == 0 || mode & 0o6000 != 0 {
+        return None;
+    }
+    let f = filled(records, i, path)?;
+    let mode = f.mode.unwrap_or(mode & 0o7777);
+    Some(put_batch(records, i, path, f, mode, false))
+}
+
+/// The truncation to 0 that an `open(O_TRUNC)` journals, and what follows it.
+fn save_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
+    let Op::SetAttr {
+        node: NodeRef::Path(path),
+        set:
+            SetAttr {
+                size: Some(0),
+                mode: None,
+                uid: None,
+                gid: None,
+                atime: None,
+                mtime: None,
+            },
+    } = &records[i].op
+    else {
+        return None;
+    };
+    let f = filled(records, i, path)?;
+    // Without a chmod in the run, the file keeps its mode (0o644 applies if it must be made).
+    let (mode, keep_mode) = match f.mode {
+        Some(m) => (m, false),
+        None => (0o644, true),
+    };
+    Some(put_batch(records, i, path, f, mode, keep_mode))
 }
 
 fn write_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
