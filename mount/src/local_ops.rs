@@ -363,18 +363,10 @@ impl Core {
         }
         let known = {
             let t = self.tree.lock();
-            let Some(id) = t.child(parent, name) else {
+            let Some(known) = t.child(parent, name).and_then(|id| seen_version(&t, id)) else {
                 return Ok(());
             };
-            if t.is_local_only(id) || t.is_stale(id) || t.is_open(id) {
-                // Ours, or changed here since last seen (no version to compare with), or open
-                // here (a program writing it through the mount).
-                return Ok(());
-            }
-            match t.attr(id) {
-                Ok(a) if a.file_type() == libc::S_IFREG => a.clone(),
-                _ => return Ok(()),
-            }
+            known
         };
         let path = self.tree.child_path(parent, name)?;
         let op = Op::GetAttr {
@@ -395,15 +387,8 @@ impl Core {
     /// that is a version the tree did not have (and the node is not one changed here).
     pub(crate) fn unseen_version(&self, id: u64, attr: &Attr) -> Option<Attr> {
         self.lo()?;
-        let t = self.tree.lock();
-        if t.is_local_only(id) || t.is_stale(id) || t.is_open(id) {
-            return None;
-        }
-        let known = t.attr(id).ok()?;
-        (known.file_type() == libc::S_IFREG
-            && attr.file_type() == libc::S_IFREG
-            && !same_version(attr, known))
-        .then(|| attr.clone())
+        let known = seen_version(&self.tree.lock(), id)?;
+        (attr.file_type() == libc::S_IFREG && !same_version(attr, &known)).then(|| attr.clone())
     }
 
     /// The truncation of an `open(O_TRUNC)` (a size-0 SETATTR without a handle) of `id`:
@@ -531,13 +516,13 @@ impl Core {
             if let Err(e) = check_replace(&self.tree.lock(), src_dir, d) {
                 return Some(Err(e));
             }
-            if dst.is_some() && !dst_local && matches!(crossing, Crossing::Local) {
+            if !dst_local && matches!(crossing, Crossing::Local) {
                 return Some(Err(exdev("renaming over a synced file")));
             }
         }
         Some(match crossing {
             Crossing::Local => {
-                self.lo_move(parent, name, new_parent, new_name, dst);
+                self.lo_move((parent, name), (new_parent, new_name), dst, None);
                 Ok(())
             }
             Crossing::Upload => {
@@ -552,28 +537,34 @@ impl Core {
         })
     }
 
-    /// Renames in the tree; the bytes of a replaced local-only file go.
+    /// Renames in the tree, the node first taking identity `becomes` (attributes and symlink
+    /// target) when it crossed the boundary; the bytes of a replaced local-only file go.
     fn lo_move(
         &self,
-        parent: u64,
-        name: &[u8],
-        new_parent: u64,
-        new_name: &[u8],
+        (parent, name): (u64, &[u8]),
+        (new_parent, new_name): (u64, &[u8]),
         dst: Option<u64>,
+        becomes: Option<(u64, &Attr, Option<Vec<u8>>)>,
     ) {
-        let mut t = self.tree.lock();
-        let replaced = dst
-            .filter(|&d| t.is_local_only(d))
-            .and_then(|d| t.attr(d).ok().cloned());
-        t.rename(
-            parent,
-            name,
-            new_parent,
-            new_name,
-            false,
-            &mut Effects::default(),
-        );
-        drop(t);
+        let replaced = {
+            let mut t = self.tree.lock();
+            let replaced = dst
+                .filter(|&d| t.is_local_only(d))
+                .and_then(|d| t.attr(d).ok().cloned());
+            if let Some((src, attr, symlink)) = becomes {
+                t.rebind(src, attr);
+                t.update_attr(src, attr, symlink, &mut Effects::default());
+            }
+            t.rename(
+                parent,
+                name,
+                new_parent,
+                new_name,
+                false,
+                &mut Effects::default(),
+            );
+            replaced
+        };
         if let (Some(lo), Some(a)) = (self.lo(), replaced)
             && a.file_type() == libc::S_IFREG
         {
@@ -663,20 +654,12 @@ impl Core {
                 _ => got,
             }
         };
-        {
-            let mut t = self.tree.lock();
-            t.rebind(src, &remote);
-            t.update_attr(src, &remote, None, &mut Effects::default());
-            t.rename(
-                parent,
-                name,
-                new_parent,
-                new_name,
-                false,
-                &mut Effects::default(),
-            );
-        }
-        let _ = dst;
+        self.lo_move(
+            (parent, name),
+            (new_parent, new_name),
+            dst,
+            Some((src, &remote, None)),
+        );
         lo.remove(attr.ino);
         tracing::debug!(%to, "local-only file renamed to a synced name: sent");
         Ok(())
@@ -754,29 +737,13 @@ impl Core {
             lo.remove(local.ino);
             return Err(e);
         }
-        let replaced = {
-            let mut t = self.tree.lock();
-            let replaced = dst
-                .filter(|&d| t.is_local_only(d))
-                .and_then(|d| t.attr(d).ok().cloned());
-            t.rebind(src, &local);
-            t.update_attr(src, &local, symlink, &mut Effects::default());
-            t.rename(
-                parent,
-                name,
-                new_parent,
-                new_name,
-                false,
-                &mut Effects::default(),
-            );
-            replaced
-        };
+        self.lo_move(
+            (parent, name),
+            (new_parent, new_name),
+            dst,
+            Some((src, &local, symlink)),
+        );
         self.touch(&[parent]);
-        if let Some(a) = replaced
-            && a.file_type() == libc::S_IFREG
-        {
-            lo.remove(a.ino);
-        }
         tracing::debug!(%from, "synced file renamed to a local-only name: kept here, removed there");
         Ok(())
     }
@@ -852,6 +819,19 @@ fn chrono_stamp(t: std::time::SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// The version of regular file `id` kmount last showed, when there is one to compare with: not
+/// for a local-only node, one changed here since (stale), or one open here (a program writing
+/// it through the mount).
+fn seen_version(t: &TreeState, id: u64) -> Option<Attr> {
+    if t.is_local_only(id) || t.is_stale(id) || t.is_open(id) {
+        return None;
+    }
+    t.attr(id)
+        .ok()
+        .filter(|a| a.file_type() == libc::S_IFREG)
+        .cloned()
 }
 
 /// The same version of a file: inode, size and mtime.
