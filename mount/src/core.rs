@@ -842,13 +842,10 @@ impl Core {
     /// `ESTALE`, which makes the kernel look the name up again.
     pub async fn getattr(&self, caller: Option<Caller>, id: u64) -> Result<NodeAttr, FsError> {
         let id = self.tree.canon(id);
-        if self.lo_node(id) {
-            let t = self.tree.lock();
-            return Ok(NodeAttr::from_remote(id, t.attr(id)?));
-        }
         if self.whole_tree {
             let t = self.tree.lock();
-            if !t.is_stale(id)
+            // A local-only node's attributes are the tree's alone.
+            if (!t.is_stale(id) || t.is_local_only(id))
                 && let Ok(a) = t.attr(id)
             {
                 return Ok(NodeAttr::from_remote(id, a));

@@ -686,6 +686,133 @@ impl fmt::Debug for Content {
     }
 }
 
+/// Times before this were set explicitly (utimensat); later ones by the file system.
+pub const RECENT: i64 = 1_500_000_000;
+
+/// A modification time as a reference comparison can use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mtime {
+    /// Still exactly the time an explicit utimensat set.
+    Explicit(i64, i64),
+    /// Set by the file system to the current time at some point.
+    Recent,
+}
+
+/// `st_mode`, printed in octal.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Mode(pub u32);
+
+impl fmt::Debug for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0o{:o}", self.0)
+    }
+}
+
+/// One node of a [`TreeSnap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapNode {
+    pub kind: Kind,
+    pub mode: Mode,
+    pub nlink: u64,
+    /// Not for directories (file-system specific).
+    pub size: Option<u64>,
+    pub content: Option<Content>,
+    pub target: Option<String>,
+    /// Only when asked for ([`tree_snapshot`]).
+    pub mtime: Option<Mtime>,
+}
+
+/// Every node below a directory by relative path, and the hard-link groups, for the
+/// differential tests' "same as a plain directory" comparisons.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TreeSnap {
+    pub nodes: BTreeMap<String, SnapNode>,
+    pub link_groups: BTreeSet<BTreeSet<String>>,
+}
+
+/// Snapshot of the tree at `root` (the root itself as ""); with `mtimes`, modification times
+/// too ([`Mtime`]).
+pub fn tree_snapshot(root: &Path, mtimes: bool) -> Result<TreeSnap, String> {
+    let mut nodes = BTreeMap::new();
+    let mut by_ino: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        let path = if rel.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&rel)
+        };
+        let err = |what: &str, e: io::Error| format!("{what} {}: {e}", path.display());
+        let md = fs::symlink_metadata(&path).map_err(|e| err("lstat", e))?;
+        let kind = Kind::of_mode(md.mode());
+        let mut node = SnapNode {
+            kind,
+            mode: Mode(md.mode()),
+            nlink: md.nlink(),
+            size: (kind != Kind::Dir).then_some(md.size()),
+            content: None,
+            target: None,
+            mtime: mtimes.then(|| {
+                if md.mtime() < RECENT {
+                    Mtime::Explicit(md.mtime(), md.mtime_nsec())
+                } else {
+                    Mtime::Recent
+                }
+            }),
+        };
+        match kind {
+            Kind::File => {
+                node.content = Some(Content(fs::read(&path).map_err(|e| err("read", e))?));
+            }
+            Kind::Symlink => {
+                let t = fs::read_link(&path).map_err(|e| err("readlink", e))?;
+                node.target = Some(t.to_string_lossy().into_owned());
+            }
+            Kind::Dir => {
+                for e in fs::read_dir(&path).map_err(|e| err("readdir", e))? {
+                    let name = e.map_err(|e| err("readdir", e))?.file_name();
+                    let name = name.to_string_lossy();
+                    stack.push(if rel.is_empty() {
+                        name.into_owned()
+                    } else {
+                        format!("{rel}/{name}")
+                    });
+                }
+            }
+            _ => {}
+        }
+        if kind != Kind::Dir {
+            by_ino.entry(md.ino()).or_default().insert(rel.clone());
+        }
+        nodes.insert(rel, node);
+    }
+    let link_groups = by_ino.into_values().filter(|g| g.len() > 1).collect();
+    Ok(TreeSnap { nodes, link_groups })
+}
+
+/// What differs between two snapshots, a line per path (empty when equal).
+pub fn tree_snapshot_diff(mount: &TreeSnap, reference: &TreeSnap) -> String {
+    let mut out = String::new();
+    let paths: BTreeSet<&String> = mount.nodes.keys().chain(reference.nodes.keys()).collect();
+    for p in paths {
+        match (mount.nodes.get(p), reference.nodes.get(p)) {
+            (Some(a), Some(b)) if a != b => out.push_str(&format!(
+                "  {p:?}:\n    mount:     {a:?}\n    reference: {b:?}\n"
+            )),
+            (Some(a), None) => out.push_str(&format!("  {p:?}: only in the mount: {a:?}\n")),
+            (None, Some(b)) => out.push_str(&format!("  {p:?}: only in the reference: {b:?}\n")),
+            _ => {}
+        }
+    }
+    if mount.link_groups != reference.link_groups {
+        out.push_str(&format!(
+            "  hard-link groups: mount {:?}, reference {:?}\n",
+            mount.link_groups, reference.link_groups
+        ));
+    }
+    out
+}
+
 /// What a comparison looks at besides type, mode, nlink, uid, gid, size, mtime, contents,
 /// symlink target and xattrs (always compared).
 #[derive(Debug, Clone, Copy)]

@@ -8,19 +8,20 @@
 //! `PROPTEST_CASES` sets the number of cases (default 32); failures are saved in
 //! `tests/proptest-regressions/` and replayed first on the next run.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use kmount_tests::{Content, Kind, Mounted, check, cstr, errno_name, renameat2, ts, utimensat};
+use kmount_tests::{
+    Content, Mode, Mounted, TreeSnap, check, cstr, errno_name, renameat2, tree_snapshot,
+    tree_snapshot_diff, ts, utimensat,
+};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, FileFailurePersistence};
 
 /// Times at or after this are "now-ish"; explicitly set times are generated well before it, so
 /// a node whose mtime is still before it must show exactly the time that was set.
-const RECENT: i64 = 1_500_000_000;
 
 #[derive(Debug, Clone, Copy)]
 enum Time {
@@ -295,118 +296,12 @@ fn apply(side: &mut Side, op: &Op) -> Outcome {
     Outcome(run().map_err(errno))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Mtime {
-    /// Still exactly the time an explicit utimensat set.
-    Explicit(i64, i64),
-    /// Set by the file system to the current time at some point.
-    Recent,
+fn snapshot(root: &Path) -> Result<TreeSnap, String> {
+    tree_snapshot(root, true)
 }
 
-/// `st_mode`, printed in octal.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Mode(u32);
-
-impl fmt::Debug for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "0o{:o}", self.0)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Node {
-    kind: Kind,
-    mode: Mode,
-    nlink: u64,
-    /// Not for directories (file-system specific).
-    size: Option<u64>,
-    content: Option<Content>,
-    target: Option<String>,
-    mtime: Mtime,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-struct Snapshot {
-    nodes: BTreeMap<String, Node>,
-    link_groups: BTreeSet<BTreeSet<String>>,
-}
-
-fn snapshot(root: &Path) -> Result<Snapshot, String> {
-    let mut nodes = BTreeMap::new();
-    let mut by_ino: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
-    let mut stack = vec![String::new()];
-    while let Some(rel) = stack.pop() {
-        let path = if rel.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&rel)
-        };
-        let err = |what: &str, e: std::io::Error| format!("{what} {}: {e}", path.display());
-        let md = fs::symlink_metadata(&path).map_err(|e| err("lstat", e))?;
-        let kind = Kind::of_mode(md.mode());
-        let mut node = Node {
-            kind,
-            mode: Mode(md.mode()),
-            nlink: md.nlink(),
-            size: (kind != Kind::Dir).then_some(md.size()),
-            content: None,
-            target: None,
-            mtime: if md.mtime() < RECENT {
-                Mtime::Explicit(md.mtime(), md.mtime_nsec())
-            } else {
-                Mtime::Recent
-            },
-        };
-        match kind {
-            Kind::File => {
-                node.content = Some(Content(fs::read(&path).map_err(|e| err("read", e))?));
-            }
-            Kind::Symlink => {
-                let t = fs::read_link(&path).map_err(|e| err("readlink", e))?;
-                node.target = Some(t.to_string_lossy().into_owned());
-            }
-            Kind::Dir => {
-                for e in fs::read_dir(&path).map_err(|e| err("readdir", e))? {
-                    let name = e.map_err(|e| err("readdir", e))?.file_name();
-                    let name = name.to_string_lossy();
-                    stack.push(if rel.is_empty() {
-                        name.into_owned()
-                    } else {
-                        format!("{rel}/{name}")
-                    });
-                }
-            }
-            _ => {}
-        }
-        if kind != Kind::Dir {
-            by_ino.entry(md.ino()).or_default().insert(rel.clone());
-        }
-        nodes.insert(rel, node);
-    }
-    let link_groups = by_ino.into_values().filter(|g| g.len() > 1).collect();
-    Ok(Snapshot { nodes, link_groups })
-}
-
-fn diff(mount: &Snapshot, reference: &Snapshot) -> String {
-    let mut out = String::new();
-    let paths: BTreeSet<&String> = mount.nodes.keys().chain(reference.nodes.keys()).collect();
-    for p in paths {
-        match (mount.nodes.get(p), reference.nodes.get(p)) {
-            (Some(a), Some(b)) if a != b => out.push_str(&format!(
-                "  {p:?}:\n    mount:     {a:?}\n    reference: {b:?}\n"
-            )),
-            (Some(a), None) => out.push_str(&format!("  {p:?}: only in the mount: {a:?}\n")),
-            (None, Some(b)) => out.push_str(&format!("  {p:?}: only in the reference: {b:?}\n")),
-            _ => {}
-        }
-    }
-    if mount.link_groups != reference.link_groups {
-        out.push_str(&format!(
-            "  hard-link groups: mount {:?}, reference {:?}\n",
-            mount.link_groups, reference.link_groups
-        ));
-    }
-    out
+fn diff(mount: &TreeSnap, reference: &TreeSnap) -> String {
+    tree_snapshot_diff(mount, reference)
 }
 
 /// Names the operations pick from. `d` and `d/e` start as directories and `a`, `d/a`,

@@ -16,12 +16,11 @@
 //! - a differential property test with operations made in the backing directory interleaved
 //!   with operations through the mount.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -1582,96 +1581,16 @@ fn dapply(root: &Path, op: &DOp) -> Result<(), i32> {
     r.map_err(|e| e.raw_os_error().unwrap_or(-1))
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct DNode {
-    kind: Kind,
-    mode: u32,
-    nlink: u64,
-    size: Option<u64>,
-    content: Option<Content>,
-    target: Option<OsString>,
+fn dsnap(root: &Path) -> Result<TreeSnap, String> {
+    tree_snapshot(root, false)
 }
 
-#[derive(Debug, PartialEq, Eq)]
-struct DSnap {
-    nodes: BTreeMap<String, DNode>,
-    links: BTreeSet<BTreeSet<String>>,
-}
-
-fn dsnap(root: &Path) -> Result<DSnap, String> {
-    let mut nodes = BTreeMap::new();
-    let mut by_ino: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
-    let mut stack = vec![String::new()];
-    while let Some(rel) = stack.pop() {
-        let path = if rel.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&rel)
-        };
-        let err = |what: &str, e: io::Error| format!("{what} {}: {e}", path.display());
-        let md = fs::symlink_metadata(&path).map_err(|e| err("lstat", e))?;
-        let kind = Kind::of_mode(md.mode());
-        let mut node = DNode {
-            kind,
-            mode: md.mode(),
-            nlink: md.nlink(),
-            size: (kind != Kind::Dir).then_some(md.size()),
-            content: None,
-            target: None,
-        };
-        match kind {
-            Kind::File => {
-                node.content = Some(Content(fs::read(&path).map_err(|e| err("read", e))?))
-            }
-            Kind::Symlink => {
-                node.target = Some(fs::read_link(&path).map_err(|e| err("readlink", e))?.into())
-            }
-            Kind::Dir => {
-                for e in fs::read_dir(&path).map_err(|e| err("readdir", e))? {
-                    let name = e.map_err(|e| err("readdir", e))?.file_name();
-                    let name = String::from_utf8_lossy(name.as_bytes()).into_owned();
-                    stack.push(if rel.is_empty() {
-                        name
-                    } else {
-                        format!("{rel}/{name}")
-                    });
-                }
-            }
-            _ => {}
-        }
-        if kind != Kind::Dir {
-            by_ino.entry(md.ino()).or_default().insert(rel.clone());
-        }
-        nodes.insert(rel, node);
-    }
-    let links = by_ino.into_values().filter(|g| g.len() > 1).collect();
-    Ok(DSnap { nodes, links })
-}
-
-fn ddiff(a: &DSnap, b: &DSnap) -> String {
-    let mut out = String::new();
-    let keys: BTreeSet<&String> = a.nodes.keys().chain(b.nodes.keys()).collect();
-    for k in keys {
-        match (a.nodes.get(k), b.nodes.get(k)) {
-            (Some(x), Some(y)) if x != y => out.push_str(&format!(
-                "  {k:?}:\n    mount:     {x:?}\n    reference: {y:?}\n"
-            )),
-            (Some(x), None) => out.push_str(&format!("  {k:?}: only in the mount: {x:?}\n")),
-            (None, Some(y)) => out.push_str(&format!("  {k:?}: only in the reference: {y:?}\n")),
-            _ => {}
-        }
-    }
-    if a.links != b.links {
-        out.push_str(&format!(
-            "  hard-link groups: mount {:?}, reference {:?}\n",
-            a.links, b.links
-        ));
-    }
-    out
+fn ddiff(a: &TreeSnap, b: &TreeSnap) -> String {
+    tree_snapshot_diff(a, b)
 }
 
 /// Polls until `root` looks like `reference`; how long that took, or the difference.
-fn wait_snap(root: &Path, reference: &DSnap, bound: Duration) -> Result<Duration, String> {
+fn wait_snap(root: &Path, reference: &TreeSnap, bound: Duration) -> Result<Duration, String> {
     let start = Instant::now();
     loop {
         let got = dsnap(root);
