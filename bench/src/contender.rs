@@ -13,22 +13,35 @@ use crate::sshd::{HOST_ALIAS, TestSshd, Variant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
     Kmount,
+    /// kmount with `--write-back` (local-first: changes go through a local journal).
+    KmountWb,
     Sshfs,
     Native,
     Bindfs,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Kmount, Kind::Sshfs, Kind::Native, Kind::Bindfs];
+    pub const ALL: [Kind; 5] = [
+        Kind::Kmount,
+        Kind::KmountWb,
+        Kind::Sshfs,
+        Kind::Native,
+        Kind::Bindfs,
+    ];
 
     /// Whether it goes over the (emulated) network.
     pub fn remote(self) -> bool {
-        matches!(self, Kind::Kmount | Kind::Sshfs)
+        matches!(self, Kind::Kmount | Kind::KmountWb | Kind::Sshfs)
+    }
+
+    pub fn is_kmount(self) -> bool {
+        matches!(self, Kind::Kmount | Kind::KmountWb)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Kind::Kmount => "kmount",
+            Kind::KmountWb => "kmount-wb",
             Kind::Sshfs => "sshfs",
             Kind::Native => "native",
             Kind::Bindfs => "bindfs",
@@ -188,14 +201,18 @@ impl Session {
                     .arg(&mnt),
                 "sshfs",
             )?,
-            Kind::Kmount => {
+            Kind::Kmount | Kind::KmountWb => {
                 let (_, cache, _) = env.kmount_dirs();
                 // Cold: no content cache from an earlier mount.
                 if cache.exists() {
                     fs::remove_dir_all(&cache)?;
                 }
                 let target = format!("ssh://{HOST_ALIAS}:{port}{}", env.root.display());
-                run(env.kmount_cmd().arg(&target).arg(&mnt), "kmount")?;
+                let mut cmd = env.kmount_cmd();
+                if kind == Kind::KmountWb {
+                    cmd.arg("--write-back");
+                }
+                run(cmd.arg(&target).arg(&mnt), "kmount")?;
                 let mut unmount = env.kmount_cmd();
                 unmount.arg("unmount").arg(&mnt);
                 kmount_unmount = Some(unmount);
@@ -276,8 +293,10 @@ impl Session {
             let Some(exe) = exe else { continue };
             let has = |s: &str| args.iter().any(|a| a == s);
             let role = match (self.kind, exe.as_str()) {
-                (Kind::Kmount, "kmount") if has(&mnt) => "kmount",
-                (Kind::Kmount, "kmount-agent") if has(&root) => "kmount-agent (remote)",
+                (Kind::Kmount | Kind::KmountWb, "kmount") if has(&mnt) => "kmount",
+                (Kind::Kmount | Kind::KmountWb, "kmount-agent") if has(&root) => {
+                    "kmount-agent (remote)"
+                }
                 (Kind::Sshfs, "sshfs") if has(&mnt) => "sshfs",
                 (Kind::Sshfs, "sftp-server") => "sftp-server (remote)",
                 (Kind::Bindfs, "bindfs") if has(&mnt) => "bindfs",

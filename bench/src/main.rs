@@ -69,7 +69,7 @@ struct Opts {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "kmount,sshfs,native,bindfs"
+        default_value = "kmount,kmount-wb,sshfs,native,bindfs"
     )]
     contenders: Vec<String>,
     /// Work directory (the generated data is kept there and reused).
@@ -248,7 +248,7 @@ fn bench_main(mut opts: Opts) -> io::Result<()> {
         .map(|c| {
             Kind::parse(c).ok_or_else(|| {
                 io::Error::other(format!(
-                    "unknown contender '{c}' (kmount, sshfs, native, bindfs)"
+                    "unknown contender '{c}' (kmount, kmount-wb, sshfs, native, bindfs)"
                 ))
             })
         })
@@ -675,10 +675,15 @@ impl Bench<'_> {
             rule.push_str("---:|");
         }
         let has = |k| kinds.contains(&k);
-        let ratios: Vec<(Kind, Kind)> = [(Kind::Kmount, Kind::Native), (Kind::Kmount, Kind::Sshfs)]
-            .into_iter()
-            .filter(|(a, b)| has(*a) && has(*b))
-            .collect();
+        let ratios: Vec<(Kind, Kind)> = [
+            (Kind::Kmount, Kind::Native),
+            (Kind::Kmount, Kind::Sshfs),
+            (Kind::KmountWb, Kind::Native),
+            (Kind::KmountWb, Kind::Sshfs),
+        ]
+        .into_iter()
+        .filter(|(a, b)| has(*a) && has(*b))
+        .collect();
         for (a, b) in &ratios {
             let _ = write!(header, " {a} / {b} |");
             rule.push_str("---:|");

@@ -89,6 +89,15 @@ pub fn unmount_one(dirs: &StateDirs, mountpoint: &Path) -> Result<()> {
                     mountpoint.display()
                 );
             }
+            if rec.is_none() && std::fs::metadata(mountpoint).is_ok() {
+                // Something still serves it, and it is not a mount this state directory
+                // knows: detaching it would leave that process's unsent changes behind.
+                bail!(
+                    "{} is served by a kmount process that this user's state directory does                      not know (another KMOUNT_STATE_DIR, or another user started it): run                      `kmount unmount` as that user or with that KMOUNT_STATE_DIR so its changes                      are flushed first, or `kmount unmount --force {}` to detach it now                      (changes not yet applied stay in that process's journal)",
+                    mountpoint.display(),
+                    mountpoint.display()
+                );
+            }
             // The daemon is gone (killed, crashed): detach the dead mount.
             run::unmount_path(mountpoint, true)?;
             dirs.remove_record(mountpoint);

@@ -1744,7 +1744,7 @@ impl Core {
             return Err(err!(libc::ENODATA, "no capabilities"));
         }
         if self.wb().is_some() && name != b"security.capability" {
-            self.wb_settle(id).await?;
+            self.wb_settle_name(id).await?;
         }
         let (node, generation) = self.node_ref(id, None)?;
         let op = Op::GetXattr {
@@ -1774,7 +1774,7 @@ impl Core {
             return sized(Vec::new(), size);
         }
         if self.wb().is_some() {
-            self.wb_settle(id).await?;
+            self.wb_settle_name(id).await?;
         }
         let (node, generation) = self.node_ref(id, None)?;
         let op = Op::ListXattr { node };

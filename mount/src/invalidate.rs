@@ -126,41 +126,108 @@ impl InvalQueue {
         std::thread::Builder::new()
             .name("kmount-inval".to_string())
             .spawn(move || {
-                while let Ok(batch) = self.inval_rx.recv() {
+                let mut retries = Retries::default();
+                loop {
+                    let batch = match retries.next_due() {
+                        None => match self.inval_rx.recv() {
+                            Ok(b) => Some(b),
+                            Err(_) => break,
+                        },
+                        Some(wait) => match self.inval_rx.recv_timeout(wait) {
+                            Ok(b) => Some(b),
+                            Err(mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                        },
+                    };
+                    for (inval, attempt) in retries.take_due() {
+                        if self.armed.load(Ordering::Acquire) {
+                            self.send_one(&notifier, &inval, attempt, &mut retries);
+                        }
+                    }
+                    let Some(batch) = batch else { continue };
                     for inval in batch {
                         if !self.armed.load(Ordering::Acquire) {
                             break;
                         }
-                        let result = match &inval {
-                            Inval::Entry { parent, name } => {
-                                notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
-                            }
-                            Inval::Delete {
-                                parent,
-                                child,
-                                name,
-                            } => notifier.delete(
-                                INodeNo(*parent),
-                                INodeNo(*child),
-                                OsStr::from_bytes(name),
-                            ),
-                            Inval::Inode { ino, data } => {
-                                // offset -1: attributes only; offset 0, len 0: all data too.
-                                let offset = if *data { 0 } else { -1 };
-                                notifier.inval_inode(INodeNo(*ino), offset, 0)
-                            }
-                        };
-                        self.stats.sent.fetch_add(1, Ordering::Relaxed);
-                        if let Err(e) = result {
-                            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                            // ENOTEMPTY (a directory still in use), EBADF after unmount: the
-                            // kernel keeps what it has, which expires or is revalidated.
-                            tracing::debug!(?inval, "invalidation refused: {e}");
-                        }
+                        self.send_one(&notifier, &inval, 0, &mut retries);
                     }
                     self.stats.done.fetch_add(1, Ordering::AcqRel);
                 }
             })
+    }
+
+    fn send_one(&self, notifier: &Notifier, inval: &Inval, attempt: u32, retries: &mut Retries) {
+        let result = match inval {
+            Inval::Entry { parent, name } => {
+                notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+            }
+            Inval::Delete {
+                parent,
+                child,
+                name,
+            } => notifier.delete(INodeNo(*parent), INodeNo(*child), OsStr::from_bytes(name)),
+            Inval::Inode { ino, data } => {
+                // offset -1: attributes only; offset 0, len 0: all data too.
+                let offset = if *data { 0 } else { -1 };
+                notifier.inval_inode(INodeNo(*ino), offset, 0)
+            }
+        };
+        self.stats.sent.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(()) => {}
+            // The kernel has no inode of that number, though we queue invalidations only for
+            // nodes it looked up: the answer to that lookup may be on its way in the kernel
+            // (the reply is written, the inode not made yet), and it carries the attributes
+            // from before this change, which would then be kept for the whole TTL. Sent again
+            // a little later, it reaches the inode once it exists.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                if matches!(inval, Inval::Inode { .. }) {
+                    retries.push(inval.clone(), attempt + 1);
+                }
+            }
+            Err(e) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                // ENOTEMPTY (a directory still in use), EBADF after unmount: the kernel keeps
+                // what it has, which expires or is revalidated.
+                tracing::debug!(?inval, "invalidation refused: {e}");
+            }
+        }
+    }
+}
+
+/// Inode invalidations the kernel answered "no such inode", to send again: after
+/// [`RETRY_AFTER`] times the attempt number, at most [`RETRY_ATTEMPTS`] times.
+#[derive(Default)]
+struct Retries {
+    due: Vec<(std::time::Instant, Inval, u32)>,
+}
+
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
+const RETRY_ATTEMPTS: u32 = 4;
+
+impl Retries {
+    fn push(&mut self, inval: Inval, attempt: u32) {
+        if attempt > RETRY_ATTEMPTS {
+            return;
+        }
+        let at = std::time::Instant::now() + RETRY_AFTER * attempt;
+        self.due.push((at, inval, attempt));
+    }
+
+    /// How long until the next retry is due, if any.
+    fn next_due(&self) -> Option<std::time::Duration> {
+        let now = std::time::Instant::now();
+        self.due
+            .iter()
+            .map(|(at, _, _)| at.saturating_duration_since(now))
+            .min()
+    }
+
+    fn take_due(&mut self) -> Vec<(Inval, u32)> {
+        let now = std::time::Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = self.due.drain(..).partition(|(at, _, _)| *at <= now);
+        self.due = later;
+        due.into_iter().map(|(_, i, a)| (i, a)).collect()
     }
 }
 

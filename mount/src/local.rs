@@ -75,6 +75,9 @@ pub struct Conflict {
 pub(crate) struct WbFile {
     pub id: u64,
     pub entry: Entry,
+    /// Opened for writing, by this caller: the kernel's handle-less truncate of an `O_TRUNC`
+    /// open is this open's own (see [`Core::wb_setattr`]).
+    pub writer: Option<Option<Caller>>,
 }
 
 /// Paths with records not yet applied: the names themselves and every directory above them.
@@ -139,6 +142,9 @@ pub struct WriteBack {
     order: Mutex<()>,
     /// Node id -> the last journal seq that changed it.
     last_seq: Mutex<HashMap<u64, u64>>,
+    /// Per node, the seq of its last record that is not only about its bytes (a write, a
+    /// fallocate, a truncation): what a question about its name or xattrs must wait for.
+    last_meta_seq: Mutex<HashMap<u64, u64>>,
     /// Seq -> nodes it changed (to settle them when it is applied).
     seq_nodes: Mutex<BTreeMap<u64, Vec<u64>>>,
     /// Our file handles.
@@ -206,6 +212,7 @@ impl WriteBack {
             cache,
             order: Mutex::new(()),
             last_seq: Mutex::new(HashMap::new()),
+            last_meta_seq: Mutex::new(HashMap::new()),
             seq_nodes: Mutex::new(BTreeMap::new()),
             files: Mutex::new(HashMap::new()),
             fetches: Mutex::new(HashMap::new()),
@@ -231,6 +238,13 @@ impl WriteBack {
     /// The last record that changed node `id`, when it is not applied yet.
     pub fn pending_seq(&self, id: u64) -> Option<u64> {
         let seq = *lock(&self.last_seq).get(&id)?;
+        (seq > self.journal.applied()).then_some(seq)
+    }
+
+    /// Like [`WriteBack::pending_seq`], for the records of `id` other than those that only
+    /// change its bytes.
+    pub fn pending_meta_seq(&self, id: u64) -> Option<u64> {
+        let seq = *lock(&self.last_meta_seq).get(&id)?;
         (seq > self.journal.applied()).then_some(seq)
     }
 
@@ -263,9 +277,13 @@ impl WriteBack {
     /// Forgets the last seq of `ids` where it is at most `seq` (they are settled).
     fn release_settled(&self, ids: impl IntoIterator<Item = u64>, seq: u64) {
         let mut last = lock(&self.last_seq);
+        let mut meta = lock(&self.last_meta_seq);
         for id in ids {
             if last.get(&id).is_some_and(|&s| s <= seq) {
                 last.remove(&id);
+            }
+            if meta.get(&id).is_some_and(|&s| s <= seq) {
+                meta.remove(&id);
             }
         }
     }
@@ -324,6 +342,15 @@ impl WriteBack {
 
     pub(crate) fn file(&self, fh: u64) -> Option<WbFile> {
         lock(&self.files).get(&fh).cloned()
+    }
+
+    /// The newest handle open for writing on node `id` by `caller`.
+    fn writer_of(&self, id: u64, caller: &Option<Caller>) -> Option<u64> {
+        lock(&self.files)
+            .iter()
+            .filter(|(_, f)| f.id == id && f.writer.as_ref() == Some(caller))
+            .map(|(fh, _)| *fh)
+            .max()
     }
 }
 
@@ -391,12 +418,34 @@ impl Core {
         // Few enough records ahead that the sender has them in flight already: waiting for
         // this one costs about one round trip.
         let idle = wb.journal.tail() - wb.journal.applied() < SYNC_BACKLOG;
+        let bytes_only = matches!(
+            &c.op,
+            Op::WritePath { .. }
+                | Op::FallocatePath { .. }
+                | Op::SetAttr {
+                    set: SetAttr {
+                        size: Some(_),
+                        mode: None,
+                        uid: None,
+                        gid: None,
+                        atime: None,
+                        mtime: None,
+                    },
+                    ..
+                }
+        );
         let seq = wb.journal.append_as(c.caller, c.op)?;
         let mut last = lock(&wb.last_seq);
         for &id in &c.nodes {
             last.insert(id, seq);
         }
         drop(last);
+        if !bytes_only {
+            let mut meta = lock(&wb.last_meta_seq);
+            for &id in &c.nodes {
+                meta.insert(id, seq);
+            }
+        }
         lock(&wb.seq_nodes).insert(seq, c.nodes);
         Ok((value, Some((seq, idle))))
     }
@@ -648,6 +697,7 @@ impl Core {
         let fh = self.add_wb_file(WbFile {
             id: attr.ino,
             entry,
+            writer: Some(caller),
         });
         Ok(Created { attr, fh })
     }
@@ -923,7 +973,7 @@ impl Core {
 
     pub(crate) async fn wb_open(
         &self,
-        _caller: Option<Caller>,
+        caller: Option<Caller>,
         id: u64,
         flags: i32,
     ) -> Result<Opened, FsError> {
@@ -951,7 +1001,8 @@ impl Core {
             }
         }
         self.tree().opened(id)?;
-        let fh = self.add_wb_file(WbFile { id, entry });
+        let writer = (flags & libc::O_ACCMODE != libc::O_RDONLY).then_some(caller);
+        let fh = self.add_wb_file(WbFile { id, entry, writer });
         Ok(Opened {
             fh,
             keep_cache: !replaced,
@@ -1057,6 +1108,20 @@ impl Core {
         set: SetAttr,
     ) -> Result<NodeAttr, FsError> {
         let mut caller = caller;
+        let only_size = |size| {
+            set == SetAttr {
+                size: Some(size),
+                ..SetAttr::default()
+            }
+        };
+        // `open(O_TRUNC)`: the kernel opens (without O_TRUNC, as FUSE_ATOMIC_O_TRUNC is off),
+        // then truncates by path, no handle. Done as that open's, like an `ftruncate`, so the
+        // save (truncate and writes, one caller) coalesces into one PutFile.
+        let fh = fh.or_else(|| {
+            only_size(0)
+                .then(|| self.wb().and_then(|wb| wb.writer_of(id, &caller)))
+                .flatten()
+        });
         let (attr, seq) = if let Some(size) = set.size {
             let file = fh
                 .and_then(|fh| self.wb_file(fh).ok())
@@ -1065,12 +1130,7 @@ impl Core {
                 Some(f) => {
                     // `ftruncate`: the handle's open allowed it, whatever the file's mode says
                     // now; the agent applies it as itself (the journal names paths).
-                    if set
-                        == (SetAttr {
-                            size: Some(size),
-                            ..SetAttr::default()
-                        })
-                    {
+                    if only_size(size) {
                         caller = None;
                     }
                     f.entry
@@ -1100,6 +1160,12 @@ impl Core {
     async fn settle_when_idle(&self, id: u64, seq: Option<(u64, bool)>) {
         let Some(wb) = self.wb() else { return };
         let Some((seq, true)) = seq else { return };
+        if self.tree().lock().is_open(id) {
+            // The sender holds back the records of a file open here (a save in progress:
+            // the kernel's truncate of an O_TRUNC open, then the writes) to send it whole;
+            // waiting for this one would stall the save until that hold gives up.
+            return;
+        }
         if !self.client().is_connected() || wb.journal.commit().is_err() {
             return;
         }
@@ -1254,7 +1320,7 @@ impl Core {
             return Ok(f);
         }
         let (entry, _) = self.entry_for(f.id)?;
-        let fresh = WbFile { id: f.id, entry };
+        let fresh = WbFile { entry, ..f.clone() };
         if let Some(slot) = lock(&wb.files).get_mut(&fh) {
             *slot = fresh.clone();
         }
@@ -1549,9 +1615,18 @@ impl Core {
         }
     }
 
-    pub(crate) async fn wb_settle(&self, id: u64) -> Result<(), FsError> {
+    /// Waits until the records that make, name or describe `id` are applied (not those of
+    /// its bytes): xattrs do not depend on the bytes, and an editor's getxattr in the middle
+    /// of a save must not wait for the save's writes, which the sender holds back while the
+    /// file is open.
+    pub(crate) async fn wb_settle_name(&self, id: u64) -> Result<(), FsError> {
         let wb = self.wb().expect("write-back mode");
-        if let Some(seq) = wb.pending_seq(id) {
+        self.settle_up_to(id, wb.pending_meta_seq(id)).await
+    }
+
+    async fn settle_up_to(&self, id: u64, seq: Option<u64>) -> Result<(), FsError> {
+        let wb = self.wb().expect("write-back mode");
+        if let Some(seq) = seq {
             wb.journal.commit()?;
             let path = self.tree().path(id).ok();
             self.wait_applied_for(seq, path.as_ref()).await?;

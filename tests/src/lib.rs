@@ -378,7 +378,9 @@ impl Mounted {
             return Ok(());
         }
         self.mounted = false;
-        let out = run_timeout(kmount_cmd().arg("unmount").arg(&self.mnt), UNMOUNT_TIMEOUT);
+        // With this mount's state directory: without it, `kmount unmount` cannot reach the
+        // daemon to flush its journal first.
+        let out = run_timeout(self.kmount().arg("unmount").arg(&self.mnt), UNMOUNT_TIMEOUT);
         if !out.success() {
             return Err(format!(
                 "`kmount unmount {}` failed: {out}",

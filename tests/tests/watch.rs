@@ -470,10 +470,6 @@ fn remote_rewrite_while_the_file_is_read_through_the_mount() {
 }
 
 #[test]
-#[ignore = "bug: write-back mount: a file created and then written in the target while the \
-            mount reads it (ReadPath) can stay at its first state (size 0) for good: an older \
-            state from the read seems to be recorded after the watcher's newer one (CI runs \
-            of 8aa551d and 69e1d83: f25, f49 of 50)"]
 fn remote_rewrite_while_the_file_is_read_through_the_mount_with_write_back() {
     remote_rewrite_while_read(&[WRITE_BACK]);
 }
@@ -1052,10 +1048,6 @@ fn nodemon_restarts_once_per_echo_append() {
 }
 
 #[test]
-#[ignore = "bug: write-back mount: a vim save of 3 MiB can still reach the target in two \
-            parts under load: the sender holds a file's records while it is open, but lets \
-            them go when anyone waits for the journal, and vim's getxattr waits (wb_settle) \
-            mid-save (CI: BAD Vim-1 len=704512/3146745)"]
 fn nodemon_restarts_once_per_vim_save_with_write_back() {
     nodemon_restarts_once_per_save(Save::Vim, &[WRITE_BACK]);
 }
@@ -1066,9 +1058,6 @@ fn nodemon_restarts_once_per_atomic_rename_save_with_write_back() {
 }
 
 #[test]
-#[ignore = "bug: write-back mount: cp over the file is an O_TRUNC save; without \
-            FUSE_ATOMIC_O_TRUNC (dropped: it loses ETXTBSY) it reaches the target as a \
-            truncation and a write, two changes nodemon may restart for"]
 fn nodemon_restarts_once_per_cp_over_the_file_with_write_back() {
     nodemon_restarts_once_per_save(Save::Cp, &[WRITE_BACK]);
 }
@@ -1315,10 +1304,6 @@ fn an_in_place_save_reaches_the_target_as_one_write() {
 }
 
 #[test]
-#[ignore = "bug: write-back mount: without FUSE_ATOMIC_O_TRUNC (dropped: it loses ETXTBSY, \
-            pjdfstest open::etxtbsy) an O_TRUNC save is journaled as a size-0 SETATTR then \
-            writes; the sender holds them 2 s and still sends them as two operations (target: \
-            open/modify/close-write twice, the first on the empty file)"]
 fn an_in_place_save_reaches_the_target_as_one_write_with_write_back() {
     in_place_save_is_one_write(&[WRITE_BACK]);
 }
@@ -1725,8 +1710,8 @@ fn run_dcase(ops: &[(Side, DOp)], envs: &[(&str, &str)]) -> Result<(), TestCaseE
             }
         }
     }
-    keep_logs(&m);
     m.unmount();
+    keep_logs(&m);
     let expected = dsnap(&reference).map_err(TestCaseError::fail)?;
     let backing = dsnap(&m.backing).map_err(TestCaseError::fail)?;
     if backing != expected {
@@ -1773,10 +1758,6 @@ proptest! {
 
     /// Local-first write-back (`KMOUNT_WRITE_BACK=1`).
     #[test]
-    #[ignore = "bug: write-back mount: unlink a through the mount, wait until the target has \
-                it, create a again in the target: the mount never shows the new a (minimal \
-                case proptest found); also a local unlink of a file made remotely that never \
-                reached the target, not even at unmount (about 1 run in 3)"]
     fn mount_with_write_back_matches_plain_directory_with_remote_changes(
         ops in prop::collection::vec((dside(), dop()), 1..=40)
     ) {
