@@ -7,7 +7,8 @@
 //! - `applied` is the highest seq applied; a seq at or below it answers `Ok` without doing
 //!   anything, a seq beyond `applied + 1` is a gap (`EPROTO`).
 //! - A failed seq N blocks its session: later seqs answer `ECANCELED` until N is sent again.
-//! - `applied` lives in memory and is persisted lazily ([`PERSIST_EVERY`], and at exit) to
+//! - `applied` is persisted after every applied record, before its answer (and again lazily,
+//!   [`PERSIST_EVERY`], after a failed write, and at exit) to
 //!   `<state dir>/kmount-agent-<uid>/sessions/<session>` (written beside, then renamed over),
 //!   where the state dir is the first usable of `$TMPDIR`, `/tmp`, `/dev/shm`, `/var/tmp`.
 //!   A directory we do not own, or that others may write, is never used.
@@ -203,7 +204,27 @@ impl Journal {
             Ok(_) => {
                 s.applied = seq;
                 s.blocked = None;
-                st.dirty = true;
+                // Saved before the answer goes out: an agent killed after answering must not
+                // apply this record again when the mount sends it again with the ones after
+                // it (a rename replayed after the create that followed it would move the new
+                // file). Only the record being applied when it died can be in doubt, and its
+                // replay finds its effect in place ([`already_done`]). Written, not fsynced:
+                // the page cache outlives the process; a crash of the whole machine loses the
+                // session, which the mount then applies again from its start.
+                if let Some(store) = self.store() {
+                    match save(store, session, seq) {
+                        Ok(()) => s.persisted = seq,
+                        Err(e) => {
+                            st.dirty = true;
+                            eprintln!(
+                                "kmount-agent: cannot save the journal position in {}: {e}",
+                                store.dir.display()
+                            );
+                        }
+                    }
+                } else {
+                    st.dirty = true;
+                }
             }
             Err(_) => s.blocked = Some(seq),
         }

@@ -20,6 +20,7 @@ pub mod client;
 pub mod content;
 pub mod core;
 pub mod error;
+pub mod fault;
 mod fuse;
 pub mod invalidate;
 pub mod journal;

@@ -19,7 +19,7 @@ fn mounted(rules: RulesConfig, fill: impl FnOnce(&std::path::Path)) -> Option<Mo
             rules,
             ..MountOptions::default()
         },
-        reconnect: false,
+        ..Setup::default()
     };
     Mounted::new(setup, fill)
 }

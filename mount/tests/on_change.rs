@@ -13,7 +13,7 @@ use kmount_mount::rules::{Class, RulesConfig};
 fn with(opts: MountOptions) -> Setup {
     Setup {
         opts,
-        reconnect: false,
+        ..Setup::default()
     }
 }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kmount_mount::client::Connector;
 use kmount_mount::{Client, LocalConnector, MountHandle, MountOptions, mount};
 use tempfile::TempDir;
 
@@ -36,12 +37,17 @@ pub fn agent_binary() -> PathBuf {
     p
 }
 
+/// Wraps the connector a mount uses (e.g. in a fault injector).
+pub type WrapConnector = Arc<dyn Fn(LocalConnector) -> Arc<dyn Connector> + Send + Sync>;
+
 /// How to mount.
 #[derive(Default, Clone)]
 pub struct Setup {
     pub opts: MountOptions,
     /// Replace a broken stream through the connector (a new agent process).
     pub reconnect: bool,
+    /// The connector to use instead of the plain local one (implies `reconnect`).
+    pub wrap: Option<WrapConnector>,
 }
 
 impl Setup {
@@ -54,6 +60,7 @@ impl Setup {
                 ..MountOptions::default()
             },
             reconnect: false,
+            wrap: None,
         }
     }
 }
@@ -142,7 +149,9 @@ fn mount_at(
 ) -> (MountHandle, Client) {
     let args = vec!["--mountpoint".into(), mnt.as_os_str().to_owned()];
     let connector = LocalConnector::new(agent_binary(), remote.to_path_buf(), args);
-    let client = if setup.reconnect {
+    let client = if let Some(wrap) = &setup.wrap {
+        rt.block_on(Client::connect_shared(wrap(connector)))
+    } else if setup.reconnect {
         rt.block_on(Client::connect_shared(Arc::new(connector)))
     } else {
         rt.block_on(Client::connect(&connector))
