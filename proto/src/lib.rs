@@ -24,12 +24,16 @@
 
 pub mod digest;
 mod frame;
+#[cfg(test)]
+mod hostile;
 mod msg;
 mod path;
 pub mod rules;
 pub mod tree;
 
-pub use frame::{FrameDecoder, ProtoError, decode, encode, frame_len, read_frame, write_frame};
+pub use frame::{
+    FrameDecoder, ProtoError, decode, encode, frame_len, read_frame, request_id, write_frame,
+};
 pub use msg::*;
 pub use path::{RelPath, RelPathError};
 
