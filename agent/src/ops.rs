@@ -254,8 +254,16 @@ fn node_name(node: &NodeRef) -> String {
     }
 }
 
+/// An xattr name for a message, cut short when it is absurdly long (a name is at most 255
+/// bytes on Linux; the wire allows any length, and the message must not echo a megabyte).
 fn xattr_name(node: &NodeRef, name: &[u8]) -> String {
-    format!("{} of {}", String::from_utf8_lossy(name), node_name(node))
+    const SHOWN: usize = 255;
+    let shown = String::from_utf8_lossy(&name[..name.len().min(SHOWN)]);
+    let more = match name.len() > SHOWN {
+        true => format!("... ({} bytes)", name.len()),
+        false => String::new(),
+    };
+    format!("{shown}{more} of {}", node_name(node))
 }
 
 // ---- attributes ----------------------------------------------------------------------------

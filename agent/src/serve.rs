@@ -332,7 +332,24 @@ fn read_loop<R: Read>(
                 }
             }
             Ok(ToAgent::Hello(_)) => return Err("the mount sent a second hello".into()),
-            Err(e) => return Err(format!("broken stream: {e}")),
+            // A request that names something the protocol refuses (a path with `..`, a name
+            // with `/`, ...) fails on its own; the frame boundary is intact, so the session
+            // goes on. Only a frame that is not recognisably a request breaks the stream.
+            Err(e) => match kmount_proto::request_id(&payload) {
+                Some(id) => {
+                    drop(payload);
+                    drop(permit);
+                    let result = Err(WireError::new(libc::EINVAL, format!("refused: {e}")));
+                    let reply = Outgoing {
+                        frame: encode_reply(id, result),
+                        _permit: None,
+                    };
+                    if queues.replies.send(reply).is_err() {
+                        return Ok(());
+                    }
+                }
+                None => return Err(format!("broken stream: {e}")),
+            },
         }
     }
 }

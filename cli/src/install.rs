@@ -243,6 +243,9 @@ pub struct LocalAgent {
     size: u64,
     /// Names the remote cache directory: a hash of the content.
     key: String,
+    /// What the launch script checks a cached copy against before running it.
+    sha256: String,
+    cksum: u32,
     arch: Arch,
 }
 
@@ -253,6 +256,8 @@ impl LocalAgent {
         let read_err = || format!("cannot read the agent binary {}", path.display());
         let mut file = std::fs::File::open(path).with_context(read_err)?;
         let mut hasher = xxhash_rust::xxh3::Xxh3Default::new();
+        let mut sha256 = Sha256::new();
+        let mut cksum = Cksum::default();
         let mut head: Vec<u8> = Vec::new();
         let mut size = 0u64;
         let mut buf = vec![0u8; 1 << 20];
@@ -262,6 +267,8 @@ impl LocalAgent {
                 break;
             }
             hasher.update(&buf[..n]);
+            sha256.update(&buf[..n]);
+            cksum.update(&buf[..n]);
             if head.len() < ELF_HEAD {
                 let take = n.min(ELF_HEAD - head.len());
                 head.extend_from_slice(&buf[..take]);
@@ -288,6 +295,8 @@ impl LocalAgent {
             path: path.to_path_buf(),
             size,
             key: format!("{:032x}", hasher.digest128()),
+            sha256: format!("{:x}", sha256.finalize()),
+            cksum: cksum.finish(),
             arch: info.arch,
         })
     }
@@ -313,9 +322,45 @@ fn content_key(bytes: &[u8]) -> String {
 }
 
 /// The POSIX `cksum` checksum (CRC-32, polynomial 0x04C11DB7, length appended).
-pub fn posix_cksum(bytes: &[u8]) -> u32 {
+#[cfg(test)]
+fn posix_cksum(bytes: &[u8]) -> u32 {
+    let mut c = Cksum::default();
+    c.update(bytes);
+    c.finish()
+}
+
+/// The POSIX `cksum` checksum (CRC-32, polynomial 0x04C11DB7, length appended) of bytes
+/// that arrive in pieces.
+#[derive(Debug, Default)]
+struct Cksum {
+    crc: u32,
+    len: u64,
+}
+
+impl Cksum {
+    fn update(&mut self, bytes: &[u8]) {
+        let table = cksum_table();
+        for &b in bytes {
+            self.crc = (self.crc << 8) ^ table[((self.crc >> 24) as u8 ^ b) as usize];
+        }
+        self.len += bytes.len() as u64;
+    }
+
+    fn finish(self) -> u32 {
+        let table = cksum_table();
+        let mut crc = self.crc;
+        let mut len = self.len;
+        while len != 0 {
+            crc = (crc << 8) ^ table[((crc >> 24) as u8 ^ len as u8) as usize];
+            len >>= 8;
+        }
+        !crc
+    }
+}
+
+fn cksum_table() -> &'static [u32; 256] {
     static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
+    TABLE.get_or_init(|| {
         let mut t = [0u32; 256];
         for (i, slot) in t.iter_mut().enumerate() {
             let mut c = (i as u32) << 24;
@@ -329,18 +374,7 @@ pub fn posix_cksum(bytes: &[u8]) -> u32 {
             *slot = c;
         }
         t
-    });
-    let mut crc = 0u32;
-    let mut feed = |b: u8| crc = (crc << 8) ^ table[((crc >> 24) as u8 ^ b) as usize];
-    for &b in bytes {
-        feed(b);
-    }
-    let mut len = bytes.len() as u64;
-    while len != 0 {
-        feed(len as u8);
-        len >>= 8;
-    }
-    !crc
+    })
 }
 
 /// Quotes `s` for a POSIX shell.
@@ -358,14 +392,28 @@ pub fn sh_quote(s: &str) -> String {
 const TMP_CANDIDATES: &str = r#""${TMPDIR:-}" /tmp /dev/shm /var/tmp "${HOME:+$HOME/.cache}""#;
 
 /// Finds the cached agent and execs it, or describes the remote when it is not there.
+///
+/// A cached copy runs only when its content is ours: same size and, with whichever tool the
+/// remote has, the same SHA-256 or POSIX `cksum` (the install script checked a new copy with
+/// the same tool). Anything else there (a truncated copy, another build, a planted script) is
+/// never run; the probe follows and the install replaces it.
 fn launch_script(agent: &LocalAgent, command: &str) -> String {
     format!(
         r#"u=$(id -u 2>/dev/null || echo unknown)
+same() {{
+  if command -v sha256sum >/dev/null 2>&1; then
+    h=$(sha256sum < "$1" 2>/dev/null) || return 1
+    [ "${{h%% *}}" = {sha256} ]
+  elif command -v cksum >/dev/null 2>&1; then
+    h=$(cksum < "$1" 2>/dev/null) || return 1
+    [ "$h" = "{cksum} {size}" ] || [ "$h" = "{cksum} {size} -" ]
+  fi
+}}
 for t in {TMP_CANDIDATES}; do
   [ -n "$t" ] || continue
   b="$t/kmount-$u"
   f="$b/agent-{key}/kmount-agent"
-  if [ -f "$f" ] && [ -x "$f" ] && [ ! -L "$f" ] && [ ! -L "$b" ] && [ -O "$b" ] && [ "$(($(wc -c < "$f")))" -eq {size} ]; then
+  if [ -f "$f" ] && [ -x "$f" ] && [ ! -L "$f" ] && [ ! -L "$b" ] && [ -O "$b" ] && [ "$(($(wc -c < "$f")))" -eq {size} ] && same "$f"; then
     echo "kmount-exec $f"
     exec "$f" {command}
   fi
@@ -390,6 +438,8 @@ echo "kmount-probe-end"
 "#,
         key = agent.key,
         size = agent.size,
+        sha256 = agent.sha256,
+        cksum = agent.cksum,
     )
 }
 
@@ -555,10 +605,10 @@ impl Installer {
         self.check_probe(shell, &probe)?;
         let bytes = self.agent.bytes()?;
         let check = if probe.has("sha256sum") {
-            Check::Sha256(format!("{:x}", Sha256::digest(&bytes)))
+            Check::Sha256(self.agent.sha256.clone())
         } else if probe.has("cksum") {
             Check::Cksum {
-                crc: posix_cksum(&bytes),
+                crc: self.agent.cksum,
                 size: self.agent.size,
             }
         } else {
@@ -1072,6 +1122,102 @@ mod tests {
         assert_eq!(launched.outcome, Outcome::Installed);
         let out = version_through(launched.stream).await;
         assert!(out.starts_with("kmount-agent "), "{out}");
+    }
+
+    /// A directory for `PATH` with only the tools the scripts use, less `leave_out`.
+    fn tools_without(dir: &Path, leave_out: &str) -> String {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = std::env::var("PATH").unwrap_or_default();
+        for tool in [
+            "id",
+            "uname",
+            "wc",
+            "head",
+            "sha256sum",
+            "cksum",
+            "mkdir",
+            "chmod",
+            "mv",
+            "rm",
+            "touch",
+            "cat",
+        ] {
+            if tool == leave_out {
+                continue;
+            }
+            if let Some(found) = std::env::split_paths(&path)
+                .map(|d| d.join(tool))
+                .find(|p| p.is_file())
+            {
+                std::os::unix::fs::symlink(found, dir.join(tool)).unwrap();
+            }
+        }
+        dir.display().to_string()
+    }
+
+    /// Whatever sits in the cache under our key with our size but other contents (another
+    /// build, a corrupted or planted copy: here a script that would say hello with another
+    /// protocol version) is never run: it is replaced by our agent, which then runs. With
+    /// `sha256sum` on the remote, and with only `cksum`.
+    #[tokio::test]
+    async fn a_cached_copy_with_other_contents_is_never_run() {
+        let agent_path = built_agent();
+        let agent = LocalAgent::load(&agent_path).unwrap();
+        let ours = std::fs::read(&agent_path).unwrap();
+        for leave_out in ["", "sha256sum"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let shell = LocalShell {
+                tmpdir: tmp.path().to_path_buf(),
+                path: tools_without(&tmp.path().join("bin"), leave_out),
+            };
+            let installer = Installer::new(agent.clone());
+            let args = vec!["--version".to_string()];
+            let launched = installer.launch(&shell, &args).await.unwrap();
+            assert_eq!(launched.outcome, Outcome::Installed, "{leave_out}");
+            version_through(launched.stream).await;
+            let installed = PathBuf::from(&launched.path);
+
+            let marker = tmp.path().join("the impostor ran");
+            let mut impostor = format!(
+                "#!/bin/sh\ntouch '{}'\nprintf '\\023\\000\\000\\000\\000KMNT\\011\\000\\010impostor'\nexit 0\n",
+                marker.display()
+            )
+            .into_bytes();
+            impostor.resize(ours.len(), b'#');
+            std::fs::write(&installed, &impostor).unwrap();
+            assert_eq!(std::fs::metadata(&installed).unwrap().len(), agent.size);
+
+            let launched = installer.launch(&shell, &args).await.unwrap();
+            let out = version_through(launched.stream).await;
+            assert!(
+                !marker.exists(),
+                "{leave_out}: the impostor was run: {out:?}"
+            );
+            assert_eq!(launched.outcome, Outcome::Installed, "{leave_out}");
+            assert!(out.starts_with("kmount-agent "), "{leave_out}: {out}");
+            assert!(
+                std::fs::read(&installed).unwrap() == ours,
+                "{leave_out}: not replaced"
+            );
+            // And the good copy is used from then on.
+            let launched = installer.launch(&shell, &args).await.unwrap();
+            assert_eq!(launched.outcome, Outcome::Cached, "{leave_out}");
+            version_through(launched.stream).await;
+        }
+    }
+
+    #[test]
+    fn streamed_cksum_matches_the_whole() {
+        let bytes: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        let mut c = Cksum::default();
+        for piece in bytes.chunks(777) {
+            c.update(piece);
+        }
+        assert_eq!(c.finish(), posix_cksum(&bytes));
+        let agent = LocalAgent::load(&built_agent()).unwrap();
+        let whole = std::fs::read(built_agent()).unwrap();
+        assert_eq!(agent.cksum, posix_cksum(&whole));
+        assert_eq!(agent.sha256, format!("{:x}", Sha256::digest(&whole)));
     }
 
     #[tokio::test]

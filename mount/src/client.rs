@@ -208,11 +208,10 @@ pub enum ClientError {
     Agent(String),
     #[error("{what} did not start a kmount session: {detail}")]
     NoSession { what: String, detail: String },
-    #[error("{source}; use kmount and kmount-agent from the same release")]
-    Version {
-        #[source]
-        source: ProtoError,
-    },
+    /// The text already holds the mismatch, so it is not also a `source` (which would print
+    /// it twice in an error chain).
+    #[error("{mismatch}; use kmount and kmount-agent from the same release")]
+    Version { mismatch: ProtoError },
     #[error("{what} did not say hello within {} s{stderr}", timeout.as_secs())]
     Timeout {
         what: String,
@@ -1316,7 +1315,7 @@ impl HelloFailure {
     ) -> ClientError {
         let detail = match self {
             HelloFailure::Fatal(msg) => return ClientError::Agent(msg),
-            HelloFailure::Version(source) => return ClientError::Version { source },
+            HelloFailure::Version(mismatch) => return ClientError::Version { mismatch },
             HelloFailure::Refused(e) => format!("it refused the session: {e}"),
             HelloFailure::Ended { got } if got.is_empty() => "it closed the stream at once".into(),
             HelloFailure::Ended { got } => format!(

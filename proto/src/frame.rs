@@ -13,6 +13,10 @@ pub enum ProtoError {
     FrameTooLarge { len: usize, max: usize },
     #[error("malformed message: {0}")]
     Decode(postcard::Error),
+    /// A message that is well formed but holds a value the protocol refuses (a path with
+    /// `..`, a name with `/`, ...); the text says which.
+    #[error("malformed message: {0}")]
+    Invalid(String),
     #[error("cannot encode message: {0}")]
     Encode(postcard::Error),
     #[error("the other end is not a kmount {expected} (its first bytes were {got:?})")]
@@ -60,13 +64,46 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtoError> {
     Ok(out)
 }
 
+thread_local! {
+    /// Why the last value on this thread was refused during decoding: postcard keeps only
+    /// "custom error" of what a `Deserialize` impl said, so [`invalid`] leaves the text here.
+    static REFUSED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The error a `Deserialize` impl of this crate returns for a value it refuses; [`decode`]
+/// reports `why` as [`ProtoError::Invalid`].
+pub(crate) fn invalid<E: serde::de::Error>(why: String) -> E {
+    let err = E::custom(&why);
+    REFUSED.with(|r| *r.borrow_mut() = Some(why));
+    err
+}
+
 /// Decodes one payload (without its length prefix). Trailing bytes are an error.
 pub fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, ProtoError> {
-    let (msg, rest) = postcard::take_from_bytes(payload).map_err(ProtoError::Decode)?;
+    REFUSED.with(|r| r.borrow_mut().take());
+    let (msg, rest) = postcard::take_from_bytes(payload).map_err(|e| {
+        match (e, REFUSED.with(|r| r.borrow_mut().take())) {
+            (postcard::Error::SerdeDeCustom, Some(why)) => ProtoError::Invalid(why),
+            (e, _) => ProtoError::Decode(e),
+        }
+    })?;
     if !rest.is_empty() {
         return Err(ProtoError::Decode(postcard::Error::DeserializeBadEncoding));
     }
     Ok(msg)
+}
+
+/// The id of a request whose payload does not decode, when its start is readable: the
+/// agent then answers that request with an error instead of ending the session.
+pub fn request_id(payload: &[u8]) -> Option<u64> {
+    // `ToAgent::Request` is variant 1 and `Request::id` its first field, both varints.
+    let (variant, rest) = postcard::take_from_bytes::<u32>(payload).ok()?;
+    if variant != 1 {
+        return None;
+    }
+    postcard::take_from_bytes::<u64>(rest)
+        .ok()
+        .map(|(id, _)| id)
 }
 
 /// Reads one frame's payload. `Ok(None)` at a clean end of stream (between frames).
@@ -83,16 +120,18 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Vec<u8>>, ProtoError> {
         }
     }
     let len = frame_len(header)?;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            ProtoError::Truncated
-        } else {
-            ProtoError::Io(e)
-        }
-    })?;
+    // Memory grows with the bytes that arrive, not with what the header claims: a peer that
+    // announces a large frame and stops costs nothing.
+    let mut payload = Vec::with_capacity(len.min(READ_AHEAD));
+    r.take(len as u64).read_to_end(&mut payload)?;
+    if payload.len() < len {
+        return Err(ProtoError::Truncated);
+    }
     Ok(Some(payload))
 }
+
+/// What [`read_frame`] reserves before the payload arrives.
+const READ_AHEAD: usize = 64 << 10;
 
 /// Encodes and writes one frame (does not flush).
 pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), ProtoError> {

@@ -6,6 +6,12 @@
 //! above [`MAX_FRAME_LEN`] is an error ([`ProtoError::FrameTooLarge`]) and is never allocated.
 //! The payload is one message encoded with postcard (a stable, documented format).
 //!
+//! Decoding is safe on hostile input (fuzzed: `fuzz/`; `hostile.rs`, `tests/alloc.rs`): a
+//! length inside a frame reserves no more than the frame can hold, `Op::Journaled` nests at
+//! most [`MAX_JOURNALED_NESTING`] deep (deeper would recurse without bound), and a value the
+//! protocol refuses (a path with `..`, ...) is [`ProtoError::Invalid`] naming it; the agent
+//! answers such a request with `EINVAL` ([`request_id`]) and goes on.
+//!
 //! # Session
 //! The first frame each way is a [`Hello`] (`ToAgent::Hello` / `FromAgent::Hello`, both variant
 //! 0, whose layout never changes). A different [`PROTOCOL_VERSION`] ends the session with an
@@ -24,12 +30,16 @@
 
 pub mod digest;
 mod frame;
+#[cfg(test)]
+mod hostile;
 mod msg;
 mod path;
 pub mod rules;
 pub mod tree;
 
-pub use frame::{FrameDecoder, ProtoError, decode, encode, frame_len, read_frame, write_frame};
+pub use frame::{
+    FrameDecoder, ProtoError, decode, encode, frame_len, read_frame, request_id, write_frame,
+};
 pub use msg::*;
 pub use path::{RelPath, RelPathError};
 

@@ -327,7 +327,12 @@ pub enum Op {
     /// (`session`, `seq`): seqs of one session arrive in increasing order, and a seq at or
     /// below the highest one applied answers [`Done::Ok`] without doing anything, so a replay
     /// after a reconnect is harmless. -> the result of `op`.
-    Journaled { session: u64, seq: u64, op: Box<Op> },
+    Journaled {
+        session: u64,
+        seq: u64,
+        #[serde(deserialize_with = "nesting::op")]
+        op: Box<Op>,
+    },
     /// The highest seq applied for `session` (0 when the agent knows none). -> [`Done::Seq`]
     AppliedSeq { session: u64 },
     /// Writes a whole regular file in one short burst. `data` is zstd-compressed when
@@ -466,3 +471,45 @@ pub enum Event {
     /// watch limit, unreadable directory): walk it again. `reason` is for the log.
     Rescan { path: RelPath, reason: String },
 }
+
+/// Bounds the decoder's recursion through `Op::Journaled`, the only message that contains
+/// itself. A level costs a frame 3 bytes, so without a bound one frame could nest millions of
+/// levels and overflow the decoding thread's stack (an abort, not an error).
+mod nesting {
+    use std::cell::Cell;
+
+    use serde::{Deserialize, Deserializer};
+
+    use super::Op;
+
+    /// Deepest accepted nesting of `Op::Journaled` (the agent refuses any; a few levels still
+    /// decode so that it can say so with a reply rather than a broken stream).
+    pub const MAX_DEPTH: usize = 4;
+
+    thread_local! {
+        /// `Op::Journaled` levels being decoded on this thread.
+        static DEPTH: Cell<usize> = const { Cell::new(0) };
+    }
+
+    struct Level;
+
+    impl Drop for Level {
+        fn drop(&mut self) {
+            DEPTH.with(|d| d.set(d.get() - 1));
+        }
+    }
+
+    pub fn op<'de, D: Deserializer<'de>>(d: D) -> Result<Box<Op>, D::Error> {
+        let depth = DEPTH.with(Cell::get);
+        if depth >= MAX_DEPTH {
+            return Err(crate::frame::invalid(format!(
+                "journaled operations nested more than {MAX_DEPTH} deep"
+            )));
+        }
+        DEPTH.with(|d| d.set(depth + 1));
+        let _level = Level;
+        Op::deserialize(d).map(Box::new)
+    }
+}
+
+pub use nesting::MAX_DEPTH as MAX_JOURNALED_NESTING;

@@ -50,6 +50,19 @@ pub fn check_name(name: &[u8]) -> Result<(), RelPathError> {
     Ok(())
 }
 
+/// Checks a whole path (see [`RelPath`]).
+fn check_path(bytes: &[u8]) -> Result<(), RelPathError> {
+    if bytes.len() > PATH_MAX {
+        return Err(RelPathError::TooLong);
+    }
+    if !bytes.is_empty() {
+        for c in bytes.split(|&b| b == b'/') {
+            check_name(c)?;
+        }
+    }
+    Ok(())
+}
+
 impl RelPath {
     /// The root.
     pub fn root() -> Self {
@@ -57,14 +70,7 @@ impl RelPath {
     }
 
     pub fn new(bytes: Vec<u8>) -> Result<Self, RelPathError> {
-        if bytes.len() > PATH_MAX {
-            return Err(RelPathError::TooLong);
-        }
-        if !bytes.is_empty() {
-            for c in bytes.split(|&b| b == b'/') {
-                check_name(c)?;
-            }
-        }
+        check_path(&bytes)?;
         Ok(RelPath(bytes))
     }
 
@@ -121,7 +127,17 @@ impl std::fmt::Display for RelPath {
 impl<'de> Deserialize<'de> for RelPath {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let bytes: serde_bytes::ByteBuf = serde_bytes::ByteBuf::deserialize(d)?;
-        RelPath::new(bytes.into_vec()).map_err(serde::de::Error::custom)
+        match check_path(&bytes) {
+            Ok(()) => Ok(RelPath(bytes.into_vec())),
+            Err(e) => {
+                let shown = String::from_utf8_lossy(&bytes[..bytes.len().min(64)]);
+                let more = if bytes.len() > 64 { "..." } else { "" };
+                Err(crate::frame::invalid(format!(
+                    "path {shown:?}{more} ({} bytes) is refused: {e}",
+                    bytes.len()
+                )))
+            }
+        }
     }
 }
 

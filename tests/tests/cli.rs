@@ -516,3 +516,49 @@ fn unmount_after_the_daemon_was_killed() {
     let again = Mounted::with_backing(|b| fs::write(b.join("g"), b"y").unwrap());
     assert_eq!(fs::read(again.m("g")).unwrap(), b"y");
 }
+
+/// An agent of another protocol version (here a script that says hello as version 9) is
+/// refused at once with both versions named and what to do; nothing is mounted.
+#[test]
+fn an_agent_of_another_protocol_version_is_refused_naming_both() {
+    let s = Scratch::new();
+    let target = s.mkdir("target");
+    let mnt = s.mkdir("mnt");
+    let impostor = s.path("kmount-agent-9");
+    // The frame: length 16, then `FromAgent::Hello`: variant 0, magic, version 9, features 0,
+    // software "impostor" (8 bytes). Then it waits for the mount to give up.
+    fs::write(
+        &impostor,
+        "#!/bin/sh\nprintf '\\020\\000\\000\\000\\000KMNT\\011\\000\\010impostor'\nexec cat >/dev/null\n",
+    )
+    .unwrap();
+    fs::set_permissions(
+        &impostor,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = run_timeout(
+        s.kmount()
+            .env("KMOUNT_AGENT", &impostor)
+            .arg(&target)
+            .arg(&mnt),
+        MOUNT_TIMEOUT,
+    );
+    assert!(out.status.is_some(), "kmount hung: {out}");
+    assert!(
+        !out.success(),
+        "kmount accepted an agent of version 9: {out}"
+    );
+    let err = &out.stderr;
+    // Ours, as the real agent states it: `kmount-agent <version> protocol <N>`.
+    let real = run_timeout(Command::new(agent_bin()).arg("--version"), MOUNT_TIMEOUT);
+    let ours = format!("version {}", real.stdout.split_whitespace().nth(3).unwrap());
+    assert!(err.contains(&ours), "our version is not named: {out}");
+    assert_eq!(err.matches("version 9").count(), 1, "named not once: {out}");
+    assert!(err.contains("impostor"), "its software is not named: {out}");
+    assert!(err.contains("same release"), "no advice: {out}");
+    assert!(
+        mounts_under(s.dir.path()).is_empty(),
+        "mounted anyway: {out}"
+    );
+}
