@@ -201,7 +201,6 @@ impl Waiter {
     }
 }
 
-
 struct FaultyReader {
     inner: Box<dyn AsyncRead + Send + Unpin>,
     link: Arc<Link>,
@@ -419,7 +418,11 @@ mod tests {
         far.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
         s.reader.read_exact(&mut got).await.unwrap();
-        assert!(t.elapsed() >= Duration::from_millis(190), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            t.elapsed()
+        );
         assert_eq!(&got, b"hello");
         faults.cut_now();
         assert!(s.writer.write(b"x").await.is_err());

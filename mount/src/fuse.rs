@@ -41,6 +41,9 @@ const WANTED: InitFlags = InitFlags::FUSE_DO_READDIRPLUS
 const MAX_BACKGROUND: u16 = 64;
 const MAX_WRITE: u32 = 1 << 20;
 const MAX_READAHEAD: u32 = 1 << 20;
+/// The read-ahead set on the mount's backing device after mounting (see
+/// `raise_readahead`): enough requests in flight to fill a link with a round trip.
+pub(crate) const MAX_READAHEAD_WANTED: u32 = 8 << 20;
 
 pub(crate) struct FuseFs {
     core: Arc<Core>,

@@ -875,6 +875,9 @@ pub fn mount(
     let absolute = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_path_buf());
     let session = Session::new(fs, mountpoint, &config).map_err(|e| mount_error(mountpoint, e))?;
     let conn = abort::connection_of(&absolute);
+    if let Some(minor) = conn {
+        raise_readahead(minor);
+    }
     let unmounter = Unmounter {
         mountpoint: absolute.clone(),
     };
@@ -969,4 +972,20 @@ fn mount_error(mountpoint: &Path, e: io::Error) -> MountError {
         }
     }
     MountError::Mount { path, source: e }
+}
+
+/// The kernel gives a FUSE mount 128 KiB of read-ahead whatever the filesystem asks for in
+/// INIT; over a link with a round trip, a sequential read then waits one round trip per
+/// 128 KiB. Its backing device's `read_ahead_kb` raises it (root only; without it the default
+/// stays, nothing else changes).
+fn raise_readahead(minor: u32) {
+    let path = format!("/sys/class/bdi/0:{minor}/read_ahead_kb");
+    let kb = (fuse::MAX_READAHEAD_WANTED / 1024).to_string();
+    match std::fs::write(&path, kb) {
+        Ok(()) => tracing::debug!(
+            "read-ahead raised to {} KiB ({path})",
+            fuse::MAX_READAHEAD_WANTED / 1024
+        ),
+        Err(e) => tracing::debug!("read-ahead stays at the kernel's default ({path}: {e})"),
+    }
 }

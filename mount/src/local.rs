@@ -45,6 +45,12 @@ const FETCHES_PER_FILE: usize = 8;
 /// remote's identity and attributes from the start, not changing a moment later) when fewer
 /// than this many records are ahead of it.
 const SYNC_BACKLOG: u64 = 64;
+/// ... and when the record before it was appended at least this long ago: a change in a burst
+/// (an untar, a build's output, a checkout) does not wait, or the burst would pay one round
+/// trip per file.
+const SYNC_QUIET: Duration = Duration::from_millis(20);
+/// The longest such a wait lasts (a slow or frozen remote must not stall a save).
+const SYNC_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Recent remote errors kept for status.
 const KEEP_ERRORS: usize = 32;
 
@@ -145,6 +151,8 @@ pub struct WriteBack {
     /// Per node, the seq of its last record that is not only about its bytes (a write, a
     /// fallocate, a truncation): what a question about its name or xattrs must wait for.
     last_meta_seq: Mutex<HashMap<u64, u64>>,
+    /// When the last record was appended (for [`SYNC_QUIET`]).
+    last_append: Mutex<Option<std::time::Instant>>,
     /// Seq -> nodes it changed (to settle them when it is applied).
     seq_nodes: Mutex<BTreeMap<u64, Vec<u64>>>,
     /// Our file handles.
@@ -213,6 +221,7 @@ impl WriteBack {
             order: Mutex::new(()),
             last_seq: Mutex::new(HashMap::new()),
             last_meta_seq: Mutex::new(HashMap::new()),
+            last_append: Mutex::new(None),
             seq_nodes: Mutex::new(BTreeMap::new()),
             files: Mutex::new(HashMap::new()),
             fetches: Mutex::new(HashMap::new()),
@@ -415,9 +424,12 @@ impl Core {
         let Some(c) = change else {
             return Ok((value, None));
         };
-        // Few enough records ahead that the sender has them in flight already: waiting for
-        // this one costs about one round trip.
-        let idle = wb.journal.tail() - wb.journal.applied() < SYNC_BACKLOG;
+        // Few enough records ahead that the sender has them in flight already, and none
+        // appended just before (no burst): waiting for this one costs about one round trip.
+        let quiet = lock(&wb.last_append)
+            .replace(std::time::Instant::now())
+            .is_none_or(|t| t.elapsed() >= SYNC_QUIET);
+        let idle = quiet && wb.journal.tail() - wb.journal.applied() < SYNC_BACKLOG;
         let bytes_only = matches!(
             &c.op,
             Op::WritePath { .. }
@@ -518,7 +530,7 @@ impl Core {
             && self.client().is_connected()
         {
             wb.journal.commit()?;
-            let wait = self.remote_timeout().min(Duration::from_secs(5));
+            let wait = self.remote_timeout().min(SYNC_WAIT_MAX);
             if let Ok(Ok(())) = tokio::time::timeout(wait, self.wait_applied_for(seq, None)).await {
                 // The kernel does not know the node yet: it can have the remote's number as
                 // its id from the start (an id never changes once the kernel has it).
@@ -1169,7 +1181,7 @@ impl Core {
         if !self.client().is_connected() || wb.journal.commit().is_err() {
             return;
         }
-        let wait = self.remote_timeout().min(Duration::from_secs(5));
+        let wait = self.remote_timeout().min(SYNC_WAIT_MAX);
         let path = self.tree().path(id).ok();
         let _ = tokio::time::timeout(wait, self.wait_applied_for(seq, path.as_ref())).await;
     }

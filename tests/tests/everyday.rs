@@ -1163,3 +1163,161 @@ fn a_vim_session_leaves_no_swap_file_in_the_target() {
     left.sort();
     assert_eq!(left, ["app.js"], "vim left files in the target");
 }
+
+// ---------------------------------------------------------------------------------------------
+// process death: nothing `close()` accepted is lost
+
+/// The child processes of `daemon`, of any of its threads (a reconnection spawns the new
+/// agent from whichever thread runs it).
+fn children_of(daemon: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{daemon}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|c| {
+            // Not a zombie (a killed agent not yet reaped).
+            fs::read_to_string(format!("/proc/{c}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        })
+        .collect()
+}
+
+/// The agent process serving `daemon` (its child).
+fn agent_of(daemon: u32) -> nix::unistd::Pid {
+    let pid = *children_of(daemon)
+        .first()
+        .expect("the daemon has no agent child");
+    nix::unistd::Pid::from_raw(pid as i32)
+}
+
+/// Files of every size class, each written whole by one `fs::write` (returned: accepted), and
+/// then some renamed and some rewritten: the expected final contents by name.
+fn accepted_workload(mnt: &Path, round: u64) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut want = std::collections::BTreeMap::new();
+    for i in 0..40u64 {
+        let len = match i % 4 {
+            0 => 0,
+            1 => 100,
+            2 => 70_000,
+            _ => 1 << 20,
+        };
+        let name = format!("f{round}-{i}");
+        let data = pattern(len as usize, round * 100 + i);
+        fs::write(mnt.join(&name), &data).unwrap();
+        want.insert(name, data);
+    }
+    for i in (0..40u64).step_by(5) {
+        let from = format!("f{round}-{i}");
+        let to = format!("moved{round}-{i}");
+        fs::rename(mnt.join(&from), mnt.join(&to)).unwrap();
+        let data = want.remove(&from).unwrap();
+        want.insert(to, data);
+    }
+    for i in (1..40u64).step_by(7) {
+        let name = format!("f{round}-{i}");
+        let data = pattern(5_000, 9_000 + round * 100 + i);
+        fs::write(mnt.join(&name), &data).unwrap();
+        want.insert(name, data);
+    }
+    want
+}
+
+#[track_caller]
+fn assert_landed(src: &Path, want: &std::collections::BTreeMap<String, Vec<u8>>) {
+    for (name, data) in want {
+        let got = fs::read(src.join(name))
+            .unwrap_or_else(|e| panic!("{name}, accepted by close(), is not in the target: {e}"));
+        assert!(
+            got == *data,
+            "{name}: {} bytes in the target, {} accepted",
+            got.len(),
+            data.len()
+        );
+    }
+}
+
+/// The daemon is SIGKILLed while every change it accepted is still in its journal (the agent
+/// is frozen): `kmount list` and `unmount` cope with the dead mount, and mounting the same
+/// target again sends everything.
+#[test]
+fn a_killed_daemon_loses_nothing_close_accepted() {
+    let s = Scratch::new();
+    let (src, mnt) = s.mount("killed", &["--write-back"]);
+    let pid = s.daemon_pid(&mnt);
+    let agent = agent_of(pid);
+    nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let want = accepted_workload(&mnt, 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the daemon to die", Duration::from_secs(10), || {
+        !pid_alive(pid)
+    });
+    let _ = nix::sys::signal::kill(agent, nix::sys::signal::Signal::SIGKILL);
+    // Frozen before the first write: none of it can have reached the target.
+    assert!(want.keys().all(|n| !src.join(n).exists()));
+    let listed = s.run(&["list"]);
+    assert!(listed.success(), "{listed}");
+    let out = s.run(&["unmount", mnt.to_str().unwrap()]);
+    assert!(out.success(), "unmount of a dead daemon's mount: {out}");
+    assert!(!is_mounted(&mnt));
+    let again = run_timeout(
+        s.kmount().arg("--write-back").arg(&src).arg(&mnt),
+        MOUNT_TIMEOUT,
+    );
+    assert!(again.success(), "{again}");
+    let out = s.run(&["wait", mnt.to_str().unwrap()]);
+    assert!(out.success(), "{out}{}", logs_in(&s.state));
+    assert_landed(&src, &want);
+    // And the mount shows them as they are.
+    for (name, data) in &want {
+        assert!(
+            fs::read(mnt.join(name)).unwrap() == *data,
+            "{name} through the mount"
+        );
+    }
+}
+
+/// The agent is SIGKILLed three times while files are being written through a write-back
+/// mount: the mount reconnects (a new agent) and every accepted file arrives whole.
+#[test]
+fn a_killed_agent_mid_workload_loses_nothing() {
+    let s = Scratch::new();
+    let (src, mnt) = s.mount("agentkill", &["--write-back"]);
+    let pid = s.daemon_pid(&mnt);
+    let mut want = std::collections::BTreeMap::new();
+    for round in 0..3u64 {
+        let writer = {
+            let mnt = mnt.clone();
+            std::thread::spawn(move || accepted_workload(&mnt, round))
+        };
+        std::thread::sleep(Duration::from_millis(150));
+        let t = Instant::now();
+        while children_of(pid).is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "round {round}: no agent serves the mount after 20 s:\n{}",
+                logs_in(&s.state)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        nix::sys::signal::kill(agent_of(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+        want.extend(writer.join().unwrap());
+    }
+    let out = s.run(&["wait", mnt.to_str().unwrap()]);
+    assert!(out.success(), "{out}{}", logs_in(&s.state));
+    assert_landed(&src, &want);
+    let log = logs_in(&s.state);
+    assert!(
+        log.matches("reconnected").count() >= 3,
+        "three agents killed, fewer reconnections logged:\n{log}"
+    );
+}
