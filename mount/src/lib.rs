@@ -21,6 +21,7 @@ pub mod content;
 pub mod core;
 pub mod error;
 mod fuse;
+pub mod guard;
 pub mod invalidate;
 pub mod journal;
 pub mod local;
@@ -112,6 +113,9 @@ pub struct MountOptions {
     /// How long a request that needs the remote waits for a broken connection to come back
     /// (with a client made by [`Client::connect_shared`]) before failing with `EIO`.
     pub remote_timeout: Duration,
+    /// When a removal the remote reports or a reconciliation finds is held instead of
+    /// applied ([`guard`]): by default more than 100 entries and more than half the tree.
+    pub mass_removal: guard::GuardConfig,
     /// Told how the walk that builds the tree progresses.
     pub progress: Option<Progress>,
     /// Where cached file contents are kept (per target; see [`target_dirs`]). With
@@ -170,6 +174,7 @@ impl Default for MountOptions {
             whole_tree: true,
             reconcile_interval: Duration::from_secs(30),
             remote_timeout: DEFAULT_REMOTE_TIMEOUT,
+            mass_removal: guard::GuardConfig::default(),
             progress: None,
             cache_dir: None,
             journal_dir: None,
@@ -509,6 +514,28 @@ impl MountHandle {
         })?
     }
 
+    /// The mass removal held by the guard ([`guard`]), if any.
+    pub fn held_removal(&self) -> Option<guard::Held> {
+        self.core.sync_stats(|s| s.guard.held().cloned())
+    }
+
+    /// Confirms the held mass removal: the next reconciliation (started now) applies what
+    /// the remote lacks. Returns what it confirms; an error when nothing is held.
+    pub fn confirm_removal(&self) -> Result<guard::Held, FsError> {
+        let held = self.core.sync_stats(|s| s.guard.confirm()).ok_or_else(|| {
+            err!(
+                libc::ENOENT,
+                "no removal is paused on this mount (`kmount status` shows one when it is)"
+            )
+        })?;
+        tracing::info!("confirmed: {}", held.describe());
+        if let Some(tx) = &self.commands_tx {
+            // A full queue means a reconciliation is due anyway; it applies the removal.
+            let _ = tx.try_send(remote::RemoteCommand::Confirmed);
+        }
+        Ok(held)
+    }
+
     /// Changes not yet applied remotely (`None`: not a write-back mount).
     pub fn pending(&self) -> Option<Pending> {
         let wb = self.core.write_back()?;
@@ -775,6 +802,7 @@ pub fn mount(
             local_only::LocalOnly::new(opts.cache_dir.as_deref()).map_err(MountError::LocalOnly)?;
         core.set_local_only(store);
     }
+    core.sync_stats(|s| s.guard = guard::Guard::new(opts.mass_removal));
     let core = core.into_arc();
     let (tasks_tx, tasks_done) = std::sync::mpsc::channel::<()>();
     let mut commands_tx = None;
