@@ -299,7 +299,10 @@ mod tests {
         assert!(g.held().is_none());
         assert_eq!(g.check_reconciliation(500, 500), Verdict::Hold);
         let h = g.held().unwrap().clone();
-        assert_eq!((h.removing, h.known, h.source), (500, 500, Source::Reconciliation));
+        assert_eq!(
+            (h.removing, h.known, h.source),
+            (500, 500, Source::Reconciliation)
+        );
         assert!(h.describe().contains("500 of 500"));
         // Still missing: still held.
         assert_eq!(g.check_reconciliation(499, 500), Verdict::Hold);

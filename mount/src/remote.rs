@@ -560,7 +560,9 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
             (Err(e), Some(parent))
                 if matches!(FsError::from(e.clone()).errno, libc::ENOENT | libc::ENOTDIR) =>
             {
-                let removing = t.child(parent, name).map_or(0, |c| guard::subtree_size(&t, c));
+                let removing = t
+                    .child(parent, name)
+                    .map_or(0, |c| guard::subtree_size(&t, c));
                 if guard_burst(core, &t, removing, Source::Rescan) == Verdict::Hold {
                     return Ok(());
                 }
