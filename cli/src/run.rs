@@ -85,6 +85,9 @@ fn mount_and_serve(
         journal_dir,
         rules: flags.rules.clone(),
         on_change: flags.on_change.clone(),
+        remote_timeout: flags
+            .remote_timeout
+            .unwrap_or(kmount_mount::DEFAULT_REMOTE_TIMEOUT),
         progress: Some(ready.walk_progress()),
         ..MountOptions::default()
     };
@@ -277,6 +280,7 @@ impl Daemon<'_> {
                 };
                 serde_json::to_string(&u).map_err(Into::into)
             }
+            "confirm" => crate::confirm::answer(handle),
             "why" => serde_json::from_str::<crate::why::Question>(arg)
                 .context("bad question")
                 .and_then(|q| {
