@@ -36,10 +36,15 @@ use crate::tree::TreeState;
 /// - small trees (at most 100 entries) are never held: losing them is cheap to notice and
 ///   redo, and a scratch directory emptied by a script is common there.
 ///
-/// Watcher removals arrive in bursts of batches (an `rm -rf` of many files takes several
-/// batches); those applied within [`GuardConfig::window`] count together, so a burst is
-/// judged as one removal. A reconciliation is judged as one removal (everything it would
-/// remove, counted before anything is applied).
+/// A reconciliation is judged as one removal: everything it would remove, counted before
+/// anything is applied. Watcher removals arrive in batches over time (an `rm -rf` of many
+/// files takes several), and a batch says nothing about the whole: they are applied at once
+/// while the removals of the last [`GuardConfig::window`] add up to at most
+/// [`GuardConfig::min_entries`] (so small deletes show within milliseconds), and beyond that
+/// left to a reconciliation run once they stop for [`GuardConfig::settle`], which judges the
+/// whole burst. So at most `min_entries` entries of a mass removal the watcher reports leave
+/// the view before the guard holds the rest; a mass removal found by a reconciliation (a new
+/// pod, an agent started again on another directory, changes while disconnected) leaves none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuardConfig {
     /// More than this many entries must go. `u64::MAX` turns the guard off.
@@ -48,6 +53,9 @@ pub struct GuardConfig {
     pub percent: u64,
     /// Watcher removals this close together count as one burst.
     pub window: Duration,
+    /// A burst held for judging is judged (by a reconciliation) once no removal came for
+    /// this long.
+    pub settle: Duration,
 }
 
 impl Default for GuardConfig {
@@ -56,6 +64,7 @@ impl Default for GuardConfig {
             min_entries: 100,
             percent: 50,
             window: Duration::from_secs(3),
+            settle: Duration::from_millis(300),
         }
     }
 }
@@ -132,6 +141,8 @@ pub struct Guard {
     confirmed: bool,
     /// Watcher removals applied recently: (when, how many).
     recent: VecDeque<(Instant, u64)>,
+    /// A burst of watcher removals waits for the reconciliation due then.
+    judge_at: Option<Instant>,
 }
 
 impl Guard {
@@ -162,15 +173,19 @@ impl Guard {
         held
     }
 
-    /// Watcher or rescan removals of `removing` entries, `known` in the tree (counted only
-    /// when `removing` could trip: pass a closure).
-    pub fn check_burst(
-        &mut self,
-        now: Instant,
-        removing: u64,
-        known: impl FnOnce() -> u64,
-        source: Source,
-    ) -> Verdict {
+    /// When a reconciliation is due to judge a burst of watcher removals.
+    pub fn judge_at(&self) -> Option<Instant> {
+        self.judge_at
+    }
+
+    /// The judging reconciliation starts (or cannot run): no longer due.
+    pub fn judged(&mut self) {
+        self.judge_at = None;
+    }
+
+    /// A batch of watcher removals of `removing` entries. [`Verdict::Hold`]: not now (held,
+    /// or waiting for the reconciliation at [`Guard::judge_at`]).
+    pub fn check_burst(&mut self, now: Instant, removing: u64) -> Verdict {
         if removing == 0 || self.confirmed {
             return Verdict::Apply;
         }
@@ -187,21 +202,44 @@ impl Guard {
             self.recent.pop_front();
         }
         let burst = removing + self.recent.iter().map(|(_, n)| n).sum::<u64>();
-        if burst > self.config.min_entries {
-            // Entries already removed in this burst were in the tree when it began.
-            let known = known() + (burst - removing);
-            if self.config.trips(known, burst) {
-                self.hold(burst, known, source);
+        if self.judge_at.is_some() || burst > self.config.min_entries {
+            if self.judge_at.is_none() {
+                tracing::info!(
+                    "the remote reports {burst} removals in a row; the next ones wait for a \
+                     reconciliation to judge them as a whole"
+                );
+            }
+            self.judge_at = Some(now + self.config.settle);
+            return Verdict::Hold;
+        }
+        self.recent.push_back((now, removing));
+        Verdict::Apply
+    }
+
+    /// A rescan's sweep would remove `removing` of the `known` entries (counted only when
+    /// `removing` could trip).
+    pub fn check_once(&mut self, removing: u64, known: impl FnOnce() -> u64) -> Verdict {
+        if removing == 0 || self.confirmed {
+            return Verdict::Apply;
+        }
+        if let Some(h) = &mut self.held {
+            h.removing = h.removing.max(removing);
+            return Verdict::Hold;
+        }
+        if removing > self.config.min_entries {
+            let known = known();
+            if self.config.trips(known, removing) {
+                self.hold(removing, known, Source::Rescan);
                 return Verdict::Hold;
             }
         }
-        self.recent.push_back((now, removing));
         Verdict::Apply
     }
 
     /// A reconciliation would remove `removing` of the `known` entries. A hold in force ends
     /// when the removal no longer trips (the remote has the entries again) or was confirmed.
     pub fn check_reconciliation(&mut self, removing: u64, known: u64) -> Verdict {
+        self.judge_at = None;
         if self.confirmed {
             return Verdict::Apply;
         }
@@ -312,6 +350,20 @@ mod tests {
     }
 
     #[test]
+    fn a_rescan_holds_a_mass_removal_only() {
+        let mut g = guard();
+        assert_eq!(g.check_once(150, || 1000), Verdict::Apply);
+        assert_eq!(g.check_once(50, || unreachable!()), Verdict::Apply);
+        assert_eq!(g.check_once(600, || 1000), Verdict::Hold);
+        assert_eq!(g.held().unwrap().source, Source::Rescan);
+        assert_eq!(
+            g.check_once(1, || 1000),
+            Verdict::Hold,
+            "held: everything waits"
+        );
+    }
+
+    #[test]
     fn a_confirmation_lets_the_next_reconciliation_apply() {
         let mut g = guard();
         assert!(g.confirm().is_none(), "nothing to confirm");
@@ -320,11 +372,7 @@ mod tests {
         assert!(g.confirm().is_some());
         assert!(g.confirmed());
         // Watcher removals meanwhile are applied too.
-        let now = Instant::now();
-        assert_eq!(
-            g.check_burst(now, 500, || 500, Source::Watcher),
-            Verdict::Apply
-        );
+        assert_eq!(g.check_burst(Instant::now(), 500), Verdict::Apply);
         assert_eq!(g.check_reconciliation(500, 500), Verdict::Apply);
         g.settled();
         assert!(g.held().is_none());
@@ -334,65 +382,54 @@ mod tests {
     }
 
     #[test]
-    fn watcher_bursts_add_up_within_the_window() {
+    fn small_watcher_removals_apply_at_once_and_a_big_burst_waits_for_judging() {
         let mut g = guard();
         let t0 = Instant::now();
-        // 5 batches of 100 removals of a 500-entry tree: the first two pass (200 of 500),
-        // the third makes 300 of the 500 there were: held.
-        let mut known = 500;
-        let mut verdicts = Vec::new();
-        for i in 0..5 {
-            let v = g.check_burst(
-                t0 + Duration::from_millis(100 * i),
-                100,
-                || known,
-                Source::Watcher,
-            );
-            if v == Verdict::Apply {
-                known -= 100;
-            }
-            verdicts.push(v);
-        }
-        assert_eq!(
-            verdicts,
-            [
-                Verdict::Apply,
-                Verdict::Apply,
-                Verdict::Hold,
-                Verdict::Hold,
-                Verdict::Hold
-            ]
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // An rm -rf of 50 files, in two batches: at once.
+        assert_eq!(g.check_burst(at(0), 30), Verdict::Apply);
+        assert_eq!(g.check_burst(at(5), 20), Verdict::Apply);
+        assert_eq!(g.judge_at(), None);
+        // More in the same burst, past 100: waits for a reconciliation.
+        assert_eq!(g.check_burst(at(10), 60), Verdict::Hold);
+        assert_eq!(g.judge_at(), Some(at(310)));
+        // Every further batch waits too and pushes the judging back.
+        assert_eq!(g.check_burst(at(100), 1), Verdict::Hold);
+        assert_eq!(g.judge_at(), Some(at(400)));
+        assert!(
+            g.held().is_none(),
+            "not held yet: judged by the reconciliation"
         );
-        assert_eq!(g.held().unwrap().source, Source::Watcher);
-        assert_eq!(g.held().unwrap().known, 500);
+        // The reconciliation finds 400 of 450 missing: held.
+        assert_eq!(g.check_reconciliation(400, 450), Verdict::Hold);
+        assert_eq!(g.judge_at(), None);
+        assert_eq!(g.held().unwrap().source, Source::Reconciliation);
         // While held, even a single removal waits.
-        assert_eq!(
-            g.check_burst(t0 + Duration::from_secs(60), 1, || 300, Source::Watcher),
-            Verdict::Hold
-        );
+        assert_eq!(g.check_burst(at(60_000), 1), Verdict::Hold);
+    }
+
+    #[test]
+    fn a_big_legitimate_burst_is_applied_by_its_judging_reconciliation() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        assert_eq!(g.check_burst(t0, 200), Verdict::Hold);
+        assert!(g.judge_at().is_some());
+        assert_eq!(g.check_reconciliation(200, 1000), Verdict::Apply);
+        g.settled();
+        assert!(g.held().is_none());
+        assert_eq!(g.judge_at(), None);
     }
 
     #[test]
     fn spaced_out_removals_are_not_a_burst() {
         let mut g = guard();
         let t0 = Instant::now();
-        // 150 at a time, 10 s apart, from 1000: each is judged alone (the last, 150 of 400,
-        // is below half).
-        let mut known = 1000;
-        for i in 0..5 {
+        for i in 0..10 {
             let t = t0 + Duration::from_secs(10 * i);
-            assert_eq!(
-                g.check_burst(t, 150, || known, Source::Watcher),
-                Verdict::Apply,
-                "batch {i}"
-            );
-            known -= 150;
+            assert_eq!(g.check_burst(t, 90), Verdict::Apply, "batch {i}");
         }
         assert!(g.held().is_none());
-        // Small removals never count.
-        assert_eq!(
-            g.check_burst(t0, 0, || unreachable!(), Source::Watcher),
-            Verdict::Apply
-        );
+        assert_eq!(g.judge_at(), None);
+        assert_eq!(g.check_burst(t0, 0), Verdict::Apply);
     }
 }

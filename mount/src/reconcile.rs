@@ -156,7 +156,9 @@ pub async fn reconcile(core: &Core) -> Result<Outcome, FsError> {
             continue;
         }
         if !digests.expanded.contains(&dir) {
-            digests.fetch(core, &dir, &mut out).await?;
+            if gone(digests.fetch(core, &dir, &mut out).await)? {
+                continue;
+            }
             if digests.remote.get(&dir) == local_digest(core, &dir).as_ref() {
                 continue;
             }
@@ -193,6 +195,16 @@ pub async fn reconcile(core: &Core) -> Result<Outcome, FsError> {
     Ok(out)
 }
 
+/// Whether a request about a directory found it gone on the remote (its parent's listing
+/// says so; with a removal held, the tree still has it); other errors stay errors.
+fn gone(result: Result<(), FsError>) -> Result<bool, FsError> {
+    match result {
+        Ok(()) => Ok(false),
+        Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
 /// The first pass: lists every directory that differs (descending only into those the remote
 /// has too) and counts the entries their listings would remove. Changes nothing.
 async fn survey(
@@ -213,7 +225,9 @@ async fn survey(
             continue;
         }
         if !digests.expanded.contains(&dir) {
-            digests.fetch(core, &dir, out).await?;
+            if gone(digests.fetch(core, &dir, out).await)? {
+                continue;
+            }
             if digests.remote.get(&dir) == local_digest(core, &dir).as_ref() {
                 continue;
             }

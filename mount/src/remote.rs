@@ -22,7 +22,7 @@ use crate::client::{Client, ClientEvent};
 use crate::core::Core;
 use crate::err;
 use crate::error::FsError;
-use crate::guard::{self, Guard, Source, Verdict};
+use crate::guard::{self, Guard, Verdict};
 use crate::local::PendingSet;
 use crate::tree::{Effects, ROOT_ID, Tree, TreeState};
 
@@ -563,7 +563,7 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
                 let removing = t
                     .child(parent, name)
                     .map_or(0, |c| guard::subtree_size(&t, c));
-                if guard_burst(core, &t, removing, Source::Rescan) == Verdict::Hold {
+                if guard_once(core, &t, removing) == Verdict::Hold {
                     return Ok(());
                 }
                 t.remove(parent, name, &mut fx);
@@ -584,9 +584,7 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
             _ => {}
         }
     }
-    let allowed = |t: &TreeState, removing: u64| {
-        guard_burst(core, t, removing, Source::Rescan) == Verdict::Apply
-    };
+    let allowed = |t: &TreeState, removing: u64| guard_once(core, t, removing) == Verdict::Apply;
     let walked = walk_inner(
         core.client(),
         core.tree(),
@@ -609,16 +607,12 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
     Ok(())
 }
 
-/// Asks the guard about removing `removing` entries from the tree `t` (watcher events or a
-/// rescan).
-fn guard_burst(core: &Core, t: &TreeState, removing: u64, source: Source) -> Verdict {
+/// Asks the guard about a rescan removing `removing` entries from the tree `t`.
+fn guard_once(core: &Core, t: &TreeState, removing: u64) -> Verdict {
     if removing == 0 {
         return Verdict::Apply;
     }
-    core.sync_stats(|s| {
-        s.guard
-            .check_burst(Instant::now(), removing, || t.counts().nodes, source)
-    })
+    core.sync_stats(|s| s.guard.check_once(removing, || t.counts().nodes))
 }
 
 /// Entries the `Remove` events among `events` would take out of the tree (subtrees whole).
@@ -661,7 +655,12 @@ pub async fn handle_events(core: &Core, events: Vec<Event>) {
     let rescans = {
         let mut t = core.tree().lock();
         let removing = removals_in(&t, &events, pending.as_ref());
-        let events = match guard_burst(core, &t, removing, Source::Watcher) {
+        let verdict = if removing == 0 {
+            Verdict::Apply
+        } else {
+            core.sync_stats(|s| s.guard.check_burst(Instant::now(), removing))
+        };
+        let events = match verdict {
             Verdict::Apply => events,
             // The next reconciliation applies them, once the hold ends.
             Verdict::Hold => events
@@ -731,19 +730,38 @@ pub async fn run(
             Stop,
             Event(ClientEvent),
             Reconcile,
+            Judge,
             Command(RemoteCommand),
         }
+        // A burst of remote removals waits for a reconciliation to judge it ([`guard`]).
+        let judge_at = core.sync_stats(|s| s.guard.judge_at());
+        let judge = async {
+            match judge_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let wake = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => Wake::Stop,
             ev = events_rx.recv() => ev.map_or(Wake::Stop, Wake::Event),
             Some(cmd) = commands_rx.recv() => Wake::Command(cmd),
             _ = tick.tick() => Wake::Reconcile,
+            _ = judge => Wake::Judge,
         };
         let work = async {
             let first = match wake {
                 Wake::Stop => return false,
                 Wake::Event(ev) => ev,
                 Wake::Reconcile => {
+                    if core.client().is_connected() {
+                        let _ = crate::reconcile::reconcile_and_record(&core).await;
+                    }
+                    return true;
+                }
+                Wake::Judge => {
+                    // Once: when it cannot run now, the reconciliation after the reconnection
+                    // or the next periodic one judges.
+                    core.sync_stats(|s| s.guard.judged());
                     if core.client().is_connected() {
                         let _ = crate::reconcile::reconcile_and_record(&core).await;
                     }
