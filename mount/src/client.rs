@@ -438,8 +438,9 @@ struct CallState {
 /// Reply slots of the requests in flight on one stream.
 struct Calls {
     state: Mutex<CallState>,
-    /// Frames received from the agent so far (any frame shows it is alive).
-    frames_in: AtomicU64,
+    /// Bytes received from the agent so far: any shows it is alive (one big frame on a slow
+    /// link takes long to arrive whole).
+    bytes_in: Arc<AtomicU64>,
     /// Turns true when the stream is given up for dead: its reader and writer stop at once
     /// (a frozen agent never ends them by itself).
     cut: watch::Sender<bool>,
@@ -449,7 +450,7 @@ impl Calls {
     fn new() -> Self {
         Self {
             state: Mutex::new(CallState::default()),
-            frames_in: AtomicU64::new(0),
+            bytes_in: Arc::new(AtomicU64::new(0)),
             cut: watch::channel(false).0,
         }
     }
@@ -665,7 +666,7 @@ fn start_conn(
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
     tokio::spawn(watchdog(
         calls.clone(),
-        frames_tx.clone(),
+        frames_tx.downgrade(),
         shared.clone(),
         generation,
     ));
@@ -1599,32 +1600,61 @@ async fn write_loop(
     let _ = writer.shutdown().await;
 }
 
-/// Gives a stream up for dead when requests wait on it and the agent has sent nothing for the
-/// remote timeout, though it was asked for a sign of life (`Op::Ping`) meanwhile: a frozen
-/// agent (a stopped process, a node that hangs) or a link that dropped without closing. Its
-/// calls then fail or move to the next stream ([`Client::call`]), and a reconnection starts.
+/// Counts the bytes read through it.
+struct Counted<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.count.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+/// Gives a stream up for dead when requests wait on it and the agent has sent nothing (not a
+/// byte) for the remote timeout, though it was asked for a sign of life (`Op::Ping`)
+/// meanwhile: a frozen agent (a stopped process, a node that hangs) or a link that dropped
+/// without closing. Its calls then fail, and a reconnection starts.
 async fn watchdog(
     calls: Arc<Calls>,
-    frames_tx: mpsc::Sender<(u64, Frame)>,
+    frames_tx: mpsc::WeakSender<(u64, Frame)>,
     shared: Weak<Shared>,
     generation: u64,
 ) {
     let mut cut = calls.cut.subscribe();
-    let mut seen = calls.frames_in.load(Ordering::Relaxed);
+    let mut seen = calls.bytes_in.load(Ordering::Relaxed);
     let mut silent_since: Option<Instant> = None;
+    let mut timeout = DEFAULT_REMOTE_TIMEOUT;
     loop {
-        let Some(timeout) = shared.upgrade().map(|s| s.remote_timeout()) else {
-            return;
-        };
+        // The first stream's task may run before its client is complete (`Arc::new_cyclic`):
+        // the timeout is then the one it had.
+        if let Some(s) = shared.upgrade() {
+            timeout = s.remote_timeout();
+        }
         let tick = (timeout / 8).clamp(Duration::from_millis(25), Duration::from_secs(1));
         tokio::select! {
             _ = tokio::time::sleep(tick) => {}
             _ = cut.wait_for(|c| *c) => return,
         }
+        // Held weakly: the stream ends (its writer closes) once every client is gone.
+        let Some(frames_tx) = frames_tx.upgrade() else {
+            return;
+        };
         if calls.is_broken() {
             return;
         }
-        let now_seen = calls.frames_in.load(Ordering::Relaxed);
+        let now_seen = calls.bytes_in.load(Ordering::Relaxed);
         if now_seen != seen || !calls.waiting() {
             seen = now_seen;
             silent_since = None;
@@ -1675,14 +1705,17 @@ async fn read_loop(
     generation: u64,
     events: Arc<EventSink>,
 ) {
-    let mut r = BufReader::with_capacity(256 << 10, reader);
+    let counted = Counted {
+        inner: reader,
+        count: calls.bytes_in.clone(),
+    };
+    let mut r = BufReader::with_capacity(256 << 10, counted);
     let mut cut = calls.cut.subscribe();
     let reason = loop {
         let frame = tokio::select! {
             frame = read_frame_async(&mut r) => frame,
             _ = cut.wait_for(|c| *c) => break calls.reason(),
         };
-        calls.frames_in.fetch_add(1, Ordering::Relaxed);
         match frame {
             Ok(Some(payload)) => match decode::<FromAgent>(&payload) {
                 Ok(FromAgent::Reply(reply)) => calls.complete(reply),

@@ -860,3 +860,24 @@ async fn a_slow_request_of_a_live_agent_is_not_cut() {
     assert_eq!(call.await.unwrap().unwrap(), Done::Ok);
     assert!(client.is_connected());
 }
+
+/// The first stream's watchdog may start before its client is complete (the race that
+/// stopped it for good on a multi-threaded runtime): it must watch all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_stream_is_watched_too() {
+    for _ in 0..10 {
+        let (client, mut agent) = connected(0).await;
+        client.set_remote_timeout(Duration::from_millis(200));
+        let call = tokio::spawn({
+            let c = client.clone();
+            async move { c.call(Op::Statfs, None).await }
+        });
+        let _silent = agent.recv_request().await;
+        let err = timeout(Duration::from_secs(3), call)
+            .await
+            .expect("the call hangs on a silent agent")
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("has not answered"), "{err}");
+    }
+}

@@ -250,6 +250,7 @@ fn unmount_is_prompt_with_the_remote_frozen() {
         Duration::from_secs(10),
         move || unmounter.unmount(),
     );
+    eprintln!("unmount with a read in flight: {busy:?} after {took:?}");
     assert!(took < Duration::from_secs(3), "{took:?}");
     if let Err(e) = busy {
         assert_eq!(e.raw_os_error(), Some(libc::EBUSY), "{e}");
