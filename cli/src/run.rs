@@ -337,7 +337,35 @@ fn flush(flusher: &Flusher, timeout: Duration) -> Result<()> {
             p.records
         );
     }
-    flusher.wait_applied(timeout).map_err(|e| {
+    // In slices, so that a target gone for longer than the remote timeout ends the wait.
+    let deadline = Instant::now() + timeout;
+    let waited = loop {
+        let slice = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        let started = Instant::now();
+        let Err(e) = flusher.wait_applied(slice) else {
+            break Ok(());
+        };
+        let unreachable = flusher
+            .unreachable_for()
+            .filter(|(gone, limit)| gone >= limit);
+        if let Some((gone, _)) = unreachable {
+            let records = flusher.pending().map_or(0, |p| p.records);
+            break Err(kmount_mount::FsError::new(
+                e.errno,
+                format!(
+                    "{records} change(s) not applied: the target has been unreachable for {} s",
+                    gone.as_secs()
+                ),
+            ));
+        }
+        // At the deadline, or an error of its own (not a slice that ran out).
+        if Instant::now() >= deadline || started.elapsed() < slice / 2 {
+            break Err(e);
+        }
+    };
+    waited.map_err(|e| {
         let paths = flusher
             .pending()
             .map(|p| {

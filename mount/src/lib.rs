@@ -640,6 +640,20 @@ pub struct Flusher {
 }
 
 impl Flusher {
+    /// How long the remote has been unreachable (`None`: connected), measured against the
+    /// remote timeout: a wait for changes to land need not outlast it.
+    pub fn unreachable_for(&self) -> Option<(Duration, Duration)> {
+        match self.core.client().status() {
+            LinkStatus::Connected { .. } => None,
+            LinkStatus::Reconnecting { since, .. } => {
+                Some((since.elapsed(), self.core.remote_timeout()))
+            }
+            LinkStatus::Closed { .. } => {
+                Some((self.core.remote_timeout(), self.core.remote_timeout()))
+            }
+        }
+    }
+
     /// See [`MountHandle::wait_applied`].
     pub fn wait_applied(&self, timeout: Duration) -> Result<(), FsError> {
         let Some(wb) = self.core.write_back() else {

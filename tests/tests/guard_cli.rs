@@ -215,3 +215,39 @@ fn with_the_target_gone_reads_fail_in_time_and_unmount_is_prompt() {
     assert!(took < Duration::from_secs(5), "{took:?}");
     assert!(!is_mounted(&mnt));
 }
+
+#[test]
+fn write_back_unmount_with_the_target_gone_says_what_is_not_sent_in_time() {
+    let s = Scratch::new();
+    let (src, mnt) = s.mount(&["--write-back", "--remote-timeout", "2s"], |root| {
+        fs::write(root.join("f"), "f\n").unwrap();
+    });
+    let m = mnt.to_str().unwrap();
+    let agent = agent_of(&src).expect("the agent of the mount");
+    fs::rename(&src, src.with_extension("gone")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Local-first: the save is accepted (journaled) with the target away.
+    fs::write(mnt.join("new.txt"), "kept\n").unwrap();
+    let started = Instant::now();
+    let out = run_timeout(s.kmount().args(["unmount", m]), UNMOUNT_TIMEOUT);
+    let took = started.elapsed();
+    eprintln!(
+        "write-back, target gone: kmount unmount answered after {took:?}: {}",
+        out.stderr.trim()
+    );
+    assert!(!out.success(), "{out}");
+    assert!(out.stderr.contains("unreachable"), "{out}");
+    assert!(out.stderr.contains("new.txt"), "{out}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        is_mounted(&mnt),
+        "kept mounted: the change is not in the target"
+    );
+    let out = run_timeout(s.kmount().args(["unmount", "--force", m]), UNMOUNT_TIMEOUT);
+    assert!(out.success(), "{out}");
+    assert!(!is_mounted(&mnt));
+}
