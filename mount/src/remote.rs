@@ -615,14 +615,35 @@ fn guard_once(core: &Core, t: &TreeState, removing: u64) -> Verdict {
     core.sync_stats(|s| s.guard.check_once(removing, || t.counts().nodes))
 }
 
-/// Entries the `Remove` events among `events` would take out of the tree (subtrees whole).
+/// Entries the `Remove` events among `events` would take out of the tree: subtrees whole,
+/// each entry once (an `rm -rf` reports every file and then their directory).
 fn removals_in(t: &TreeState, events: &[Event], pending: Option<&PendingSet>) -> u64 {
-    events
+    let removed: Vec<RelPath> = events
         .iter()
         .filter_map(|e| match e {
-            Event::Remove { path } if !pending.is_some_and(|p| p.covers(path)) => t.resolve(path),
+            Event::Remove { path } if !pending.is_some_and(|p| p.covers(path)) => {
+                Some(path.clone())
+            }
             _ => None,
         })
+        .collect();
+    let all: HashSet<&RelPath> = removed.iter().collect();
+    let under_another = |path: &RelPath| {
+        let mut cur = path.split_last().map(|(parent, _)| parent);
+        while let Some(p) = cur {
+            if all.contains(&p) {
+                return true;
+            }
+            cur = p.split_last().map(|(parent, _)| parent);
+        }
+        false
+    };
+    removed
+        .iter()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .filter(|path| !under_another(path))
+        .filter_map(|path| t.resolve(path))
         .filter(|&id| id != ROOT_ID)
         .map(|id| guard::subtree_size(t, id))
         .sum()

@@ -145,14 +145,14 @@ fn a_remote_rm_of_most_files_is_held_and_a_small_one_shows_at_once() {
         fill(root);
         let small = root.join("small");
         fs::create_dir(&small).unwrap();
-        for f in 0..49 {
+        for f in 0..50 {
             fs::write(small.join(format!("s{f}")), "s\n").unwrap();
         }
     }) else {
         return;
     };
-    assert_eq!(count(m.mnt.path()), 560);
-    // rm -rf of a 50-entry directory: shown within the watcher's latency.
+    assert_eq!(count(m.mnt.path()), 561);
+    // rm -rf of a 50-file directory: shown within the watcher's latency.
     fs::remove_dir_all(m.r("small")).unwrap();
     let took = eventually("a small remote rm -rf", Duration::from_secs(5), || {
         !m.m("small").exists()
