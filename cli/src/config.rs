@@ -4,7 +4,8 @@
 //! [[mount]]
 //! target = "deploy/app:/app"   # any target kmount accepts
 //! mountpoint = "mnt"           # relative to this file
-//! # optional: namespace, context, container, exclude = [...], local_only = [...], on_change = "..."
+//! # optional: namespace, context, container, exclude = [...], local_only = [...], on_change = "...",
+//! # remote_timeout = "10s"
 //! ```
 //!
 //! The file is found like git finds `.git`: in the current directory or the nearest parent.
@@ -36,6 +37,8 @@ pub struct MountEntry {
     #[serde(default)]
     pub local_only: Vec<String>,
     pub on_change: Option<String>,
+    /// `--remote-timeout`, as the flag takes it ("10s", "2m").
+    pub remote_timeout: Option<String>,
     /// The line of its `[[mount]]` header (filled in by [`load`]), for messages.
     #[serde(skip)]
     pub line: usize,

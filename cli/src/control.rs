@@ -5,7 +5,8 @@
 //! `error: MESSAGE`. Commands (answered in `run.rs`): `ping` (the pid), `wait`, `unmount`,
 //! `status` (a [`crate::status::MountStatus`] as JSON), `pending` (a
 //! [`crate::unmount::Unapplied`] as JSON), `why JSON` (a [`crate::why::Question`], answered
-//! with a [`crate::why::Answer`]). Only the daemon's own uid (or root) may connect.
+//! with a [`crate::why::Answer`]), `confirm` (applies a paused mass removal; a
+//! [`crate::confirm::Confirmed`]). Only the daemon's own uid (or root) may connect.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;

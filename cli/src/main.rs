@@ -2,6 +2,7 @@
 
 mod bwlimit;
 mod config;
+mod confirm;
 mod connect;
 mod control;
 mod daemon;
@@ -42,6 +43,7 @@ Examples:
   kmount --exclude node_modules/ --on-change 'make' ./src ./mnt
   kmount list                  show the active mounts
   kmount status ./mnt          what the mount is doing (--json for scripts)
+  kmount confirm ./mnt         apply a removal the mount paused (the target lost most files)
   kmount logs -f ./mnt         follow the mount's log
   kmount why ./mnt/a.swp       which ignore rule decides for a path
   kmount unmount ./mnt         flush and unmount
@@ -116,6 +118,11 @@ struct MountArgs {
     /// 1G (K = 1024).
     #[arg(long, value_name = "RATE", value_parser = options::parse_rate, allow_hyphen_values = true)]
     bwlimit: Option<u64>,
+    /// How long a request that needs the target waits for it (a lost connection to come back,
+    /// a frozen agent to answer) before it fails with EIO, e.g. 10s, 2m [default: 30s]. Reads
+    /// of cached files and listings never wait.
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    remote_timeout: Option<Duration>,
 }
 
 impl MountArgs {
@@ -131,11 +138,12 @@ impl MountArgs {
             },
             on_change: self.on_change.clone(),
             bwlimit: self.bwlimit,
+            remote_timeout: self.remote_timeout,
         }
     }
 }
 
-/// `--reconcile-interval`: `500ms`, `2s`, `1.5` (seconds); at least 10 ms.
+/// `--reconcile-interval`, `--remote-timeout`: `500ms`, `2s`, `1.5` (seconds); at least 10 ms.
 fn parse_interval(s: &str) -> std::result::Result<Duration, String> {
     let t = s.trim();
     let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
@@ -205,6 +213,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply a removal the mount paused: the target suddenly lacked most of its files (an empty
+    /// volume, the wrong directory, a new pod), so the mount kept showing them.
+    #[command(
+        after_help = "`kmount status` shows a paused removal. Fix the target instead when it is wrong: \
+                      the pause ends by itself once the files are back.\n\nExample:\n  kmount confirm ./mnt"
+    )]
+    Confirm {
+        /// The mountpoint.
+        mountpoint: PathBuf,
+    },
     /// Print a mount's log (KMOUNT_LOG=debug when mounting logs more).
     #[command(after_help = "Examples:\n  kmount logs ./mnt\n  kmount logs -f ./mnt")]
     Logs {
@@ -256,7 +274,7 @@ enum Command {
     },
     /// Mount every [[mount]] entry of the nearest kmount.toml.
     #[command(
-        after_help = "kmount.toml (found in the current directory or the nearest parent):\n\n  [[mount]]\n  target = \"deploy/app:/app\"   # any target kmount accepts\n  mountpoint = \"mnt\"           # relative to the file\n  # optional:\n  namespace = \"dev\"\n  context = \"staging\"\n  container = \"app\"\n  exclude = [\"node_modules/\"]\n  local_only = [\"build/\"]\n  on_change = \"make\"\n\nWhen an entry fails, the mounts this `up` made are unmounted again.\n\nExample:\n  kmount up"
+        after_help = "kmount.toml (found in the current directory or the nearest parent):\n\n  [[mount]]\n  target = \"deploy/app:/app\"   # any target kmount accepts\n  mountpoint = \"mnt\"           # relative to the file\n  # optional:\n  namespace = \"dev\"\n  context = \"staging\"\n  container = \"app\"\n  exclude = [\"node_modules/\"]\n  local_only = [\"build/\"]\n  on_change = \"make\"\n  remote_timeout = \"10s\"\n\nWhen an entry fails, the mounts this `up` made are unmounted again.\n\nExample:\n  kmount up"
     )]
     Up,
     /// Unmount every [[mount]] entry of the nearest kmount.toml.
@@ -279,6 +297,7 @@ fn main() -> ExitCode {
         Some(Command::List) => list(),
         Some(Command::Status { mountpoint, json }) => status::command(mountpoint.as_deref(), json),
         Some(Command::Logs { mountpoint, follow }) => logs::command(mountpoint.as_deref(), follow),
+        Some(Command::Confirm { mountpoint }) => confirm::command(&mountpoint),
         Some(Command::Why { path, mount }) => {
             return match why::command(&path, mount.as_deref()) {
                 Ok(true) => ExitCode::SUCCESS,

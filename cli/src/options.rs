@@ -20,6 +20,8 @@ pub struct MountFlags {
     pub on_change: Option<String>,
     /// `--bwlimit`, bytes per second in each direction.
     pub bwlimit: Option<u64>,
+    /// `--remote-timeout`; `None`: the library default.
+    pub remote_timeout: Option<Duration>,
 }
 
 impl MountFlags {
@@ -46,6 +48,9 @@ impl MountFlags {
         }
         if let Some(rate) = self.bwlimit {
             args.push(format!("--bwlimit={rate}").into());
+        }
+        if let Some(t) = self.remote_timeout {
+            args.push(format!("--remote-timeout={}ms", t.as_millis()).into());
         }
         args
     }
@@ -147,6 +152,7 @@ mod tests {
             },
             on_change: Some("make -j4 && echo 'done'".into()),
             bwlimit: Some(2 << 20),
+            remote_timeout: Some(Duration::from_secs(3)),
         };
         let args: Vec<String> = flags
             .to_args()
@@ -164,6 +170,7 @@ mod tests {
                 "--no-default-ignores",
                 "--on-change=make -j4 && echo 'done'",
                 "--bwlimit=2097152",
+                "--remote-timeout=3000ms",
             ]
         );
     }

@@ -85,6 +85,9 @@ fn mount_and_serve(
         journal_dir,
         rules: flags.rules.clone(),
         on_change: flags.on_change.clone(),
+        remote_timeout: flags
+            .remote_timeout
+            .unwrap_or(kmount_mount::DEFAULT_REMOTE_TIMEOUT),
         progress: Some(ready.walk_progress()),
         ..MountOptions::default()
     };
@@ -277,6 +280,7 @@ impl Daemon<'_> {
                 };
                 serde_json::to_string(&u).map_err(Into::into)
             }
+            "confirm" => crate::confirm::answer(handle),
             "why" => serde_json::from_str::<crate::why::Question>(arg)
                 .context("bad question")
                 .and_then(|q| {
@@ -333,7 +337,35 @@ fn flush(flusher: &Flusher, timeout: Duration) -> Result<()> {
             p.records
         );
     }
-    flusher.wait_applied(timeout).map_err(|e| {
+    // In slices, so that a target gone for longer than the remote timeout ends the wait.
+    let deadline = Instant::now() + timeout;
+    let waited = loop {
+        let slice = deadline
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        let started = Instant::now();
+        let Err(e) = flusher.wait_applied(slice) else {
+            break Ok(());
+        };
+        let unreachable = flusher
+            .unreachable_for()
+            .filter(|(gone, limit)| gone >= limit);
+        if let Some((gone, _)) = unreachable {
+            let records = flusher.pending().map_or(0, |p| p.records);
+            break Err(kmount_mount::FsError::new(
+                e.errno,
+                format!(
+                    "{records} change(s) not applied: the target has been unreachable for {} s",
+                    gone.as_secs()
+                ),
+            ));
+        }
+        // At the deadline, or an error of its own (not a slice that ran out).
+        if Instant::now() >= deadline || started.elapsed() < slice / 2 {
+            break Err(e);
+        }
+    };
+    waited.map_err(|e| {
         let paths = flusher
             .pending()
             .map(|p| {

@@ -24,7 +24,11 @@
 //!     "cache_bytes": 0, "cache_limit_bytes": 0,
 //!     "bwlimit": null,                      // bytes per second, each direction
 //!     "on_change": { "command": null, "runs": 0, "failures": 0, "running": false,
-//!                    "last_run": null, "last_status": null, "last_error": null }
+//!                    "last_run": null, "last_status": null, "last_error": null },
+//!     "paused_removal": null                // or, when the target suddenly lacks most files:
+//!     // { "entries": 500, "of": 500,       //   entries missing there, entries the mount has
+//!     //   "since": 1764160000.5,           //   unix seconds
+//!     //   "detail": "..." }                //   `kmount confirm MOUNTPOINT` applies it
 //!   }]
 //! }
 //! ```
@@ -72,6 +76,21 @@ pub struct MountStatus {
     pub cache_limit_bytes: u64,
     pub bwlimit: Option<u64>,
     pub on_change: OnChange,
+    /// Absent in answers of daemons older than the key.
+    #[serde(default)]
+    pub paused_removal: Option<PausedRemoval>,
+}
+
+/// A mass removal the mount holds (`kmount_mount::guard`) until `kmount confirm` or until the
+/// target has the entries again.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PausedRemoval {
+    /// Entries missing on the target, not removed from the mount.
+    pub entries: u64,
+    /// Entries the mount held when it paused.
+    pub of: u64,
+    pub since: f64,
+    pub detail: String,
 }
 
 /// The `--on-change` command's state (mirrors [`on_change::Status`]).
@@ -159,6 +178,12 @@ pub fn snapshot(
         cache_limit_bytes: s.cache_limit,
         bwlimit: flags.bwlimit,
         on_change: OnChange::from_status(&handle.on_change_status(), flags.on_change.as_deref()),
+        paused_removal: s.sync.guard.held().map(|h| PausedRemoval {
+            entries: h.removing,
+            of: h.known,
+            since: unix_secs(h.since),
+            detail: h.describe(),
+        }),
     }
 }
 
@@ -266,6 +291,20 @@ pub fn human(m: &MountStatus) -> String {
             None => "not yet".into(),
         },
     );
+    if let Some(p) = &m.paused_removal {
+        row(
+            "removal",
+            format!(
+                "PAUSED for {}: the target lacks {} of {} entries; they stay in the mount. If \
+                 the target is right: `kmount confirm {}`; else fix it and the pause ends by \
+                 itself",
+                ago(p.since),
+                p.entries,
+                p.of,
+                m.mountpoint.display()
+            ),
+        );
+    }
     row("conflicts", m.conflicts.to_string());
     row("files", format!("{} ({})", m.files, human_bytes(m.bytes)));
     if m.write_back {
@@ -357,6 +396,7 @@ mod tests {
                 "last_reconcile_outcome",
                 "mountpoint",
                 "on_change",
+                "paused_removal",
                 "pending_bytes",
                 "pending_changes",
                 "pid",
@@ -369,6 +409,29 @@ mod tests {
         );
         assert_eq!(v["schema"], "kmount.status");
         assert_eq!(v["version"], 1);
+    }
+
+    #[test]
+    fn a_paused_removal_is_shown_with_what_to_do() {
+        let m = MountStatus {
+            mountpoint: "/m".into(),
+            state: "connected".into(),
+            paused_removal: Some(PausedRemoval {
+                entries: 500,
+                of: 510,
+                since: unix_secs(SystemTime::now()),
+                detail: String::new(),
+            }),
+            ..MountStatus::default()
+        };
+        let text = human(&m);
+        assert!(text.contains("lacks 500 of 510"), "{text}");
+        assert!(text.contains("kmount confirm /m"), "{text}");
+        // An older daemon's answer, without the key, still reads.
+        let mut v = serde_json::to_value(&m).unwrap();
+        v.as_object_mut().unwrap().remove("paused_removal");
+        let old: MountStatus = serde_json::from_value(v).unwrap();
+        assert_eq!(old.paused_removal, None);
     }
 
     #[test]

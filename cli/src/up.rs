@@ -127,6 +127,7 @@ fn up_one(
         ("--context", &m.context),
         ("--container", &m.container),
         ("--on-change", &m.on_change),
+        ("--remote-timeout", &m.remote_timeout),
     ] {
         if let Some(v) = value {
             cmd.arg(format!("{flag}={v}"));

@@ -238,7 +238,9 @@ pub enum CallError {
     Encode(String),
 }
 
-/// How long a call that needs the remote waits for a broken connection to come back.
+/// How long a call that needs the remote waits for a broken connection to come back, and how
+/// long a connected agent may stay silent while requests wait for it before the stream is
+/// taken for dead (a frozen process, a link that dropped without closing) and replaced.
 pub const DEFAULT_REMOTE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// First pause before reconnecting; it doubles after each failure up to [`RECONNECT_MAX`].
@@ -433,12 +435,30 @@ struct CallState {
 }
 
 /// Reply slots of the requests in flight on one stream.
-#[derive(Default)]
 struct Calls {
     state: Mutex<CallState>,
+    /// Bytes received from the agent so far: any shows it is alive (one big frame on a slow
+    /// link takes long to arrive whole).
+    bytes_in: Arc<AtomicU64>,
+    /// Turns true when the stream is given up for dead: its reader and writer stop at once
+    /// (a frozen agent never ends them by itself).
+    cut: watch::Sender<bool>,
 }
 
 impl Calls {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(CallState::default()),
+            bytes_in: Arc::new(AtomicU64::new(0)),
+            cut: watch::channel(false).0,
+        }
+    }
+
+    /// Whether a request that reached the stream waits for its reply.
+    fn waiting(&self) -> bool {
+        lock(&self.state).pending.values().any(|p| p.written)
+    }
+
     fn register(&self, id: u64, slot: ReplySlot) -> Result<(), String> {
         let mut st = lock(&self.state);
         if let Some(reason) = &st.broken {
@@ -641,8 +661,14 @@ fn start_conn(
     shared: Weak<Shared>,
     events: Arc<EventSink>,
 ) -> Arc<Conn> {
-    let calls = Arc::new(Calls::default());
+    let calls = Arc::new(Calls::new());
     let (frames_tx, frames_rx) = mpsc::channel(FRAME_QUEUE);
+    tokio::spawn(watchdog(
+        calls.clone(),
+        frames_tx.downgrade(),
+        shared.clone(),
+        generation,
+    ));
     tokio::spawn(write_loop(
         h.writer,
         frames_rx,
@@ -851,8 +877,10 @@ impl Shared {
                 Ok(Err(_)) => return Err(CallError::Disconnected(reason)),
                 Err(_) => {
                     return Err(CallError::Disconnected(format!(
-                        "{reason}; it did not come back within {} s",
-                        self.remote_timeout().as_secs()
+                        "{reason}; it did not come back within {} s (check that the target \
+                         is up: `kmount status`; kmount keeps reconnecting, and \
+                         --remote-timeout sets how long requests wait)",
+                        self.remote_timeout().as_secs_f64()
                     )));
                 }
             }
@@ -1517,7 +1545,13 @@ async fn write_loop(
     let mut buf: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
     // (request id, end offset of its frame in `buf`)
     let mut ends: Vec<(u64, usize)> = Vec::new();
-    while let Some((id, frame)) = frames_rx.recv().await {
+    let mut cut = calls.cut.subscribe();
+    loop {
+        let next = tokio::select! {
+            next = frames_rx.recv() => next,
+            _ = cut.wait_for(|c| *c) => return,
+        };
+        let Some((id, frame)) = next else { break };
         buf.clear();
         ends.clear();
         buf.extend_from_slice(&frame);
@@ -1543,8 +1577,12 @@ async fn write_loop(
                 }
             }
             writer.flush().await
-        }
-        .await;
+        };
+        let result = tokio::select! {
+            r = result => r,
+            // Given up for dead: a write into a full pipe of a frozen agent never ends.
+            _ = cut.wait_for(|c| *c) => return,
+        };
         if let Err(e) = result {
             let reason = format!("writing to the agent failed: {e}");
             let expected = calls.break_all(reason.clone());
@@ -1561,6 +1599,101 @@ async fn write_loop(
     let _ = writer.shutdown().await;
 }
 
+/// Counts the bytes read through it.
+struct Counted<R> {
+    inner: R,
+    count: Arc<AtomicU64>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.count.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+/// Gives a stream up for dead when requests wait on it and the agent has sent nothing (not a
+/// byte) for the remote timeout, though it was asked for a sign of life (`Op::Ping`)
+/// meanwhile: a frozen agent (a stopped process, a node that hangs) or a link that dropped
+/// without closing. Its calls then fail, and a reconnection starts.
+async fn watchdog(
+    calls: Arc<Calls>,
+    frames_tx: mpsc::WeakSender<(u64, Frame)>,
+    shared: Weak<Shared>,
+    generation: u64,
+) {
+    let mut cut = calls.cut.subscribe();
+    let mut seen = calls.bytes_in.load(Ordering::Relaxed);
+    let mut silent_since: Option<Instant> = None;
+    let mut timeout = DEFAULT_REMOTE_TIMEOUT;
+    loop {
+        // The first stream's task may run before its client is complete (`Arc::new_cyclic`):
+        // the timeout is then the one it had.
+        if let Some(s) = shared.upgrade() {
+            timeout = s.remote_timeout();
+        }
+        let tick = (timeout / 8).clamp(Duration::from_millis(25), Duration::from_secs(1));
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = cut.wait_for(|c| *c) => return,
+        }
+        // Held weakly: the stream ends (its writer closes) once every client is gone.
+        let Some(frames_tx) = frames_tx.upgrade() else {
+            return;
+        };
+        if calls.is_broken() {
+            return;
+        }
+        let now_seen = calls.bytes_in.load(Ordering::Relaxed);
+        if now_seen != seen || !calls.waiting() {
+            seen = now_seen;
+            silent_since = None;
+            continue;
+        }
+        let Some(since) = silent_since else {
+            silent_since = Some(Instant::now());
+            // Its answer (to an id nobody waits for) is the sign of life; a full queue means
+            // the stream takes nothing, which the deadline below settles.
+            if let Some(s) = shared.upgrade() {
+                let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+                let ping = ToAgent::Request(Request {
+                    id,
+                    caller: None,
+                    op: Op::Ping,
+                });
+                if let Ok(frame) = encode(&ping) {
+                    let _ = frames_tx.try_send((id, Arc::new(frame)));
+                }
+            }
+            continue;
+        };
+        if since.elapsed() < timeout {
+            continue;
+        }
+        let reason = format!(
+            "the agent has not answered for {} s (frozen, or the link to it is dead); \
+             kmount starts it again",
+            since.elapsed().as_secs_f64().round()
+        );
+        tracing::warn!("{reason}");
+        let expected = calls.break_all(reason.clone());
+        calls.cut.send_replace(true);
+        if !expected && let Some(s) = shared.upgrade() {
+            s.link_down(generation, reason);
+        }
+        return;
+    }
+}
+
 /// Reads replies and hands each to its caller, and remote changes to the event sink, until
 /// the stream ends.
 async fn read_loop(
@@ -1571,9 +1704,18 @@ async fn read_loop(
     generation: u64,
     events: Arc<EventSink>,
 ) {
-    let mut r = BufReader::with_capacity(256 << 10, reader);
+    let counted = Counted {
+        inner: reader,
+        count: calls.bytes_in.clone(),
+    };
+    let mut r = BufReader::with_capacity(256 << 10, counted);
+    let mut cut = calls.cut.subscribe();
     let reason = loop {
-        match read_frame_async(&mut r).await {
+        let frame = tokio::select! {
+            frame = read_frame_async(&mut r) => frame,
+            _ = cut.wait_for(|c| *c) => break calls.reason(),
+        };
+        match frame {
             Ok(Some(payload)) => match decode::<FromAgent>(&payload) {
                 Ok(FromAgent::Reply(reply)) => calls.complete(reply),
                 Ok(FromAgent::Fatal(msg)) => break format!("the agent stopped: {msg}"),
@@ -1597,6 +1739,10 @@ async fn read_loop(
         }
     }
     if let Some(mut child) = child {
+        if *calls.cut.borrow() {
+            // It does not answer: it is not waited for.
+            let _ = child.start_kill();
+        }
         match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
             Ok(Ok(status)) if status.success() => tracing::debug!("the agent exited"),
             Ok(Ok(status)) => tracing::warn!("the agent exited with {status}"),

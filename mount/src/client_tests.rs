@@ -799,3 +799,85 @@ async fn a_bad_user_rule_is_an_error_at_once() {
         .unwrap_err();
     assert!(e.to_string().contains("a[z-a]"), "{e}");
 }
+
+#[tokio::test]
+async fn a_silent_agent_is_given_up_and_replaced_within_the_remote_timeout() {
+    let (mut r, mut agent) = Reconnecting::new().await;
+    r.client.set_remote_timeout(Duration::from_millis(400));
+    // The agent answers nothing more (a stopped process): the call and the watchdog's ping
+    // go unanswered.
+    let started = std::time::Instant::now();
+    let call = tokio::spawn({
+        let c = r.client.clone();
+        async move { c.call(Op::Statfs, None).await }
+    });
+    let first = agent.recv_request().await;
+    assert_eq!(first.op, Op::Statfs);
+    let ping = agent.recv_request().await;
+    assert_eq!(ping.op, Op::Ping, "the watchdog asks for a sign of life");
+    let err = timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call hangs on a silent agent")
+        .unwrap()
+        .unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(err, CallError::Disconnected(_)), "{err:?}");
+    assert!(err.to_string().contains("has not answered"), "{err}");
+    assert!(took >= Duration::from_millis(400), "{took:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    // A new stream replaced the silent one: the next call is answered.
+    let mut next = r.next_agent().await;
+    let call = tokio::spawn({
+        let c = r.client.clone();
+        async move { c.call(Op::Statfs, None).await }
+    });
+    let req = next.recv_request().await;
+    next.reply(req.id, Ok(Done::Ok)).await;
+    assert_eq!(call.await.unwrap().unwrap(), Done::Ok);
+    drop(agent);
+}
+
+#[tokio::test]
+async fn a_slow_request_of_a_live_agent_is_not_cut() {
+    let (client, mut agent) = connected(0).await;
+    client.set_remote_timeout(Duration::from_millis(200));
+    let call = tokio::spawn({
+        let c = client.clone();
+        async move { c.call(Op::Statfs, None).await }
+    });
+    let slow = agent.recv_request().await;
+    // Pings are answered at once; the request itself takes five timeouts.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Some(ToAgent::Request(p))) =
+            timeout(Duration::from_millis(50), agent.recv()).await
+        {
+            assert_eq!(p.op, Op::Ping);
+            agent.reply(p.id, Ok(Done::Ok)).await;
+        }
+    }
+    agent.reply(slow.id, Ok(Done::Ok)).await;
+    assert_eq!(call.await.unwrap().unwrap(), Done::Ok);
+    assert!(client.is_connected());
+}
+
+/// The first stream's watchdog may start before its client is complete (the race that
+/// stopped it for good on a multi-threaded runtime): it must watch all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_stream_is_watched_too() {
+    for _ in 0..10 {
+        let (client, mut agent) = connected(0).await;
+        client.set_remote_timeout(Duration::from_millis(200));
+        let call = tokio::spawn({
+            let c = client.clone();
+            async move { c.call(Op::Statfs, None).await }
+        });
+        let _silent = agent.recv_request().await;
+        let err = timeout(Duration::from_secs(3), call)
+            .await
+            .expect("the call hangs on a silent agent")
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("has not answered"), "{err}");
+    }
+}

@@ -22,6 +22,7 @@ pub mod core;
 pub mod error;
 pub mod fault;
 mod fuse;
+pub mod guard;
 pub mod invalidate;
 pub mod journal;
 pub mod local;
@@ -113,6 +114,9 @@ pub struct MountOptions {
     /// How long a request that needs the remote waits for a broken connection to come back
     /// (with a client made by [`Client::connect_shared`]) before failing with `EIO`.
     pub remote_timeout: Duration,
+    /// When a removal the remote reports or a reconciliation finds is held instead of
+    /// applied ([`guard`]): by default more than 100 entries and more than half the tree.
+    pub mass_removal: guard::GuardConfig,
     /// Told how the walk that builds the tree progresses.
     pub progress: Option<Progress>,
     /// Where cached file contents are kept (per target; see [`target_dirs`]). With
@@ -171,6 +175,7 @@ impl Default for MountOptions {
             whole_tree: true,
             reconcile_interval: Duration::from_secs(30),
             remote_timeout: DEFAULT_REMOTE_TIMEOUT,
+            mass_removal: guard::GuardConfig::default(),
             progress: None,
             cache_dir: None,
             journal_dir: None,
@@ -510,6 +515,28 @@ impl MountHandle {
         })?
     }
 
+    /// The mass removal held by the guard ([`guard`]), if any.
+    pub fn held_removal(&self) -> Option<guard::Held> {
+        self.core.sync_stats(|s| s.guard.held().cloned())
+    }
+
+    /// Confirms the held mass removal: the next reconciliation (started now) applies what
+    /// the remote lacks. Returns what it confirms; an error when nothing is held.
+    pub fn confirm_removal(&self) -> Result<guard::Held, FsError> {
+        let held = self.core.sync_stats(|s| s.guard.confirm()).ok_or_else(|| {
+            err!(
+                libc::ENOENT,
+                "no removal is paused on this mount (`kmount status` shows one when it is)"
+            )
+        })?;
+        tracing::info!("confirmed: {}", held.describe());
+        if let Some(tx) = &self.commands_tx {
+            // A full queue means a reconciliation is due anyway; it applies the removal.
+            let _ = tx.try_send(remote::RemoteCommand::Confirmed);
+        }
+        Ok(held)
+    }
+
     /// Changes not yet applied remotely (`None`: not a write-back mount).
     pub fn pending(&self) -> Option<Pending> {
         let wb = self.core.write_back()?;
@@ -614,6 +641,20 @@ pub struct Flusher {
 }
 
 impl Flusher {
+    /// How long the remote has been unreachable (`None`: connected), measured against the
+    /// remote timeout: a wait for changes to land need not outlast it.
+    pub fn unreachable_for(&self) -> Option<(Duration, Duration)> {
+        match self.core.client().status() {
+            LinkStatus::Connected { .. } => None,
+            LinkStatus::Reconnecting { since, .. } => {
+                Some((since.elapsed(), self.core.remote_timeout()))
+            }
+            LinkStatus::Closed { .. } => {
+                Some((self.core.remote_timeout(), self.core.remote_timeout()))
+            }
+        }
+    }
+
     /// See [`MountHandle::wait_applied`].
     pub fn wait_applied(&self, timeout: Duration) -> Result<(), FsError> {
         let Some(wb) = self.core.write_back() else {
@@ -776,6 +817,7 @@ pub fn mount(
             local_only::LocalOnly::new(opts.cache_dir.as_deref()).map_err(MountError::LocalOnly)?;
         core.set_local_only(store);
     }
+    core.sync_stats(|s| s.guard = guard::Guard::new(opts.mass_removal));
     let core = core.into_arc();
     let (tasks_tx, tasks_done) = std::sync::mpsc::channel::<()>();
     let mut commands_tx = None;

@@ -5,6 +5,11 @@
 //!
 //! It runs inside the remote task ([`crate::remote::run`]), so events that arrive meanwhile are
 //! applied after it, in order.
+//!
+//! It goes in two passes: the first lists the directories that differ and counts what their
+//! listings would remove, without changing anything; the mass-removal guard
+//! ([`crate::guard`]) decides on that count; the second applies the listings (taken once, by
+//! the first pass), with or without the removals.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Instant, SystemTime};
@@ -14,6 +19,7 @@ use kmount_proto::{DirEntry, Done, Op, RelPath};
 use crate::core::Core;
 use crate::err;
 use crate::error::FsError;
+use crate::guard::Verdict;
 use crate::remote;
 use crate::tree::Effects;
 
@@ -35,6 +41,8 @@ pub struct Outcome {
     pub walked: u64,
     /// Directories left alone because they changed locally meanwhile.
     pub skipped: u64,
+    /// Entries missing on the remote whose removal the guard holds ([`crate::guard`]).
+    pub held: u64,
 }
 
 impl std::fmt::Display for Outcome {
@@ -49,7 +57,15 @@ impl std::fmt::Display for Outcome {
             if self.relisted == 1 { "y" } else { "ies" },
             self.walked,
             self.skipped
-        )
+        )?;
+        if self.held > 0 {
+            write!(
+                f,
+                "; the removal of {} entries missing on the remote is paused",
+                self.held
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -102,6 +118,13 @@ fn local_digest(core: &Core, path: &RelPath) -> Option<[u8; 16]> {
     t.is_dir(id).then(|| t.digests(id, path, 0)[0].digest)
 }
 
+/// Remote listings taken by the first pass, for the second.
+struct Listings {
+    /// The local-change sequence number before the first listing was taken.
+    since: u64,
+    by_dir: HashMap<RelPath, Vec<DirEntry>>,
+}
+
 /// Compares the whole tree with the remote and repairs what differs.
 pub async fn reconcile(core: &Core) -> Result<Outcome, FsError> {
     let mut out = Outcome::default();
@@ -113,7 +136,18 @@ pub async fn reconcile(core: &Core) -> Result<Outcome, FsError> {
     digests.fetch(core, &root, &mut out).await?;
     if digests.remote.get(&root) == local_digest(core, &root).as_ref() {
         out.equal = true;
+        core.sync_stats(|s| {
+            s.guard.check_reconciliation(0, 0);
+            s.guard.settled();
+        });
         return Ok(out);
+    }
+    let (removing, mut listings) = survey(core, &mut digests, &mut out).await?;
+    let known = core.tree().lock().counts().nodes;
+    let verdict = core.sync_stats(|s| s.guard.check_reconciliation(removing, known));
+    let remove = verdict == Verdict::Apply;
+    if !remove {
+        out.held = removing;
     }
     let mut queue = vec![root];
     let mut visited = HashSet::new();
@@ -122,12 +156,14 @@ pub async fn reconcile(core: &Core) -> Result<Outcome, FsError> {
             continue;
         }
         if !digests.expanded.contains(&dir) {
-            digests.fetch(core, &dir, &mut out).await?;
+            if gone(digests.fetch(core, &dir, &mut out).await)? {
+                continue;
+            }
             if digests.remote.get(&dir) == local_digest(core, &dir).as_ref() {
                 continue;
             }
         }
-        let Some(new_dirs) = relist(core, &dir, &mut out).await? else {
+        let Some(new_dirs) = relist(core, &dir, &mut listings, remove, &mut out).await? else {
             continue;
         };
         for path in new_dirs {
@@ -153,7 +189,115 @@ pub async fn reconcile(core: &Core) -> Result<Outcome, FsError> {
             }
         }
     }
+    if remove {
+        core.sync_stats(|s| s.guard.settled());
+    }
     Ok(out)
+}
+
+/// Whether a request about a directory found it gone on the remote (its parent's listing
+/// says so; with a removal held, the tree still has it); other errors stay errors.
+fn gone(result: Result<(), FsError>) -> Result<bool, FsError> {
+    match result {
+        Ok(()) => Ok(false),
+        Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// The first pass: lists every directory that differs (descending only into those the remote
+/// has too) and counts the entries their listings would remove. Changes nothing.
+async fn survey(
+    core: &Core,
+    digests: &mut Digests,
+    out: &mut Outcome,
+) -> Result<(u64, Listings), FsError> {
+    let mut listings = Listings {
+        since: core.mutation_seq(),
+        by_dir: HashMap::new(),
+    };
+    let pending = core.pending_set().unwrap_or_default();
+    let mut removing = 0;
+    let mut queue = vec![RelPath::root()];
+    let mut visited = HashSet::new();
+    while let Some(dir) = queue.pop() {
+        if !visited.insert(dir.clone()) {
+            continue;
+        }
+        if !digests.expanded.contains(&dir) {
+            if gone(digests.fetch(core, &dir, out).await)? {
+                continue;
+            }
+            if digests.remote.get(&dir) == local_digest(core, &dir).as_ref() {
+                continue;
+            }
+        }
+        let entries = match list(core, &dir).await {
+            Ok(e) => e,
+            Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR) => continue,
+            Err(e) => return Err(e),
+        };
+        let remote_dirs: HashSet<&[u8]> = entries
+            .iter()
+            .filter(|e| e.attr.as_ref().is_some_and(|a| a.is_dir()))
+            .map(|e| e.name.as_slice())
+            .collect();
+        let mut subdirs = Vec::new();
+        {
+            let t = core.tree().lock();
+            let Some(id) = t.resolve(&dir).filter(|&id| t.is_complete(id)) else {
+                continue;
+            };
+            if t.touched(id) <= listings.since {
+                let keep = keep_names(&t, id, &dir, &entries, &pending, listings.since);
+                removing += remote::removal_count(&t, id, &keep);
+            }
+            for l in t.listing(id) {
+                if l.kind == libc::S_IFDIR
+                    && remote_dirs.contains(l.name.as_slice())
+                    && let Ok(sub) = dir.join(&l.name)
+                {
+                    subdirs.push(sub);
+                }
+            }
+        }
+        for sub in subdirs {
+            match digests.remote.get(&sub) {
+                Some(remote) if Some(*remote) == local_digest(core, &sub) => {}
+                _ => queue.push(sub),
+            }
+        }
+        listings.by_dir.insert(dir, entries);
+    }
+    Ok((removing, listings))
+}
+
+/// The names of directory `id` (at `dir`) a listing of it (`entries`, taken after local
+/// change `since`) keeps: those listed, those with local changes not yet applied, those made
+/// locally after the listing was taken.
+fn keep_names(
+    t: &crate::tree::TreeState,
+    id: u64,
+    dir: &RelPath,
+    entries: &[DirEntry],
+    pending: &crate::local::PendingSet,
+    since: u64,
+) -> HashSet<Vec<u8>> {
+    let mut keep: HashSet<Vec<u8>> = remote::pending_children(t, id, dir, pending)
+        .into_iter()
+        .collect();
+    keep.extend(
+        entries
+            .iter()
+            .filter(|e| e.attr.is_some())
+            .map(|e| e.name.clone()),
+    );
+    for name in t.child_names(id) {
+        if !keep.contains(&name) && t.child(id, &name).is_some_and(|c| t.touched(c) > since) {
+            keep.insert(name);
+        }
+    }
+    keep
 }
 
 /// Lists `dir` on the remote and applies the listing (not below it). Returns the directories
@@ -161,10 +305,18 @@ pub async fn reconcile(core: &Core) -> Result<Outcome, FsError> {
 async fn relist(
     core: &Core,
     dir: &RelPath,
+    listings: &mut Listings,
+    remove: bool,
     out: &mut Outcome,
 ) -> Result<Option<Vec<RelPath>>, FsError> {
-    let since = core.mutation_seq();
-    let entries = match list(core, dir).await {
+    let (since, listed) = match listings.by_dir.remove(dir) {
+        Some(entries) => (listings.since, Ok(entries)),
+        None => {
+            let since = core.mutation_seq();
+            (since, list(core, dir).await)
+        }
+    };
+    let entries = match listed {
         Ok(e) => e,
         Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR) => {
             // Gone since the digests were taken: its parent's listing says so.
@@ -208,7 +360,9 @@ async fn relist(
                 keep.insert(name);
             }
         }
-        t.retain_children(id, &keep, &mut fx);
+        if remove {
+            t.retain_children(id, &keep, &mut fx);
+        }
         fx.inval.extend(t.take_deferred());
     }
     fx.dedup();

@@ -22,6 +22,7 @@ use crate::client::{Client, ClientEvent};
 use crate::core::Core;
 use crate::err;
 use crate::error::FsError;
+use crate::guard::{self, Guard, Verdict};
 use crate::local::PendingSet;
 use crate::tree::{Effects, ROOT_ID, Tree, TreeState};
 
@@ -58,6 +59,8 @@ pub struct SyncStats {
     pub last_reconcile_outcome: Option<String>,
     /// Reconciliations that found differences.
     pub reconcile_repairs: u64,
+    /// The mass-removal guard: whether a removal is held, and its settings.
+    pub guard: Guard,
 }
 
 /// Applies one walk's entries to the tree.
@@ -151,6 +154,14 @@ impl WalkApply {
 
     /// Removes what the walk did not see (a re-walk of an existing subtree).
     fn sweep(&self, t: &mut TreeState, fx: &mut Effects) {
+        for (dir, keep) in self.sweep_plan(t) {
+            t.retain_children(dir, &keep, fx);
+        }
+    }
+
+    /// The directories [`WalkApply::sweep`] trims, with the names each keeps.
+    fn sweep_plan(&self, t: &TreeState) -> Vec<(u64, HashSet<Vec<u8>>)> {
+        let mut plan = Vec::new();
         for (path, &dir) in &self.dirs {
             if self.skip.contains(&dir) || t.touched(dir) > self.since || !t.is_dir(dir) {
                 continue;
@@ -161,9 +172,28 @@ impl WalkApply {
             {
                 keep.extend(pending_children(t, dir, &path, pending));
             }
-            t.retain_children(dir, &keep, fx);
+            plan.push((dir, keep));
         }
+        plan
     }
+
+    /// Entries [`WalkApply::sweep`] would remove (subtrees counted whole).
+    fn sweep_count(&self, t: &TreeState) -> u64 {
+        self.sweep_plan(t)
+            .iter()
+            .map(|(dir, keep)| removal_count(t, *dir, keep))
+            .sum()
+    }
+}
+
+/// Entries that [`TreeState::retain_children`] of `dir` with `keep` removes (subtrees counted
+/// whole; local-only children stay).
+pub fn removal_count(t: &TreeState, dir: u64, keep: &HashSet<Vec<u8>>) -> u64 {
+    t.listing(dir)
+        .into_iter()
+        .filter(|l| !keep.contains(&l.name) && !t.is_local_only(l.id))
+        .map(|l| guard::subtree_size(t, l.id))
+        .sum()
 }
 
 /// Names in directory `dir` (at `path`) whose local changes are not applied yet: a listing of
@@ -190,6 +220,32 @@ pub async fn walk(
     at: &RelPath,
     since: u64,
     sweep: bool,
+    progress: Option<&ProgressFn>,
+    pending: Option<PendingSet>,
+) -> Result<Effects, FsError> {
+    let always: &SweepGuard<'_> = &|_, _| true;
+    walk_inner(
+        client,
+        tree,
+        at,
+        since,
+        sweep.then_some(always),
+        progress,
+        pending,
+    )
+    .await
+}
+
+/// Asked, with the tree and the number of entries a sweep would remove, whether to sweep.
+type SweepGuard<'a> = dyn Fn(&TreeState, u64) -> bool + Send + Sync + 'a;
+
+/// [`walk`], the sweep subject to `sweep` (none: no sweep).
+async fn walk_inner(
+    client: &Client,
+    tree: &Tree,
+    at: &RelPath,
+    since: u64,
+    sweep: Option<&SweepGuard<'_>>,
     progress: Option<&ProgressFn>,
     pending: Option<PendingSet>,
 ) -> Result<Effects, FsError> {
@@ -269,8 +325,12 @@ pub async fn walk(
             apply.at
         );
     }
-    if sweep {
-        apply.sweep(&mut tree.lock(), &mut fx);
+    if let Some(allowed) = sweep {
+        let mut t = tree.lock();
+        let removing = apply.sweep_count(&t);
+        if removing == 0 || allowed(&t, removing) {
+            apply.sweep(&mut t, &mut fx);
+        }
     }
     apply.progress.done = true;
     if let Some(p) = progress {
@@ -500,6 +560,12 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
             (Err(e), Some(parent))
                 if matches!(FsError::from(e.clone()).errno, libc::ENOENT | libc::ENOTDIR) =>
             {
+                let removing = t
+                    .child(parent, name)
+                    .map_or(0, |c| guard::subtree_size(&t, c));
+                if guard_once(core, &t, removing) == Verdict::Hold {
+                    return Ok(());
+                }
                 t.remove(parent, name, &mut fx);
                 drop(t);
                 core.invalidator().send(std::mem::take(&mut fx.inval));
@@ -518,12 +584,13 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
             _ => {}
         }
     }
-    let walked = walk(
+    let allowed = |t: &TreeState, removing: u64| guard_once(core, t, removing) == Verdict::Apply;
+    let walked = walk_inner(
         core.client(),
         core.tree(),
         path,
         since,
-        true,
+        Some(&allowed),
         None,
         core.pending_set(),
     )
@@ -538,6 +605,48 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
     core.invalidator().send(more.inval);
     core.sync_stats(|s| s.rescans += 1);
     Ok(())
+}
+
+/// Asks the guard about a rescan removing `removing` entries from the tree `t`.
+fn guard_once(core: &Core, t: &TreeState, removing: u64) -> Verdict {
+    if removing == 0 {
+        return Verdict::Apply;
+    }
+    core.sync_stats(|s| s.guard.check_once(removing, || t.counts().nodes))
+}
+
+/// Entries the `Remove` events among `events` would take out of the tree: subtrees whole,
+/// each entry once (an `rm -rf` reports every file and then their directory).
+fn removals_in(t: &TreeState, events: &[Event], pending: Option<&PendingSet>) -> u64 {
+    let removed: Vec<RelPath> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Remove { path } if !pending.is_some_and(|p| p.covers(path)) => {
+                Some(path.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    let all: HashSet<&RelPath> = removed.iter().collect();
+    let under_another = |path: &RelPath| {
+        let mut cur = path.split_last().map(|(parent, _)| parent);
+        while let Some(p) = cur {
+            if all.contains(&p) {
+                return true;
+            }
+            cur = p.split_last().map(|(parent, _)| parent);
+        }
+        false
+    };
+    removed
+        .iter()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .filter(|path| !under_another(path))
+        .filter_map(|path| t.resolve(path))
+        .filter(|&id| id != ROOT_ID)
+        .map(|id| guard::subtree_size(t, id))
+        .sum()
 }
 
 /// Walks the given paths again, repeating with the paths those walks could not resolve.
@@ -566,6 +675,20 @@ pub async fn handle_events(core: &Core, events: Vec<Event>) {
     let pending = core.pending_set().filter(|p| !p.is_empty());
     let rescans = {
         let mut t = core.tree().lock();
+        let removing = removals_in(&t, &events, pending.as_ref());
+        let verdict = if removing == 0 {
+            Verdict::Apply
+        } else {
+            core.sync_stats(|s| s.guard.check_burst(Instant::now(), removing))
+        };
+        let events = match verdict {
+            Verdict::Apply => events,
+            // The next reconciliation applies them, once the hold ends.
+            Verdict::Hold => events
+                .into_iter()
+                .filter(|e| !matches!(e, Event::Remove { .. }))
+                .collect(),
+        };
         let rescans = apply_events(&mut t, events, &mut fx, pending.as_ref());
         fx.inval.extend(t.take_deferred());
         rescans
@@ -604,6 +727,8 @@ pub enum RemoteCommand {
     Reconcile(std::sync::mpsc::Sender<Result<crate::reconcile::Outcome, FsError>>),
     /// Walk these paths again (their local changes from an earlier run have landed).
     Rescan(Vec<RelPath>),
+    /// The user confirmed a held mass removal ([`crate::guard`]): reconcile now.
+    Confirmed,
 }
 
 /// The remote task: applies changes and connection events from `events_rx` and reconciles
@@ -626,44 +751,79 @@ pub async fn run(
             Stop,
             Event(ClientEvent),
             Reconcile,
+            Judge,
             Command(RemoteCommand),
         }
+        // A burst of remote removals waits for a reconciliation to judge it ([`guard`]).
+        let judge_at = core.sync_stats(|s| s.guard.judge_at());
+        let judge = async {
+            match judge_at {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
         let wake = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => Wake::Stop,
             ev = events_rx.recv() => ev.map_or(Wake::Stop, Wake::Event),
             Some(cmd) = commands_rx.recv() => Wake::Command(cmd),
             _ = tick.tick() => Wake::Reconcile,
+            _ = judge => Wake::Judge,
         };
-        let first = match wake {
-            Wake::Stop => break,
-            Wake::Event(ev) => ev,
-            Wake::Reconcile => {
-                if core.client().is_connected() {
+        let work = async {
+            let first = match wake {
+                Wake::Stop => return false,
+                Wake::Event(ev) => ev,
+                Wake::Reconcile => {
+                    if core.client().is_connected() {
+                        let _ = crate::reconcile::reconcile_and_record(&core).await;
+                    }
+                    return true;
+                }
+                Wake::Judge => {
+                    // Once: when it cannot run now, the reconciliation after the reconnection
+                    // or the next periodic one judges.
+                    core.sync_stats(|s| s.guard.judged());
+                    if core.client().is_connected() {
+                        let _ = crate::reconcile::reconcile_and_record(&core).await;
+                    }
+                    return true;
+                }
+                Wake::Command(RemoteCommand::Rescan(paths)) => {
+                    rescan_all(&core, paths).await;
+                    return true;
+                }
+                Wake::Command(RemoteCommand::Confirmed) => {
                     let _ = crate::reconcile::reconcile_and_record(&core).await;
+                    return true;
                 }
-                continue;
-            }
-            Wake::Command(RemoteCommand::Rescan(paths)) => {
-                rescan_all(&core, paths).await;
-                continue;
-            }
-            Wake::Command(RemoteCommand::Reconcile(reply)) => {
-                // Changes already queued go first, so the comparison sees them applied.
-                let mut queued = Vec::new();
-                while let Ok(ev) = events_rx.try_recv() {
-                    queued.push(ev);
+                Wake::Command(RemoteCommand::Reconcile(reply)) => {
+                    // Changes already queued go first, so the comparison sees them applied.
+                    let mut queued = Vec::new();
+                    while let Ok(ev) = events_rx.try_recv() {
+                        queued.push(ev);
+                    }
+                    apply_queued(&core, queued).await;
+                    let _ = reply.send(crate::reconcile::reconcile_and_record(&core).await);
+                    return true;
                 }
-                apply_queued(&core, queued).await;
-                let _ = reply.send(crate::reconcile::reconcile_and_record(&core).await);
-                continue;
+            };
+            // Take everything already queued, so consecutive change batches apply as one.
+            let mut queued = vec![first];
+            while let Ok(more) = events_rx.try_recv() {
+                queued.push(more);
             }
+            apply_queued(&core, queued).await;
+            true
         };
-        // Take everything already queued, so consecutive change batches apply as one.
-        let mut queued = vec![first];
-        while let Ok(more) = events_rx.try_recv() {
-            queued.push(more);
+        // The mount's end cuts short work that waits on a remote that does not answer.
+        let mut stop = shutdown.clone();
+        let go_on = tokio::select! {
+            go_on = work => go_on,
+            _ = stop.wait_for(|s| *s) => false,
+        };
+        if !go_on {
+            break;
         }
-        apply_queued(&core, queued).await;
     }
     tracing::debug!("the remote task ends");
 }

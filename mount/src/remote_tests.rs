@@ -159,3 +159,33 @@ fn only_nodes_the_kernel_holds_are_invalidated() {
     );
     assert_eq!(fx.inval, vec![Inval::Inode { ino: f, data: true }]);
 }
+
+#[test]
+fn removals_count_each_entry_once() {
+    let t = tree();
+    let mut fx = Effects::default();
+    let mut build = vec![
+        upsert("d", 10, libc::S_IFDIR),
+        upsert("x", 11, libc::S_IFREG),
+    ];
+    for i in 0..50 {
+        build.push(upsert(&format!("d/f{i}"), 100 + i, libc::S_IFREG));
+    }
+    apply_events(&mut t.lock(), build, &mut fx, None);
+    // An rm -rf reports every file, then the directory: 51 entries, not 101.
+    let mut rm: Vec<Event> = (0..50)
+        .map(|i| Event::Remove {
+            path: p(&format!("d/f{i}")),
+        })
+        .collect();
+    rm.push(Event::Remove { path: p("d") });
+    rm.push(Event::Remove { path: p("d") });
+    rm.push(Event::Remove { path: p("missing") });
+    assert_eq!(removals_in(&t.lock(), &rm, None), 51);
+    rm.push(Event::Remove { path: p("x") });
+    assert_eq!(removals_in(&t.lock(), &rm, None), 52);
+    assert_eq!(
+        removals_in(&t.lock(), &[upsert("y", 12, libc::S_IFREG)], None),
+        0
+    );
+}
