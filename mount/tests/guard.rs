@@ -51,6 +51,7 @@ fn setup() -> Setup {
             ..MountOptions::default()
         },
         reconnect: true,
+        ..Setup::default()
     }
 }
 
