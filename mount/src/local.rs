@@ -153,6 +153,8 @@ pub struct WriteBack {
     last_meta_seq: Mutex<HashMap<u64, u64>>,
     /// When the last record was appended (for [`SYNC_QUIET`]).
     last_append: Mutex<Option<std::time::Instant>>,
+    /// Wakes the sender out of its backoff ([`WriteBack::retry_now`]).
+    retry: tokio::sync::Notify,
     /// Seq -> nodes it changed (to settle them when it is applied).
     seq_nodes: Mutex<BTreeMap<u64, Vec<u64>>>,
     /// Our file handles.
@@ -222,6 +224,7 @@ impl WriteBack {
             last_seq: Mutex::new(HashMap::new()),
             last_meta_seq: Mutex::new(HashMap::new()),
             last_append: Mutex::new(None),
+            retry: tokio::sync::Notify::new(),
             seq_nodes: Mutex::new(BTreeMap::new()),
             files: Mutex::new(HashMap::new()),
             fetches: Mutex::new(HashMap::new()),
@@ -325,6 +328,17 @@ impl WriteBack {
 
     pub fn blocked(&self) -> Option<RemoteError> {
         lock(&self.blocked).clone()
+    }
+
+    /// Asks the sender to send the refused record again now, not after its backoff (an
+    /// `fsync` wants to know whether the cause is gone).
+    pub fn retry_now(&self) {
+        self.retry.notify_one();
+    }
+
+    /// Resolves when someone asked for [`WriteBack::retry_now`].
+    pub async fn retry_asked(&self) {
+        self.retry.notified().await;
     }
 
     pub fn recent_errors(&self) -> Vec<RemoteError> {
@@ -1480,6 +1494,10 @@ impl Core {
         let wb = self.wb().expect("write-back mode");
         let mut applied = wb.journal.watch_applied();
         let started = std::time::Instant::now();
+        // The refusal of our own record seen first: the sender is asked to try it again at
+        // once, and the answer to that try is the one returned (the cause may be gone: space
+        // freed, the filesystem writable again).
+        let mut retried: Option<SystemTime> = None;
         loop {
             if *applied.borrow_and_update() >= seq {
                 return Ok(());
@@ -1488,7 +1506,17 @@ impl Core {
                 && b.seq.is_none_or(|s| s <= seq)
             {
                 let ours = path.is_some_and(|p| b.path.as_ref() == Some(p));
-                if ours || started.elapsed() >= self.remote_timeout() {
+                let timed_out = started.elapsed() >= self.remote_timeout();
+                if ours && !timed_out {
+                    match retried {
+                        None => {
+                            retried = Some(b.at);
+                            wb.retry_now();
+                        }
+                        Some(at) if b.at > at => return Err(FsError::new(b.errno, b.message)),
+                        Some(_) => {}
+                    }
+                } else if ours || timed_out {
                     return Err(FsError::new(b.errno, b.message));
                 }
             }

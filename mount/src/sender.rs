@@ -88,6 +88,8 @@ pub async fn run(core: Arc<Core>, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             () = tokio::time::sleep(pause) => {}
+            // An fsync asks whether the remote takes it now.
+            () = wb.retry_asked(), if blocked => {}
         }
     }
 }

@@ -1,0 +1,160 @@
+//! Errors the remote reports after `close()` returned (write-back): ENOSPC and EROFS reach
+//! `fsync()` callers as that errno, the data stays in the journal (status shows the change
+//! the remote refuses), and it goes through once the cause is fixed.
+//!
+//! The served directory is a small tmpfs this test mounts (root only): full, then grown; read
+//! only, then writable again.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Mounted, Setup};
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24) as u8)
+        .collect()
+}
+
+/// A tmpfs of `size` mounted at `dir`, unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(dir.to_path_buf())
+    }
+
+    fn remount(&self, opts: &str) {
+        let out = Command::new("mount")
+            .args(["-o", &format!("remount,{opts}")])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "remount {opts}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Mounts a write-back view of a fresh 1 MiB tmpfs.
+fn mounted(state: &Path) -> (Mounted, Tmpfs) {
+    let mut tmpfs = None;
+    let m = Mounted::new(Setup::write_back(state), |r| {
+        tmpfs = Some(Tmpfs::mount(r, "1m"));
+    })
+    .expect("this machine cannot mount FUSE: the remote-error tests cannot run");
+    assert!(m.handle().status().write_back, "not a write-back mount");
+    (m, tmpfs.unwrap())
+}
+
+fn errno_of(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+#[test]
+fn enospc_reaches_fsync_and_the_data_goes_through_once_space_is_freed() {
+    let state = tempfile::tempdir().unwrap();
+    let (m, tmpfs) = mounted(state.path());
+    let big = pattern(3 << 20, 1);
+    // close() returns once the data is in the local journal: the remote's lack of space
+    // cannot be known yet.
+    fs::write(m.m("big"), &big).unwrap();
+    fs::write(m.m("after"), b"written after the big one").unwrap();
+    // fsync() waits for the remote, and gets its errno.
+    let f = fs::OpenOptions::new().write(true).open(m.m("big")).unwrap();
+    let started = Instant::now();
+    let err = f.sync_all().expect_err("fsync succeeded on a full remote");
+    assert_eq!(
+        errno_of(&err),
+        libc::ENOSPC,
+        "fsync: {err} after {:?}",
+        started.elapsed()
+    );
+    // Shown in status, kept in the journal.
+    let st = m.handle().status();
+    let blocked = st.blocked.as_ref().expect("status shows no refused change");
+    assert_eq!(blocked.errno, libc::ENOSPC, "{blocked:?}");
+    assert!(st.pending.records > 0, "{st:?}");
+    // The mount still shows what was written.
+    assert!(fs::read(m.m("big")).unwrap() == big);
+    // Space is made: it goes through, in order, whole.
+    tmpfs.remount("size=16m");
+    m.handle()
+        .wait_applied(Duration::from_secs(60))
+        .expect("the changes did not go through once the remote had space");
+    assert!(fs::read(m.r("big")).unwrap() == big, "big arrived damaged");
+    assert_eq!(
+        fs::read(m.r("after")).unwrap(),
+        b"written after the big one"
+    );
+    f.sync_all().expect("fsync once everything is applied");
+    assert!(m.handle().status().blocked.is_none());
+    drop(f);
+    m.unmount();
+}
+
+#[test]
+fn erofs_reaches_fsync_and_the_data_goes_through_once_writable() {
+    let state = tempfile::tempdir().unwrap();
+    let (m, tmpfs) = mounted(state.path());
+    fs::write(m.m("first"), b"before").unwrap();
+    m.handle().wait_applied(Duration::from_secs(20)).unwrap();
+    tmpfs.remount("ro");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.m("first"))
+        .unwrap();
+    f.write_all(b"changed while the remote was read-only")
+        .unwrap();
+    let err = f
+        .sync_all()
+        .expect_err("fsync succeeded on a read-only remote");
+    assert_eq!(errno_of(&err), libc::EROFS, "fsync: {err}");
+    drop(f);
+    // close() then fsync() through another descriptor: the same answer.
+    let g = fs::File::open(m.m("first")).unwrap();
+    let err = g
+        .sync_all()
+        .expect_err("fsync of a later descriptor succeeded");
+    assert_eq!(errno_of(&err), libc::EROFS, "fsync: {err}");
+    assert_eq!(fs::read(m.r("first")).unwrap(), b"before");
+    tmpfs.remount("rw");
+    g.sync_all()
+        .expect("fsync once the remote is writable again");
+    assert_eq!(
+        fs::read(m.r("first")).unwrap(),
+        b"changed while the remote was read-only"
+    );
+    drop(g);
+    m.unmount();
+}
