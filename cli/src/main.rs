@@ -94,11 +94,16 @@ struct MountArgs {
     /// watcher missed, e.g. 30s, 500ms [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
     reconcile_interval: Option<Duration>,
-    /// Local-first (experimental): changes land in a local journal and content cache at once
-    /// and reach the target in the background, in order (`kmount wait` waits for them; `kmount
-    /// unmount` sends them first). Also KMOUNT_WRITE_BACK=1.
-    #[arg(long)]
+    /// Local-first: changes land in a local journal and content cache at once and reach the
+    /// target in the background, in order (`kmount wait` waits for them; `kmount unmount`
+    /// sends them first). The default for containers. Also KMOUNT_WRITE_BACK=1.
+    #[arg(long, conflicts_with = "write_through")]
     write_back: bool,
+    /// Every change is in the target before the call returns (the default, except for
+    /// containers, whose mounts are local-first so that a replaced pod gets the session's
+    /// changes again). Also KMOUNT_WRITE_BACK=0.
+    #[arg(long)]
+    write_through: bool,
     /// Hide paths matching PATTERN (gitignore syntax) in both directions; repeatable. Also
     /// read from `.kmountignore` at the target's root.
     #[arg(long, value_name = "PATTERN", allow_hyphen_values = true)]
@@ -130,6 +135,7 @@ impl MountArgs {
         options::MountFlags {
             reconcile_interval: self.reconcile_interval,
             write_back: self.write_back,
+            write_through: self.write_through,
             rules: kmount_mount::rules::RulesConfig {
                 exclude: self.exclude.clone(),
                 local_only: self.local_only.clone(),

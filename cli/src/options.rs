@@ -13,6 +13,8 @@ pub struct MountFlags {
     pub reconcile_interval: Option<Duration>,
     /// `--write-back` (or `KMOUNT_WRITE_BACK=1`).
     pub write_back: bool,
+    /// `--write-through` (or `KMOUNT_WRITE_BACK=0`): not local-first even for a container.
+    pub write_through: bool,
     /// `--exclude`, `--local-only`, `--no-default-ignores` (`.kmountignore` is read by the
     /// mount from the target's root).
     pub rules: RulesConfig,
@@ -33,6 +35,9 @@ impl MountFlags {
         }
         if self.write_back {
             args.push("--write-back".into());
+        }
+        if self.write_through {
+            args.push("--write-through".into());
         }
         for p in &self.rules.exclude {
             args.push(format!("--exclude={p}").into());
@@ -55,9 +60,16 @@ impl MountFlags {
         args
     }
 
-    /// Whether the mount is local-first: `--write-back` or `KMOUNT_WRITE_BACK=1`.
-    pub fn write_back_enabled(&self) -> bool {
-        self.write_back || std::env::var_os("KMOUNT_WRITE_BACK").is_some_and(|v| v == "1")
+    /// Whether the mount is local-first: `--write-back` or `KMOUNT_WRITE_BACK=1`; and by
+    /// default for a container (`container`), whose pod can be replaced with a fresh
+    /// filesystem at any time: only the journal then has the session's changes to apply
+    /// again. `--write-through` or `KMOUNT_WRITE_BACK=0` turns that off.
+    pub fn write_back_enabled(&self, container: bool) -> bool {
+        let env = std::env::var_os("KMOUNT_WRITE_BACK");
+        if self.write_through || env.as_ref().is_some_and(|v| v == "0") {
+            return false;
+        }
+        self.write_back || env.is_some_and(|v| v == "1") || container
     }
 
     /// Checks the patterns now, so that a bad one is refused before anything is mounted.
@@ -144,6 +156,7 @@ mod tests {
         let flags = MountFlags {
             reconcile_interval: Some(Duration::from_millis(1500)),
             write_back: true,
+            write_through: false,
             rules: RulesConfig {
                 exclude: vec!["node_modules/".into(), "*.log".into()],
                 local_only: vec!["build/".into()],

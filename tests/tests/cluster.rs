@@ -574,9 +574,9 @@ fn deployment_pod_deleted_while_editing_loses_nothing() {
     let old = pod_of("kmount-restart");
     kexec(&old, &[], "rm -rf /work/* ; mkdir -p /work");
     let mut s = Scratch::new();
-    // Edits the old pod had already taken die with it: only the journal (write-back) has them
-    // to send again to the replacement.
-    s.mount(&["--write-back"], "deploy/kmount-restart:/work");
+    // Edits the old pod had already taken die with it: only the journal (write-back, the
+    // default for containers) has them to send again to the replacement.
+    s.mount(&[], "deploy/kmount-restart:/work");
     for i in 0..10 {
         fs::write(s.m(&format!("edit-{i}.txt")), format!("edit {i}\n")).unwrap();
     }

@@ -210,7 +210,11 @@ fn soak_writers_readers_and_remote_churn_stay_flat_and_converge() {
     println!(
         "MEASURE soak {secs} s ({}): {} writes, {} reads; daemon RSS {} -> {} KiB, fds {} -> {}; \
          agent RSS {} -> {} KiB, fds {} -> {}",
-        if write_back { "write-back" } else { "write-through" },
+        if write_back {
+            "write-back"
+        } else {
+            "write-through"
+        },
         ops.load(Ordering::Relaxed),
         reads.load(Ordering::Relaxed),
         d0.0,
@@ -223,7 +227,10 @@ fn soak_writers_readers_and_remote_churn_stay_flat_and_converge() {
         a1.1
     );
     for (t, d, a) in &samples {
-        println!("  t={t:>4}s daemon {} KiB {} fds; agent {} KiB {} fds", d.0, d.1, a.0, a.1);
+        println!(
+            "  t={t:>4}s daemon {} KiB {} fds; agent {} KiB {} fds",
+            d.0, d.1, a.0, a.1
+        );
     }
     assert!(
         d1.1 <= d0.1 + 8 && a1.1 <= a0.1 + 8,
