@@ -96,6 +96,15 @@ impl LocalConnector {
     }
 }
 
+impl LocalConnector {
+    /// The same, running another program as the agent (a wrapper that starts the agent as
+    /// another user, say).
+    pub fn with_agent(mut self, agent_binary: PathBuf) -> Self {
+        self.agent_binary = agent_binary;
+        self
+    }
+}
+
 impl Connector for LocalConnector {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {

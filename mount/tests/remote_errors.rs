@@ -1,4 +1,4 @@
-//! Errors the remote reports after `close()` returned (write-back): ENOSPC and EROFS reach
+//! Errors the remote reports after `close()` returned (write-back): ENOSPC, EROFS and EACCES reach
 //! `fsync()` callers as that errno, the data stays in the journal (status shows the change
 //! the remote refuses), and it goes through once the cause is fixed.
 //!
@@ -156,5 +156,66 @@ fn erofs_reaches_fsync_and_the_data_goes_through_once_writable() {
         b"changed while the remote was read-only"
     );
     drop(g);
+    m.unmount();
+}
+
+/// The agent runs as a user the target refuses (as a container's non-root user would): the
+/// EACCES of a create in a directory it may not write reaches `fsync`, and the file goes
+/// through once the directory is opened to it.
+#[test]
+fn eacces_reaches_fsync_and_the_data_goes_through_once_allowed() {
+    use std::os::unix::fs::PermissionsExt;
+    let state = tempfile::tempdir().unwrap();
+    let wrapper_dir = tempfile::tempdir().unwrap();
+    let wrapper = wrapper_dir.path().join("agent-as-nobody");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec setpriv --reuid=65534 --regid=65534 --clear-groups {} \"$@\"\n",
+            common::agent_binary().display()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut setup = Setup::write_back(state.path());
+    let w = wrapper.clone();
+    setup.wrap = Some(std::sync::Arc::new(
+        move |c: kmount_mount::LocalConnector| {
+            std::sync::Arc::new(c.with_agent(w.clone()))
+                as std::sync::Arc<dyn kmount_mount::client::Connector>
+        },
+    ));
+    let m = Mounted::new(setup, |r| {
+        fs::set_permissions(r, fs::Permissions::from_mode(0o777)).unwrap();
+        fs::create_dir(r.join("locked")).unwrap();
+        fs::set_permissions(r.join("locked"), fs::Permissions::from_mode(0o755)).unwrap();
+    })
+    .expect("this machine cannot mount FUSE: the remote-error tests cannot run");
+    assert!(m.handle().status().write_back, "not a write-back mount");
+    // The mount (root here) takes it; the target's user may not.
+    fs::write(
+        m.m("locked/new"),
+        b"made where the target's user may not write",
+    )
+    .unwrap();
+    let f = fs::File::open(m.m("locked/new")).unwrap();
+    let err = f
+        .sync_all()
+        .expect_err("fsync succeeded though the target refuses");
+    assert_eq!(errno_of(&err), libc::EACCES, "fsync: {err}");
+    let st = m.handle().status();
+    assert_eq!(
+        st.blocked.as_ref().map(|b| b.errno),
+        Some(libc::EACCES),
+        "{st:?}"
+    );
+    // Opened to it: the same descriptor's fsync now succeeds, and the file is there.
+    fs::set_permissions(m.r("locked"), fs::Permissions::from_mode(0o777)).unwrap();
+    f.sync_all().expect("fsync once the target allows it");
+    assert_eq!(
+        fs::read(m.r("locked/new")).unwrap(),
+        b"made where the target's user may not write"
+    );
+    drop(f);
     m.unmount();
 }
