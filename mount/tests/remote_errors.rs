@@ -1,9 +1,11 @@
-//! Errors the remote reports after `close()` returned (write-back): ENOSPC, EROFS and EACCES reach
-//! `fsync()` callers as that errno, the data stays in the journal (status shows the change
-//! the remote refuses), and it goes through once the cause is fixed.
+//! Errors the remote reports after `close()` returned (write-back): ENOSPC, EROFS and EACCES
+//! reach `fsync()` callers as that errno, the data stays in the journal (status shows the
+//! change the remote refuses), and it goes through once the cause is fixed.
 //!
 //! The served directory is a small tmpfs this test mounts (root only): full, then grown; read
-//! only, then writable again.
+//! only, then writable again; or the agent runs as a user who may not write there. (EDQUOT
+//! would need a quota-enabled filesystem, which this kernel's tmpfs is not; it takes the same
+//! path: the agent's errno, unchanged.)
 
 mod common;
 
