@@ -400,7 +400,15 @@ pub fn write_path(a: &Agent, path: &RelPath, offset: u64, data: &[u8]) -> SysRes
     let n = u32::try_from(data.len()).map_err(|_| Errno(libc::EINVAL))?;
     let at = off(offset)?;
     let fd = open_regular(a, path, libc::O_WRONLY)?;
-    let done = pwrite_all(fd.as_raw_fd(), data, at)?;
+    // All or the reason why not: the journal sends it again whole once the cause is gone (a
+    // short count taken as success lost the rest of a write on a full disk).
+    let mut done = 0usize;
+    while done < data.len() {
+        match pwrite_all(fd.as_raw_fd(), &data[done..], at + done as libc::off_t)? {
+            0 => return Err(Errno(libc::EIO)),
+            m => done += m,
+        }
+    }
     debug_assert!(done <= n as usize);
     Ok(Done::Written(done as u32))
 }

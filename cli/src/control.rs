@@ -98,11 +98,17 @@ pub fn request(path: &Path, command: &str, timeout: Duration) -> Result<String> 
     let mut conn = UnixStream::connect(path)
         .with_context(|| format!("cannot reach the kmount daemon at {}", path.display()))?;
     conn.set_read_timeout(Some(timeout))?;
-    writeln!(conn, "{command}")?;
+    // A refusal (another user) is written before the daemon reads anything and the
+    // connection closed: the request may then not go out (EPIPE), but the answer is there.
+    let sent = writeln!(conn, "{command}");
     let mut line = String::new();
-    BufReader::new(conn)
-        .read_line(&mut line)
-        .context("the kmount daemon did not answer in time")?;
+    let read = BufReader::new(conn).read_line(&mut line);
+    if line.is_empty()
+        && let Err(e) = sent
+    {
+        return Err(e).context("cannot send the request to the kmount daemon");
+    }
+    read.context("the kmount daemon did not answer in time")?;
     let line = line.trim_end();
     if let Some(rest) = line.strip_prefix("ok") {
         return Ok(rest.trim().to_string());

@@ -520,6 +520,11 @@ impl Core {
 
     /// Records local changes to `ids`: their attributes are fetched again when next asked
     /// for, and remote listings taken before now leave them alone.
+    /// A new local-change sequence number (see [`Core::touch`]).
+    pub(crate) fn next_mutation(&self) -> u64 {
+        self.mutations.fetch_add(1, Ordering::AcqRel) + 1
+    }
+
     pub(crate) fn touch(&self, ids: &[u64]) {
         let seq = self.mutations.fetch_add(1, Ordering::AcqRel) + 1;
         let mut t = self.tree.lock();

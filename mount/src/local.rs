@@ -433,7 +433,16 @@ impl Core {
         let wb = self.wb().ok_or_else(|| err!(libc::EIO, "no write-back"))?;
         let (value, change) = {
             let mut t = self.tree().lock();
-            f(&mut t)?
+            let (value, change) = f(&mut t)?;
+            if let Some(c) = &change {
+                // Newer than any remote listing or event taken before now: a reconciliation
+                // whose listing predates this change's arrival there must not undo it.
+                let seq = self.next_mutation();
+                for &id in &c.nodes {
+                    t.mark_touched(id, seq);
+                }
+            }
+            (value, change)
         };
         let Some(c) = change else {
             return Ok((value, None));
@@ -1351,6 +1360,60 @@ impl Core {
             *slot = fresh.clone();
         }
         Ok(fresh)
+    }
+
+    /// Makes the regular file at `path` again in the target, with the whole content it has
+    /// here (the target removed it while changes to it were still in the journal). Only for a
+    /// file whose bytes are all here, and small enough for one message.
+    pub(crate) async fn wb_recreate(&self, path: &RelPath) -> Result<(), FsError> {
+        let (id, attr) = {
+            let t = self.tree().lock();
+            let id = t
+                .resolve(path)
+                .ok_or_else(|| err!(libc::ENOENT, "{path} is gone here too"))?;
+            (id, t.attr(id)?.clone())
+        };
+        if attr.mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(err!(libc::EINVAL, "{path} is not a regular file"));
+        }
+        if attr.size > u64::from(kmount_proto::MAX_IO_LEN) {
+            return Err(err!(libc::EFBIG, "{path} is too big to send in one piece"));
+        }
+        let (entry, _) = self.entry_for(id)?;
+        if !entry.is_complete() {
+            return Err(err!(libc::ENODATA, "not all of {path} is here"));
+        }
+        let data = entry
+            .read(0, entry.size())
+            .map_err(|e| err!(libc::EIO, "cannot read the cached {path}: {e}"))?;
+        let op = Op::PutFile {
+            path: path.clone(),
+            data,
+            compressed: false,
+            mode: attr.mode & 0o7777,
+            mtime: Some(attr.mtime),
+            atomic: true,
+            keep_mode: false,
+        };
+        let made = match self.client().call(op, None).await? {
+            Done::Attr(a) => a,
+            other => return Err(err!(libc::EIO, "the agent answered PutFile with {other:?}")),
+        };
+        // The node is that new file there now: the records still to come change it, and
+        // their answers (with its identity) settle the node as usual.
+        let wb = self.wb().expect("write-back mode");
+        let _order = lock(&wb.order);
+        let old = self.tree().remote_of(id);
+        if let Some(old) = old.filter(|o| *o != (made.dev, made.ino)) {
+            self.tree().lock().rebind(id, &made);
+            if let Err(e) = wb
+                .cache
+                .rekey(&wb.content_key(old), wb.content_key((made.dev, made.ino)))
+            {
+                tracing::debug!("cannot rename a cache entry: {e}");
+            }
+        }
+        Ok(())
     }
 
     /// Makes `offset..offset+len` of node `id`'s cached bytes present, fetching the missing

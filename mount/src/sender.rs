@@ -352,6 +352,26 @@ async fn run_once(
                     // Those sent after it were cancelled: start again after it.
                     return Stop::Restart;
                 }
+                if e.errno == libc::ENOENT
+                    && bytes_only(&batch.op)
+                    && let Some(p) = &path
+                {
+                    // The target removed the file while changes to its bytes were on their
+                    // way: the local version wins (nothing close() accepted is dropped). It is
+                    // made again there, whole, and this record is sent again on top of it.
+                    match core.wb_recreate(p).await {
+                        Ok(()) => {
+                            tracing::warn!(
+                                seq = batch.seq,
+                                "the target removed {p} while changes to it were on their way; \
+                                 it was made there again with the version written here (remove \
+                                 it through the mount to remove it)"
+                            );
+                            return Stop::Restart;
+                        }
+                        Err(why) => tracing::debug!("cannot make {p} again in the target: {why}"),
+                    }
+                }
                 tracing::warn!(
                     seq = batch.seq,
                     "the remote refused a change{}: {e}; it stays in the journal and is sent \
@@ -550,4 +570,13 @@ fn record_size(op: &Op) -> usize {
         Op::WritePath { data, .. } | Op::PutFile { data, .. } => data.len() + 64,
         _ => 128,
     }
+}
+
+/// A record that changes only the bytes of an existing file (and so fails with `ENOENT` only
+/// when the file is gone).
+fn bytes_only(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::WritePath { .. } | Op::FallocatePath { .. } | Op::SetAttr { .. }
+    )
 }

@@ -384,6 +384,15 @@ impl TreeState {
         }
     }
 
+    /// A local change to `id` (sequence number `seq`) whose result the tree already holds
+    /// (write-back): remote listings and events older than `seq` must leave it alone, but its
+    /// attributes need not be fetched.
+    pub fn mark_touched(&mut self, id: u64, seq: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.touched = n.touched.max(seq);
+        }
+    }
+
     /// Sequence number of the last local change to `id` (0: none).
     pub fn touched(&self, id: u64) -> u64 {
         self.nodes.get(&id).map_or(0, |n| n.touched)
