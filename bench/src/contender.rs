@@ -34,10 +34,6 @@ impl Kind {
         matches!(self, Kind::Kmount | Kind::KmountWb | Kind::Sshfs)
     }
 
-    pub fn is_kmount(self) -> bool {
-        matches!(self, Kind::Kmount | Kind::KmountWb)
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             Kind::Kmount => "kmount",

@@ -1386,34 +1386,29 @@ impl Core {
         let data = entry
             .read(0, entry.size())
             .map_err(|e| err!(libc::EIO, "cannot read the cached {path}: {e}"))?;
-        let op = Op::PutFile {
-            path: path.clone(),
-            data,
-            compressed: false,
-            mode: attr.mode & 0o7777,
-            mtime: Some(attr.mtime),
-            atomic: true,
-            keep_mode: false,
-        };
-        let made = match self.client().call(op, None).await? {
-            Done::Attr(a) => a,
-            other => return Err(err!(libc::EIO, "the agent answered PutFile with {other:?}")),
-        };
+        let made = self.put(&None, path, data, &attr, true).await?;
         // The node is that new file there now: the records still to come change it, and
         // their answers (with its identity) settle the node as usual.
         let wb = self.wb().expect("write-back mode");
         let _order = lock(&wb.order);
+        self.rebind_remote(id, &made);
+        Ok(())
+    }
+
+    /// Node `id` is the remote node `attr` now (made by an applied record): the tree and the
+    /// content cache key follow.
+    fn rebind_remote(&self, id: u64, attr: &Attr) {
+        let wb = self.wb().expect("write-back mode");
         let old = self.tree().remote_of(id);
-        if let Some(old) = old.filter(|o| *o != (made.dev, made.ino)) {
-            self.tree().lock().rebind(id, &made);
+        if let Some(old) = old.filter(|o| *o != (attr.dev, attr.ino)) {
+            self.tree().lock().rebind(id, attr);
             if let Err(e) = wb
                 .cache
-                .rekey(&wb.content_key(old), wb.content_key((made.dev, made.ino)))
+                .rekey(&wb.content_key(old), wb.content_key((attr.dev, attr.ino)))
             {
                 tracing::debug!("cannot rename a cache entry: {e}");
             }
         }
-        Ok(())
     }
 
     /// Makes `offset..offset+len` of node `id`'s cached bytes present, fetching the missing
@@ -1885,16 +1880,7 @@ impl Core {
             });
             match subject {
                 Some(attr) => {
-                    let old = self.tree().remote_of(id);
-                    if let Some(old) = old.filter(|o| *o != (attr.dev, attr.ino)) {
-                        self.tree().lock().rebind(id, attr);
-                        if let Err(e) = wb
-                            .cache
-                            .rekey(&wb.content_key(old), wb.content_key((attr.dev, attr.ino)))
-                        {
-                            tracing::debug!("cannot rename a cache entry: {e}");
-                        }
-                    }
+                    self.rebind_remote(id, attr);
                     if last {
                         self.adopt(id, attr, seq, &mut fx);
                     }

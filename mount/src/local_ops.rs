@@ -665,7 +665,8 @@ impl Core {
         Ok(())
     }
 
-    async fn put(
+    /// Writes `data` as the whole file `path` there, with `attr`'s mode and mtime.
+    pub(crate) async fn put(
         &self,
         caller: &Option<Caller>,
         path: &RelPath,

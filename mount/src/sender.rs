@@ -353,7 +353,7 @@ async fn run_once(
                     return Stop::Restart;
                 }
                 if e.errno == libc::ENOENT
-                    && bytes_only(&batch.op)
+                    && needs_existing_file(&batch.op)
                     && let Some(p) = &path
                 {
                     // The target removed the file while changes to its bytes were on their
@@ -572,9 +572,9 @@ fn record_size(op: &Op) -> usize {
     }
 }
 
-/// A record that changes only the bytes of an existing file (and so fails with `ENOENT` only
-/// when the file is gone).
-fn bytes_only(op: &Op) -> bool {
+/// A record that changes a file that must exist already (its bytes or attributes), and so
+/// fails with `ENOENT` only when the file is gone.
+fn needs_existing_file(op: &Op) -> bool {
     matches!(
         op,
         Op::WritePath { .. } | Op::FallocatePath { .. } | Op::SetAttr { .. }

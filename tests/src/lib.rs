@@ -1076,3 +1076,24 @@ pub fn ino(path: &Path) -> u64 {
         .unwrap_or_else(|e| panic!("lstat {}: {e}", path.display()))
         .ino()
 }
+
+/// The child processes of `daemon`, of any of its threads (a reconnection spawns the new
+/// agent from whichever thread runs it).
+pub fn children_of(daemon: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{daemon}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|c| {
+            // Not a zombie (a killed agent not yet reaped).
+            fs::read_to_string(format!("/proc/{c}/stat")).is_ok_and(|s| !s.contains(") Z "))
+        })
+        .collect()
+}

@@ -1167,27 +1167,6 @@ fn a_vim_session_leaves_no_swap_file_in_the_target() {
 // ---------------------------------------------------------------------------------------------
 // process death: nothing `close()` accepted is lost
 
-/// The child processes of `daemon`, of any of its threads (a reconnection spawns the new
-/// agent from whichever thread runs it).
-fn children_of(daemon: u32) -> Vec<u32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{daemon}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .filter(|c| {
-            // Not a zombie (a killed agent not yet reaped).
-            fs::read_to_string(format!("/proc/{c}/stat")).is_ok_and(|s| !s.contains(") Z "))
-        })
-        .collect()
-}
-
 /// The agent process serving `daemon` (its child).
 fn agent_of(daemon: u32) -> nix::unistd::Pid {
     let pid = *children_of(daemon)

@@ -68,21 +68,6 @@ fn daemon_pid(m: &Mounted) -> u32 {
         .unwrap_or_else(|| panic!("no pid in {row}"))
 }
 
-/// The agent: the daemon's child (of any of its threads).
-fn agent_pid(daemon: u32) -> u32 {
-    fs::read_dir(format!("/proc/{daemon}/task"))
-        .unwrap()
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .next()
-        .expect("the daemon has no agent child")
-}
-
 /// One writer's step in its own directory `dir` (through the mount).
 fn write_step(dir: &Path, rng: &mut Rng) {
     let name = |rng: &mut Rng| dir.join(format!("w{}", rng.below(40)));
@@ -145,7 +130,9 @@ fn soak(write_back: bool) {
         &envs,
     );
     let daemon = daemon_pid(&m);
-    let agent = agent_pid(daemon);
+    let agent = *children_of(daemon)
+        .first()
+        .expect("the daemon has no agent child");
     let stop = Arc::new(AtomicBool::new(false));
     let ops = Arc::new(AtomicU64::new(0));
     let reads = Arc::new(AtomicU64::new(0));
