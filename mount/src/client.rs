@@ -262,8 +262,11 @@ const EVENT_QUEUE: usize = 1024;
 /// What the client reports besides replies (`client --events--> core`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
-    /// Changes the agent's watcher saw, in order.
-    Changes(Vec<Event>),
+    /// Changes the agent's watcher saw, in order. `since`: the local-change sequence number
+    /// ([`Client::local_clock`]) when they arrived. The agent sends an event before the reply
+    /// of any own operation that changed its path after it looked, so a node changed here
+    /// after `since` may have a change of ours the event does not show yet.
+    Changes { events: Vec<Event>, since: u64 },
     /// Batches of changes were dropped because the mount fell behind: anything may have
     /// changed.
     Overflow,
@@ -376,6 +379,8 @@ struct EventSink {
     rx: Mutex<Option<mpsc::Receiver<ClientEvent>>>,
     /// Batches were dropped; the next successful send starts with [`ClientEvent::Overflow`].
     overflowed: std::sync::atomic::AtomicBool,
+    /// The local-change sequence number ([`Client::local_clock`]).
+    clock: Arc<AtomicU64>,
 }
 
 impl EventSink {
@@ -385,6 +390,7 @@ impl EventSink {
             tx: Mutex::new(Some(tx)),
             rx: Mutex::new(Some(rx)),
             overflowed: Default::default(),
+            clock: Arc::default(),
         }
     }
 
@@ -1072,6 +1078,12 @@ impl Client {
             .store(timeout.as_millis().max(1) as u64, Ordering::Relaxed);
     }
 
+    /// The local-change sequence number the mount's core counts its changes with (see
+    /// [`ClientEvent::Changes`]): events are stamped with it as they arrive.
+    pub fn local_clock(&self) -> Arc<AtomicU64> {
+        self.shared.events.clock.clone()
+    }
+
     /// The receiver of remote changes and connection events; `Some` once. Until it is taken,
     /// remote changes are dropped.
     pub fn take_events(&self) -> Option<mpsc::Receiver<ClientEvent>> {
@@ -1729,7 +1741,10 @@ async fn read_loop(
                 Ok(FromAgent::Reply(reply)) => calls.complete(reply),
                 Ok(FromAgent::Fatal(msg)) => break format!("the agent stopped: {msg}"),
                 Ok(FromAgent::Hello(_)) => break "the agent sent a second hello".to_string(),
-                Ok(FromAgent::Events(batch)) => events.emit(ClientEvent::Changes(batch)),
+                Ok(FromAgent::Events(batch)) => events.emit(ClientEvent::Changes {
+                    events: batch,
+                    since: events.clock.load(Ordering::Acquire),
+                }),
                 // Only expected during the hello exchange; harmless later.
                 Ok(FromAgent::RunsAs { .. }) => {}
                 Err(e) => break format!("malformed message from the agent: {e}"),

@@ -625,9 +625,12 @@ async fn remote_changes_reach_the_events_channel_in_order() {
             .unwrap();
         assert_eq!(
             got,
-            Some(ClientEvent::Changes(vec![kmount_proto::Event::Remove {
-                path: RelPath::new(name.as_bytes().to_vec()).unwrap(),
-            }]))
+            Some(ClientEvent::Changes {
+                events: vec![kmount_proto::Event::Remove {
+                    path: RelPath::new(name.as_bytes().to_vec()).unwrap(),
+                }],
+                since: 0,
+            })
         );
     }
 }

@@ -66,6 +66,8 @@ use ranges::RangeSet;
 
 /// Unit of fetching: [`Entry::missing`] reports whole chunks (the last one up to EOF).
 pub const CHUNK: u64 = 1 << 20;
+/// How often a mount makes its cache durable ([`ContentCache::sync`]).
+pub const SYNC_EVERY: std::time::Duration = std::time::Duration::from_secs(300);
 
 const META_MAGIC: [u8; 8] = *b"KMCACHE1";
 
@@ -479,12 +481,16 @@ impl Shared {
     }
 }
 
+/// Closing the cache writes the sidecars that changed, without syncing: entries are good for
+/// the rest of this boot as they are, and [`ContentCache::sync`] (run in the background while
+/// mounted) makes them good across a reboot. A `syncfs` at close waited for every dirty page
+/// of the whole filesystem: on a busy disk an unmount took over 30 s.
 impl Drop for Shared {
     fn drop(&mut self) {
         if lock(&self.lock).is_none() {
             return;
         }
-        if let Err(e) = self.sync() {
+        if let Err(e) = self.flush() {
             tracing::warn!("content cache {}: {e}", self.dir.display());
         }
     }
@@ -796,7 +802,8 @@ impl ContentCache {
     }
 
     /// Makes the cache durable: data synced (`syncfs`), then sidecars marked synced and
-    /// written, then synced, so the entries survive a reboot. Runs when the cache is dropped.
+    /// written, then synced, so the entries survive a reboot. Run now and then while mounted
+    /// (see [`SYNC_EVERY`]); closing only writes sidecars.
     pub fn sync(&self) -> Result<(), ContentError> {
         self.shared.sync()
     }

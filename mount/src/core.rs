@@ -249,7 +249,8 @@ pub struct Core {
     files: Mutex<Files>,
     next_fh: AtomicU64,
     /// Sequence of local changes ([`crate::tree::TreeState::touch`]).
-    mutations: AtomicU64,
+    /// Shared with the client, which stamps remote events with it.
+    mutations: Arc<AtomicU64>,
     sync: Mutex<SyncStats>,
     /// Turns true when the mount ends; background tasks stop.
     shutdown: watch::Sender<bool>,
@@ -344,6 +345,7 @@ impl Core {
         remote_timeout: Duration,
     ) -> Self {
         let identity = identity && client.features() & features::IDENTITY != 0;
+        let mutations = client.local_clock();
         Self {
             client,
             tree,
@@ -353,7 +355,7 @@ impl Core {
             dirs: Mutex::new(HashMap::new()),
             files: Mutex::new(Files::default()),
             next_fh: AtomicU64::new(1),
-            mutations: AtomicU64::new(0),
+            mutations,
             sync: Mutex::new(SyncStats::default()),
             shutdown: watch::channel(false).0,
             write_back: write_back.map(Arc::new),

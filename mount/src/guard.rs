@@ -54,8 +54,12 @@ pub struct GuardConfig {
     /// Watcher removals this close together count as one burst.
     pub window: Duration,
     /// A burst held for judging is judged (by a reconciliation) once no removal came for
-    /// this long.
+    /// this long,
     pub settle: Duration,
+    /// or this long after it began at the latest: removals that never pause for `settle` (a
+    /// tool in the container deleting files steadily) are judged in rounds rather than held
+    /// for as long as they go on.
+    pub judge_within: Duration,
 }
 
 impl Default for GuardConfig {
@@ -65,6 +69,7 @@ impl Default for GuardConfig {
             percent: 50,
             window: Duration::from_secs(3),
             settle: Duration::from_millis(300),
+            judge_within: Duration::from_secs(2),
         }
     }
 }
@@ -143,6 +148,8 @@ pub struct Guard {
     recent: VecDeque<(Instant, u64)>,
     /// A burst of watcher removals waits for the reconciliation due then.
     judge_at: Option<Instant>,
+    /// When the burst waiting for judging began.
+    burst_since: Option<Instant>,
 }
 
 impl Guard {
@@ -181,6 +188,7 @@ impl Guard {
     /// The judging reconciliation starts (or cannot run): no longer due.
     pub fn judged(&mut self) {
         self.judge_at = None;
+        self.burst_since = None;
     }
 
     /// A batch of watcher removals of `removing` entries. [`Verdict::Hold`]: not now (held,
@@ -209,7 +217,8 @@ impl Guard {
                      reconciliation to judge them as a whole"
                 );
             }
-            self.judge_at = Some(now + self.config.settle);
+            let since = *self.burst_since.get_or_insert(now);
+            self.judge_at = Some((now + self.config.settle).min(since + self.config.judge_within));
             return Verdict::Hold;
         }
         self.recent.push_back((now, removing));
@@ -239,7 +248,7 @@ impl Guard {
     /// A reconciliation would remove `removing` of the `known` entries. A hold in force ends
     /// when the removal no longer trips (the remote has the entries again) or was confirmed.
     pub fn check_reconciliation(&mut self, removing: u64, known: u64) -> Verdict {
-        self.judge_at = None;
+        self.judged();
         if self.confirmed {
             return Verdict::Apply;
         }
@@ -418,6 +427,30 @@ mod tests {
         g.settled();
         assert!(g.held().is_none());
         assert_eq!(g.judge_at(), None);
+    }
+
+    #[test]
+    fn steady_removals_are_judged_in_rounds() {
+        let mut g = guard();
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        // A removal every 10 ms, never pausing for the settle time.
+        let mut held_from = None;
+        for i in 0..1000 {
+            if g.check_burst(at(10 * i), 2) == Verdict::Hold {
+                held_from.get_or_insert(10 * i);
+            }
+        }
+        let first = held_from.expect("a steady stream of removals is a burst");
+        assert_eq!(
+            g.judge_at(),
+            Some(at(first + 2000)),
+            "judged within two seconds of the burst's start, not when it stops"
+        );
+        assert_eq!(g.check_reconciliation(100, 24_000), Verdict::Apply);
+        g.settled();
+        // The next round starts afresh.
+        assert_eq!(g.check_burst(at(10_100), 2), Verdict::Apply);
     }
 
     #[test]

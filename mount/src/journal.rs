@@ -193,6 +193,27 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
     }
 }
 
+/// One line naming what a record does, for logs: its operation and paths (and the range of
+/// a write), never its bytes.
+pub fn summary(op: &Op) -> String {
+    let paths: Vec<String> = op_paths(op)
+        .iter()
+        .map(|p| p.as_bytes().escape_ascii().to_string())
+        .collect();
+    let mut out = format!("{} {}", crate::client::op_name(op), paths.join(" -> "));
+    match op {
+        Op::WritePath { offset, data, .. } => {
+            out.push_str(&format!(" [{offset}, +{})", data.len()));
+        }
+        Op::PutFile { data, .. } => out.push_str(&format!(" ({} bytes)", data.len())),
+        Op::SetAttr { set, .. } if set.size.is_some() => {
+            out.push_str(&format!(" size {}", set.size.unwrap_or_default()));
+        }
+        _ => {}
+    }
+    out
+}
+
 /// Every path an operation names (both ends of a rename or link).
 pub fn op_paths(op: &Op) -> Vec<&RelPath> {
     fn node(n: &NodeRef) -> Vec<&RelPath> {

@@ -840,6 +840,24 @@ pub fn mount(
             sender::run(c, shutdown).await;
             drop(done);
         });
+        let (c, done) = (core.clone(), tasks_tx.clone());
+        runtime.spawn(async move {
+            // Now and then the cache is made good across a reboot (closing it does not).
+            let mut shutdown = c.shutdown_signal();
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(content::SYNC_EVERY) => {}
+                    _ = shutdown.wait_for(|s| *s) => break,
+                }
+                let Some(cache) = c.write_back().map(|wb| wb.cache.clone()) else {
+                    break;
+                };
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || cache.sync()).await {
+                    tracing::warn!("content cache: {e}");
+                }
+            }
+            drop(done);
+        });
         if let (Some(recovery), Some(commands)) = (recovered, commands_tx.clone()) {
             // What an earlier run changed is in the tree once it has landed remotely.
             let (c, done) = (core.clone(), tasks_tx.clone());

@@ -469,7 +469,12 @@ impl Core {
                     ..
                 }
         );
+        let summary =
+            tracing::enabled!(tracing::Level::DEBUG).then(|| crate::journal::summary(&c.op));
         let seq = wb.journal.append_as(c.caller, c.op)?;
+        if let Some(summary) = summary {
+            tracing::debug!(seq, nodes = ?c.nodes, "journaled: {summary}");
+        }
         let mut last = lock(&wb.last_seq);
         for &id in &c.nodes {
             last.insert(id, seq);
@@ -1866,6 +1871,16 @@ impl Core {
             }
         }
         let nodes = wb.take_settled(first, seq);
+        {
+            // Applied there now: a listing taken or an event judged while these records were
+            // on their way predates them (a name made here, not yet there, would be removed
+            // from the view), so the nodes count as changed now.
+            let now = self.next_mutation();
+            let mut t = self.tree().lock();
+            for &(id, _) in &nodes {
+                t.mark_touched(id, now);
+            }
+        }
         let settled: Vec<u64> = nodes.iter().filter(|(_, l)| *l).map(|(n, _)| *n).collect();
         let mut fx = Effects::default();
         let mut refresh = Vec::new();

@@ -345,6 +345,7 @@ async fn relist(
             keep.insert(e.name.clone());
             let existing = t.child(id, &e.name);
             if existing.is_some_and(|c| t.touched(c) > since)
+                || t.takes_changed_node(id, &e.name, &attr, since)
                 || dir.join(&e.name).is_ok_and(|p| pending.covers(&p))
             {
                 continue;
@@ -361,6 +362,15 @@ async fn relist(
             }
         }
         if remove {
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                let gone: Vec<String> = t
+                    .child_names(id)
+                    .into_iter()
+                    .filter(|n| !keep.contains(n))
+                    .map(|n| n.escape_ascii().to_string())
+                    .collect();
+                tracing::debug!(?dir, ?gone, "removing what the listing lacks");
+            }
             t.retain_children(id, &keep, &mut fx);
         }
         fx.inval.extend(t.take_deferred());

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use kmount_proto::tree::decode_entries;
-use kmount_proto::{Done, Event, NodeRef, Op, RelPath, TreeEntry};
+use kmount_proto::{Attr, Done, Event, NodeRef, Op, RelPath, TreeEntry};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -137,7 +137,9 @@ impl WalkApply {
                     }
                     other => other.filter(|&id| t.is_dir(id) && e.attr.is_dir()),
                 }
-            } else if existing.is_some_and(|id| t.touched(id) > self.since) {
+            } else if existing.is_some_and(|id| t.touched(id) > self.since)
+                || t.takes_changed_node(parent, &name, &e.attr, self.since)
+            {
                 existing
             } else {
                 Some(t.upsert(parent, &name, &e.attr, e.symlink.clone(), false, fx))
@@ -547,7 +549,22 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
             .await;
         let mut t = core.tree().lock();
         let parent = complete_dir(&t, &parent_path);
+        // Changed here while the answer was on its way (or a change of it was in flight): the
+        // answer may predate that change, which stands.
+        let changed = |t: &TreeState, id: Option<u64>| id.is_some_and(|id| t.touched(id) > since);
+        let node = parent.and_then(|p| t.child(p, name));
+        if changed(&t, node)
+            || (node.is_none() && changed(&t, parent))
+            || core.pending_set().is_some_and(|p| p.covers(path))
+        {
+            return Ok(());
+        }
         match (got, parent) {
+            (Ok(Done::Attr(attr)), Some(parent))
+                if t.takes_changed_node(parent, name, &attr, since) =>
+            {
+                return Ok(());
+            }
             (Ok(Done::Attr(attr)), Some(parent)) => {
                 let is_dir = attr.is_dir();
                 t.upsert(parent, name, &attr, None, false, &mut fx);
@@ -667,14 +684,63 @@ async fn rescan_all(core: &Core, paths: Vec<RelPath>) {
     }
 }
 
-/// Applies a run of events, then their side effects (invalidations, refreshes, rescans).
-pub async fn handle_events(core: &Core, events: Vec<Event>) {
+/// Whether `event`, which arrived when the local-change sequence number was `since`, may
+/// predate a change made here since: the node it names was changed here after that, or (for a
+/// name the tree does not have, or a rename's destination) its directory was. The agent sends
+/// an event before the reply of an own operation that changed its path after the look
+/// ([`ClientEvent::Changes`]), but the change counts as made here only once that reply is
+/// handled, or later: applied, the event could undo it in the view (a name made again here
+/// shown removed, and the next save of it refused by the remote with `EEXIST`). The paths
+/// returned are looked at again instead.
+fn predates_local_change(t: &TreeState, event: &Event, since: u64) -> Option<Vec<RelPath>> {
+    let changed = |p: &RelPath| t.resolve(p).is_some_and(|id| t.touched(id) > since);
+    let dir_changed = |p: &RelPath| p.split_last().is_some_and(|(dir, _)| changed(&dir));
+    let takes_changed = |path: &RelPath, attr: &Attr| {
+        path.split_last().is_some_and(|(dir, name)| {
+            t.resolve(&dir)
+                .is_some_and(|d| t.takes_changed_node(d, name, attr, since))
+        })
+    };
+    let stale = match event {
+        Event::Upsert { path, attr, .. } => {
+            takes_changed(path, attr)
+                || match t.resolve(path) {
+                    Some(id) => t.touched(id) > since,
+                    None => dir_changed(path),
+                }
+        }
+        Event::Remove { path } => changed(path),
+        Event::Rename { from, to } => changed(from) || changed(to) || dir_changed(to),
+        Event::Rescan { .. } => false,
+    };
+    stale.then(|| match event {
+        Event::Upsert { path, .. } | Event::Remove { path } => vec![path.clone()],
+        Event::Rename { from, to } => vec![from.clone(), to.clone()],
+        Event::Rescan { .. } => Vec::new(),
+    })
+}
+
+/// Applies a run of events that arrived when the local-change sequence number was `since`
+/// (or later), then their side effects (invalidations, refreshes, rescans).
+pub async fn handle_events(core: &Core, events: Vec<Event>, since: u64) {
     let n = events.len() as u64;
-    tracing::debug!(?events, "remote changes");
+    tracing::debug!(?events, since, "remote changes");
     let mut fx = Effects::default();
     let pending = core.pending_set().filter(|p| !p.is_empty());
+    let mut again = Vec::new();
     let rescans = {
         let mut t = core.tree().lock();
+        let events: Vec<Event> = events
+            .into_iter()
+            .filter(|e| match predates_local_change(&t, e, since) {
+                Some(paths) => {
+                    tracing::debug!(event = ?e, "looked at again: it may predate a local change");
+                    again.extend(paths);
+                    false
+                }
+                None => true,
+            })
+            .collect();
         let removing = removals_in(&t, &events, pending.as_ref());
         let verdict = if removing == 0 {
             Verdict::Apply
@@ -698,8 +764,9 @@ pub async fn handle_events(core: &Core, events: Vec<Event>) {
     core.invalidator().send(std::mem::take(&mut fx.inval));
     core.note_stale_content(&fx.stale_content);
     core.sync_stats(|s| s.events += n);
-    let (more, mut again) = refresh(core, &fx.refresh).await;
+    let (more, refreshed) = refresh(core, &fx.refresh).await;
     core.invalidator().send(more.inval);
+    again.extend(refreshed);
     again.extend(rescans);
     if !again.is_empty() {
         rescan_all(core, again).await;
@@ -831,25 +898,31 @@ pub async fn run(
 /// Applies queued client events in order, runs of change batches as one.
 async fn apply_queued(core: &Core, queued: Vec<ClientEvent>) {
     let mut changes = Vec::new();
+    // The earliest arrival of the run: every change in it is judged against that.
+    let mut first = u64::MAX;
     for ev in queued {
         match ev {
-            ClientEvent::Changes(batch) => changes.extend(batch),
+            ClientEvent::Changes { events, since } => {
+                first = first.min(since);
+                changes.extend(events);
+            }
             other => {
                 if !changes.is_empty() {
-                    handle_events(core, std::mem::take(&mut changes)).await;
+                    handle_events(core, std::mem::take(&mut changes), first).await;
+                    first = u64::MAX;
                 }
                 handle_link_event(core, other).await;
             }
         }
     }
     if !changes.is_empty() {
-        handle_events(core, changes).await;
+        handle_events(core, changes, first).await;
     }
 }
 
 async fn handle_link_event(core: &Core, ev: ClientEvent) {
     match ev {
-        ClientEvent::Changes(batch) => handle_events(core, batch).await,
+        ClientEvent::Changes { events, since } => handle_events(core, events, since).await,
         ClientEvent::Overflow => {
             tracing::warn!("remote changes were dropped; walking the whole tree again");
             rescan_all(core, vec![RelPath::root()]).await;

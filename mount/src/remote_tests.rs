@@ -189,3 +189,53 @@ fn removals_count_each_entry_once() {
         0
     );
 }
+
+/// A file renamed here (`.tmp1` -> `w7`, applied there after a listing or an event was
+/// taken) must not be moved back to its old name by that older word, nor lose its new name
+/// to another file that got the same inode number.
+#[test]
+fn observations_older_than_a_local_change_do_not_move_its_node() {
+    let t = tree();
+    let mut fx = Effects::default();
+    apply_events(
+        &mut t.lock(),
+        vec![
+            upsert("d", 10, libc::S_IFDIR),
+            upsert("d/.tmp1", 11, libc::S_IFREG),
+        ],
+        &mut fx,
+        None,
+    );
+    let mut g = t.lock();
+    let d = g.resolve(&p("d")).unwrap();
+    let since = 5;
+    // The local rename, after the observation's `since`.
+    g.rename(d, b".tmp1", d, b"w7", false, &mut fx);
+    let w7 = g.resolve(&p("d/w7")).unwrap();
+    g.mark_touched(w7, since + 1);
+    g.mark_touched(d, since + 1);
+    let old = upsert("d/.tmp1", 11, libc::S_IFREG);
+    assert!(g.takes_changed_node(d, b".tmp1", &attr(11, libc::S_IFREG), since));
+    assert_eq!(
+        predates_local_change(&g, &old, since),
+        Some(vec![p("d/.tmp1")]),
+        "looked at again rather than applied"
+    );
+    // Taken after the change: applied as it is.
+    assert!(!g.takes_changed_node(d, b".tmp1", &attr(11, libc::S_IFREG), since + 1));
+    assert_eq!(predates_local_change(&g, &old, since + 1), None);
+    // A removal of the new name that predates the change is looked at again too.
+    let gone = Event::Remove { path: p("d/w7") };
+    assert_eq!(
+        predates_local_change(&g, &gone, since),
+        Some(vec![p("d/w7")])
+    );
+    assert_eq!(predates_local_change(&g, &gone, since + 1), None);
+    // Elsewhere nothing changed: events apply.
+    assert_eq!(
+        predates_local_change(&g, &upsert("e", 12, libc::S_IFREG), since),
+        None
+    );
+    drop(g);
+    assert_eq!(names(&t, "d"), vec!["w7"]);
+}

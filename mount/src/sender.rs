@@ -239,6 +239,12 @@ async fn run_once(
             };
             for b in batches {
                 // Sent here, in seq order; the replies are awaited below.
+                tracing::debug!(
+                    first = b.first_seq,
+                    seq = b.seq,
+                    "sending: {}",
+                    crate::journal::summary(&b.op)
+                );
                 let reply = send_batch(&client, session, &b).await;
                 next = b.seq + 1;
                 in_flight.push_back((b, generation, reply));

@@ -479,6 +479,23 @@ impl TreeState {
             .map_or(ROOT_ID, |l| l.0)
     }
 
+    /// Whether [`TreeState::upsert`] of `name` in `parent` with `attr` would take a node that
+    /// was changed here after `since` from another name (a node moves to the name a remote
+    /// observation shows it under). Such an observation may predate the change (the listing
+    /// of a directory taken before a local rename arrived there shows the file under its old
+    /// name) or be of another file that got the same inode number; applied, it would take
+    /// the name the local change gave the node out of the view.
+    pub fn takes_changed_node(&self, parent: u64, name: &[u8], attr: &Attr, since: u64) -> bool {
+        let Some(&id) = self.by_remote.get(&(attr.dev, attr.ino)) else {
+            return false;
+        };
+        id != ROOT_ID
+            && self.child(parent, name) != Some(id)
+            && self.nodes.get(&id).is_some_and(|n| {
+                n.touched > since && !n.links.is_empty() && n.kind() == attr.file_type()
+            })
+    }
+
     /// The node id `attr` has or would get, without recording anything (for plain readdir).
     pub fn peek(&self, attr: &Attr) -> u64 {
         match self.by_remote.get(&(attr.dev, attr.ino)) {
@@ -919,6 +936,14 @@ impl TreeState {
         node.links.insert(0, link);
         for (old_parent, old_name) in moved {
             if self.child(old_parent, &old_name) == Some(id) {
+                tracing::debug!(
+                    id,
+                    old_parent,
+                    old_name = %old_name.escape_ascii(),
+                    parent,
+                    name = %name.escape_ascii(),
+                    "a node moves to the name the remote shows it under"
+                );
                 if let Some(p) = self.nodes.get_mut(&old_parent) {
                     p.children.remove(&old_name);
                 }

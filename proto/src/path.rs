@@ -11,8 +11,15 @@ pub const NAME_MAX: usize = 255;
 /// or `..`, no NUL byte, no leading or trailing `/`. The empty path is the root itself.
 ///
 /// Deserialisation validates, so a `RelPath` received from the wire is always well formed.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize)]
 pub struct RelPath(#[serde(with = "serde_bytes")] Vec<u8>);
+
+/// `RelPath("a/b")`, bytes that are not UTF-8 escaped: readable in logs.
+impl std::fmt::Debug for RelPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RelPath(\"{}\")", self.0.escape_ascii())
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RelPathError {

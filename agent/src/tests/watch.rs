@@ -582,3 +582,43 @@ fn closing_a_read_handle_does_not_hide_a_change_made_meanwhile() {
     fx.ok(Op::Close { handle: h });
     assert_eq!(step(&mut w, &rx), Vec::<String>::new());
 }
+
+/// An event judged before an own operation changed its path must reach the mount before that
+/// operation's reply or not at all (it is judged again): the mount takes a reply as newer
+/// than the events before it, and an older "removed" after the reply of our create would
+/// take the new file out of its view.
+#[test]
+fn an_event_an_own_operation_overtook_is_judged_again() {
+    let fx = Fx::new();
+    fx.agent.echo.set_enabled(true);
+    let looked = fx.agent.echo.start_judging();
+    // Looked at: `x` absent, `y` absent. Then our create of `x` finishes (its reply goes out).
+    fx.ok(Op::Create {
+        path: p("x"),
+        flags: libc::O_RDWR | libc::O_EXCL,
+        mode: 0o644,
+    });
+    let events = vec![
+        (Event::Remove { path: p("x") }, looked),
+        (Event::Remove { path: p("y") }, looked),
+    ];
+    let mut sent = Vec::new();
+    let (ok, again) = fx.agent.echo.send_judged(events, |e| {
+        sent = e;
+        true
+    });
+    assert!(ok);
+    assert_eq!(sent, vec![Event::Remove { path: p("y") }]);
+    assert_eq!(again, vec![p("x")]);
+    // Judged after the create: sent.
+    let looked = fx.agent.echo.start_judging();
+    let (_, again) =
+        fx.agent
+            .echo
+            .send_judged(vec![(Event::Remove { path: p("x") }, looked)], |e| {
+                sent = e;
+                true
+            });
+    assert!(again.is_empty());
+    assert_eq!(sent, vec![Event::Remove { path: p("x") }]);
+}
