@@ -214,6 +214,15 @@ pub fn summary(op: &Op) -> String {
     out
 }
 
+/// See [`Journal::waiting`].
+pub struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// Every path an operation names (both ends of a rename or link).
 pub fn op_paths(op: &Op) -> Vec<&RelPath> {
     fn node(n: &NodeRef) -> Vec<&RelPath> {
@@ -890,16 +899,7 @@ impl Journal {
     /// Waits until every record up to `seq` is applied remotely. Fails when the journal closes
     /// first.
     pub async fn wait_applied(&self, seq: u64) -> Result<(), JournalError> {
-        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-        impl Drop for Waiting<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-            }
-        }
-        self.shared
-            .waiters
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let _waiting = Waiting(&self.shared.waiters);
+        let _waiting = self.waiting();
         let mut rx = self.shared.applied_tx.subscribe();
         let closed = self.watch_closed();
         tokio::select! {
@@ -924,6 +924,15 @@ impl Journal {
     }
 
     /// Whether someone waits for records to be applied (`fsync`, `kmount wait`, unmount).
+    /// Counts as someone waiting for records to be applied ([`Journal::has_waiters`]) until
+    /// dropped: the sender then holds nothing back.
+    pub fn waiting(&self) -> Waiting<'_> {
+        self.shared
+            .waiters
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Waiting(&self.shared.waiters)
+    }
+
     pub fn has_waiters(&self) -> bool {
         self.shared
             .waiters

@@ -1555,6 +1555,9 @@ impl Core {
         path: Option<&RelPath>,
     ) -> Result<(), FsError> {
         let wb = self.wb().expect("write-back mode");
+        // The sender holds back nothing while someone waits (records of a file still open
+        // would otherwise wait for it to close, up to its hold time: an fsync took 2 s).
+        let _waiting = wb.journal.waiting();
         let mut applied = wb.journal.watch_applied();
         let started = std::time::Instant::now();
         // The refusal of our own record seen first: the sender is asked to try it again at

@@ -536,10 +536,33 @@ pub async fn refresh(core: &Core, ids: &[u64]) -> (Effects, Vec<RelPath>) {
 
 /// Walks `path` again and applies the difference; a path that no longer exists is removed.
 pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
+    // An answer that a local change overtook is not applied; the lookup is made again (the
+    // change was made here: the path's remote state may be news all the same).
+    for attempt in 1..=RESCAN_ATTEMPTS {
+        if rescan_once(core, path).await? == Rescanned::Done {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+    }
+    tracing::debug!(%path, "left for the next reconciliation: it keeps changing here");
+    Ok(())
+}
+
+/// Lookups of a path [`rescan`] makes while local changes overtake their answers.
+const RESCAN_ATTEMPTS: u64 = 4;
+
+#[derive(Debug, PartialEq, Eq)]
+enum Rescanned {
+    Done,
+    /// A local change overtook the answer: nothing applied.
+    Overtaken,
+}
+
+async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> {
     let since = core.mutation_seq();
     if core.pending_set().is_some_and(|p| p.covers(path)) {
         // Its local state is newer; the walk after its changes land settles it.
-        return Ok(());
+        return Ok(Rescanned::Done);
     }
     let mut fx = Effects::default();
     if let Some((parent_path, name)) = path.split_last() {
@@ -557,13 +580,13 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
             || (node.is_none() && changed(&t, parent))
             || core.pending_set().is_some_and(|p| p.covers(path))
         {
-            return Ok(());
+            return Ok(Rescanned::Overtaken);
         }
         match (got, parent) {
             (Ok(Done::Attr(attr)), Some(parent))
                 if t.takes_changed_node(parent, name, &attr, since) =>
             {
-                return Ok(());
+                return Ok(Rescanned::Overtaken);
             }
             (Ok(Done::Attr(attr)), Some(parent)) => {
                 let is_dir = attr.is_dir();
@@ -571,7 +594,7 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
                 if !is_dir {
                     drop(t);
                     core.invalidator().send(std::mem::take(&mut fx.inval));
-                    return Ok(());
+                    return Ok(Rescanned::Done);
                 }
             }
             (Err(e), Some(parent))
@@ -581,12 +604,12 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
                     .child(parent, name)
                     .map_or(0, |c| guard::subtree_size(&t, c));
                 if guard_once(core, &t, removing) == Verdict::Hold {
-                    return Ok(());
+                    return Ok(Rescanned::Done);
                 }
                 t.remove(parent, name, &mut fx);
                 drop(t);
                 core.invalidator().send(std::mem::take(&mut fx.inval));
-                return Ok(());
+                return Ok(Rescanned::Done);
             }
             (Err(e), _) => return Err(e.into()),
             (Ok(other), _) if !matches!(other, Done::Attr(_)) => {
@@ -621,7 +644,7 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
     let (more, _) = refresh(core, &fx.refresh).await;
     core.invalidator().send(more.inval);
     core.sync_stats(|s| s.rescans += 1);
-    Ok(())
+    Ok(Rescanned::Done)
 }
 
 /// Asks the guard about a rescan removing `removing` entries from the tree `t`.

@@ -33,7 +33,7 @@ use crate::local::RemoteError;
 /// Journaled requests in flight at once.
 pub const MAX_IN_FLIGHT: usize = 64;
 /// Records read from the journal per round.
-const READ_RECORDS: usize = 256;
+const READ_RECORDS: usize = 1024;
 /// Bytes of records read per round (about).
 const READ_BYTES: usize = 8 << 20;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);

@@ -179,6 +179,24 @@ fn eacces_reaches_fsync_and_the_data_goes_through_once_allowed() {
     )
     .unwrap();
     fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    // A process another test forks while the wrapper is open for writing inherits that
+    // descriptor until it execs: executing the wrapper meanwhile fails with ETXTBSY. Once it
+    // runs, nobody holds it open for writing any more.
+    for attempt in 0.. {
+        match std::process::Command::new(&wrapper)
+            .arg("--version")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+        {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < 100 => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot run {}: {e}", wrapper.display()),
+            Ok(_) => break,
+        }
+    }
     let mut setup = Setup::write_back(state.path());
     let w = wrapper.clone();
     setup.wrap = Some(std::sync::Arc::new(
