@@ -21,7 +21,7 @@ use fuser::{
 use kmount_proto::{SetAttr, SetTime};
 use tracing::Instrument;
 
-use crate::core::{Core, NodeAttr, Xattr, timespec};
+use crate::core::{Core, DirItem, NodeAttr, Xattr, timespec};
 use crate::error::FsError;
 use crate::owner::{self, OwnerMap};
 
@@ -117,17 +117,98 @@ impl RequestCounts {
     }
 }
 
+/// Listings made without OPENDIR. When the kernel's cached listings are kept (see
+/// `FuseFs::keep_dir_cache`), opendir answers ENOSYS: the kernel then takes that as "no
+/// opendir support" for the whole connection, sends no more OPENDIR or RELEASEDIR (two
+/// requests per directory on every walk and every `git status`), keeps every directory's
+/// listing as if FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE had been answered, and lists with handle 0.
+/// A listing then runs on a core handle kept here per directory: made at offset 0, used for
+/// the later offsets (the same snapshot, as with a handle of its own), dropped at the end of
+/// the listing or when the directory is listed from the start again.
+///
+/// Limits: two listings of one directory at the same moment share one snapshot (one starting
+/// over gives the other a fresh snapshot, the same entries unless the directory changed in
+/// between); a listing given up before its end keeps its handle until the directory is listed
+/// again; an error opening a directory the tree does not hold whole (EACCES from the target)
+/// comes with the first getdents rather than with open.
+#[derive(Default)]
+struct Listings {
+    /// directory --> the core handle its current listing runs on
+    by_dir: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+impl Listings {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, u64>> {
+        // No section panics midway, so a poisoned map is still consistent.
+        self.by_dir.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The core handle to list `dir` from `offset` with: `fh` itself when the kernel has one,
+    /// else the current listing's, or a new one (from the start, or when none is left).
+    async fn begin(
+        &self,
+        core: &Core,
+        caller: Option<kmount_proto::Caller>,
+        dir: u64,
+        fh: u64,
+        offset: u64,
+    ) -> Result<u64, FsError> {
+        if fh != 0 {
+            return Ok(fh);
+        }
+        if offset > 0
+            && let Some(&fh) = self.map().get(&dir)
+        {
+            return Ok(fh);
+        }
+        self.renew(core, caller, dir).await
+    }
+
+    /// A new listing of `dir` (the one before, if any, is dropped): at offset 0, or when the
+    /// handle was released by another listing of the same directory meanwhile (EBADF).
+    async fn renew(
+        &self,
+        core: &Core,
+        caller: Option<kmount_proto::Caller>,
+        dir: u64,
+    ) -> Result<u64, FsError> {
+        let fh = core.opendir(caller, dir).await?;
+        let replaced = self.map().insert(dir, fh);
+        if let Some(old) = replaced {
+            let _ = core.releasedir(dir, old).await;
+        }
+        Ok(fh)
+    }
+
+    /// The listing of `dir` on `fh` is over.
+    async fn done(&self, core: &Core, dir: u64, fh: u64) {
+        let mine = {
+            let mut map = self.map();
+            let mine = map.get(&dir) == Some(&fh);
+            if mine {
+                map.remove(&dir);
+            }
+            mine
+        };
+        if mine {
+            let _ = core.releasedir(dir, fh).await;
+        }
+    }
+}
+
 pub(crate) struct FuseFs {
     core: Arc<Core>,
     runtime: tokio::runtime::Handle,
     out: AttrOut,
     /// The user the agent runs as (not root), whose permissions the target applies.
     agent_user: Option<kmount_proto::Caller>,
-    /// Directory listings the kernel caches stay cached across opendirs
-    /// (`FOPEN_KEEP_CACHE`): only when every remote change reaches the kernel as an
-    /// invalidation (the whole tree is kept and watched). Without it the kernel drops a
-    /// directory's cached listing at each opendir.
+    /// Directory listings the kernel caches stay cached until invalidated: only when every
+    /// remote change reaches the kernel as an invalidation (the whole tree is kept and
+    /// watched). Directories are then listed without OPENDIR ([`Listings`]). Without it,
+    /// opendir answers `FOPEN_CACHE_DIR` alone, and the kernel drops a directory's cached
+    /// listing at each opendir.
     keep_dir_cache: bool,
+    listings: Arc<Listings>,
     counts: Arc<RequestCounts>,
 }
 
@@ -197,6 +278,7 @@ impl FuseFs {
                 .filter(|(uid, _, _)| *uid != 0)
                 .map(|(uid, gid, groups)| kmount_proto::Caller { uid, gid, groups }),
             keep_dir_cache,
+            listings: Arc::default(),
             counts,
         }
     }
@@ -868,17 +950,17 @@ impl Filesystem for FuseFs {
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.counts.add(RequestKind::Opendir);
         let span = tracing::debug_span!("opendir", req = req.unique().0, ino = ino.0);
+        if self.keep_dir_cache {
+            // Never asked again on this connection; see `Listings`.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         let (core, caller) = (self.core.clone(), self.caller(req));
-        let flags = if self.keep_dir_cache {
-            FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::FOPEN_CACHE_DIR
-        };
         self.respond(
             span,
             reply,
             async move { core.opendir(caller, ino.0).await },
-            move |r, fh| r.opened(FileHandle(fh), flags),
+            |r, fh| r.opened(FileHandle(fh), FopenFlags::FOPEN_CACHE_DIR),
         );
     }
 
@@ -898,19 +980,44 @@ impl Filesystem for FuseFs {
             fh = fh.0,
             offset
         );
-        let (core, caller) = (self.core.clone(), self.caller(req));
+        let (core, caller, listings) = (self.core.clone(), self.caller(req), self.listings.clone());
         self.run(
             async move {
-                let result = core
-                    .readdir(caller, ino.0, fh.0, offset, |item| {
-                        reply.add(
-                            INodeNo(item.ino),
-                            item.offset,
-                            file_type(item.kind),
-                            OsStr::from_bytes(item.name),
-                        )
-                    })
-                    .await;
+                let mut any = false;
+                let mut add = |item: &DirItem<'_>| {
+                    any = true;
+                    reply.add(
+                        INodeNo(item.ino),
+                        item.offset,
+                        file_type(item.kind),
+                        OsStr::from_bytes(item.name),
+                    )
+                };
+                let result = match listings
+                    .begin(&core, caller.clone(), ino.0, fh.0, offset)
+                    .await
+                {
+                    Ok(h) => {
+                        let mut result = core
+                            .readdir(caller.clone(), ino.0, h, offset, &mut add)
+                            .await;
+                        let mut h = h;
+                        if fh.0 == 0 && result.as_ref().is_err_and(|e| e.errno == libc::EBADF) {
+                            result = match listings.renew(&core, caller.clone(), ino.0).await {
+                                Ok(new) => {
+                                    h = new;
+                                    core.readdir(caller, ino.0, h, offset, &mut add).await
+                                }
+                                Err(e) => Err(e),
+                            };
+                        }
+                        if fh.0 == 0 && result.is_ok() && !any {
+                            listings.done(&core, ino.0, h).await;
+                        }
+                        result
+                    }
+                    Err(e) => Err(e),
+                };
                 match result {
                     Ok(()) => reply.ok(),
                     Err(e) => {
@@ -939,22 +1046,54 @@ impl Filesystem for FuseFs {
             fh = fh.0,
             offset
         );
-        let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
+        let (core, caller, out, listings) = (
+            self.core.clone(),
+            self.caller(req),
+            self.out,
+            self.listings.clone(),
+        );
         self.run(
             async move {
-                let result = core
-                    .readdirplus(caller, ino.0, fh.0, offset, |item| match &item.attr {
-                        Some(attr) => reply.add(
+                let mut any = false;
+                let mut add = |item: &DirItem<'_>| match &item.attr {
+                    Some(attr) => {
+                        any = true;
+                        reply.add(
                             INodeNo(item.ino),
                             item.offset,
                             OsStr::from_bytes(item.name),
                             &out.ttl,
                             &out.attr(attr),
                             Generation(0),
-                        ),
-                        None => false,
-                    })
-                    .await;
+                        )
+                    }
+                    None => false,
+                };
+                let result = match listings
+                    .begin(&core, caller.clone(), ino.0, fh.0, offset)
+                    .await
+                {
+                    Ok(h) => {
+                        let mut result = core
+                            .readdirplus(caller.clone(), ino.0, h, offset, &mut add)
+                            .await;
+                        let mut h = h;
+                        if fh.0 == 0 && result.as_ref().is_err_and(|e| e.errno == libc::EBADF) {
+                            result = match listings.renew(&core, caller.clone(), ino.0).await {
+                                Ok(new) => {
+                                    h = new;
+                                    core.readdirplus(caller, ino.0, h, offset, &mut add).await
+                                }
+                                Err(e) => Err(e),
+                            };
+                        }
+                        if fh.0 == 0 && result.is_ok() && !any {
+                            listings.done(&core, ino.0, h).await;
+                        }
+                        result
+                    }
+                    Err(e) => Err(e),
+                };
                 match result {
                     Ok(()) => reply.ok(),
                     Err(e) => {
