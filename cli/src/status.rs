@@ -29,12 +29,15 @@
 //!     // { "entries": 500, "of": 500,       //   entries missing there, entries the mount has
 //!     //   "since": 1764160000.5,           //   unix seconds
 //!     //   "detail": "..." }                //   `kmount confirm MOUNTPOINT` applies it
+//!     "fuse_requests": { "lookup": 12, "getattr": 3 }  // requests the kernel sent the mount
+//!                                           // since it started, by kind (none: left out)
 //!   }]
 //! }
 //! ```
 //!
 //! New keys may be added within version 1; none is removed or renamed without a new version.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -79,6 +82,10 @@ pub struct MountStatus {
     /// Absent in answers of daemons older than the key.
     #[serde(default)]
     pub paused_removal: Option<PausedRemoval>,
+    /// FUSE requests received since the mount started, by kind (for diagnosing what the
+    /// kernel's caches do not answer). Absent in answers of daemons older than the key.
+    #[serde(default)]
+    pub fuse_requests: BTreeMap<String, u64>,
 }
 
 /// A mass removal the mount holds (`kmount_mount::guard`) until `kmount confirm` or until the
@@ -184,6 +191,11 @@ pub fn snapshot(
             since: unix_secs(h.since),
             detail: h.describe(),
         }),
+        fuse_requests: handle
+            .fuse_requests()
+            .into_iter()
+            .map(|(kind, n)| (kind.to_string(), n))
+            .collect(),
     }
 }
 
@@ -392,6 +404,7 @@ mod tests {
                 "cache_limit_bytes",
                 "conflicts",
                 "files",
+                "fuse_requests",
                 "last_reconcile",
                 "last_reconcile_outcome",
                 "mountpoint",

@@ -8,6 +8,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +21,7 @@ use fuser::{
 use kmount_proto::{SetAttr, SetTime};
 use tracing::Instrument;
 
-use crate::core::{Core, NodeAttr, Xattr, timespec};
+use crate::core::{Core, DirItem, NodeAttr, Xattr, timespec};
 use crate::error::FsError;
 use crate::owner::{self, OwnerMap};
 
@@ -45,12 +46,170 @@ const MAX_READAHEAD: u32 = 1 << 20;
 /// `raise_readahead`): enough requests in flight to fill a link with a round trip.
 pub(crate) const MAX_READAHEAD_WANTED: u32 = 8 << 20;
 
+/// FUSE requests the mount received, by kind: what the kernel did not answer from its own
+/// caches (`kmount status --json`, `fuse_requests`). One relaxed atomic add per request.
+#[derive(Debug)]
+pub struct RequestCounts([AtomicU64; KIND_NAMES.len()]);
+
+impl Default for RequestCounts {
+    fn default() -> Self {
+        Self(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+macro_rules! request_kinds {
+    ($($kind:ident => $name:literal),* $(,)?) => {
+        #[derive(Clone, Copy)]
+        enum RequestKind { $($kind),* }
+        const KIND_NAMES: [&str; [$($name),*].len()] = [$($name),*];
+    };
+}
+
+request_kinds! {
+    Lookup => "lookup",
+    Forget => "forget",
+    Getattr => "getattr",
+    Setattr => "setattr",
+    Readlink => "readlink",
+    Mknod => "mknod",
+    Mkdir => "mkdir",
+    Unlink => "unlink",
+    Rmdir => "rmdir",
+    Symlink => "symlink",
+    Rename => "rename",
+    Link => "link",
+    Open => "open",
+    Read => "read",
+    Write => "write",
+    Flush => "flush",
+    Release => "release",
+    Fsync => "fsync",
+    Opendir => "opendir",
+    Readdir => "readdir",
+    Readdirplus => "readdirplus",
+    Releasedir => "releasedir",
+    Fsyncdir => "fsyncdir",
+    Statfs => "statfs",
+    Setxattr => "setxattr",
+    Getxattr => "getxattr",
+    Listxattr => "listxattr",
+    Removexattr => "removexattr",
+    Access => "access",
+    Create => "create",
+    Fallocate => "fallocate",
+    Lseek => "lseek",
+    CopyFileRange => "copy_file_range",
+}
+
+impl RequestCounts {
+    fn add(&self, kind: RequestKind) {
+        self.0[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The kinds received at least once, with their counts.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        KIND_NAMES
+            .iter()
+            .zip(&self.0)
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+/// Listings made without OPENDIR. When the kernel's cached listings are kept (see
+/// `FuseFs::keep_dir_cache`), opendir answers ENOSYS: the kernel then takes that as "no
+/// opendir support" for the whole connection, sends no more OPENDIR or RELEASEDIR (two
+/// requests per directory on every walk and every `git status`), keeps every directory's
+/// listing as if FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE had been answered, and lists with handle 0.
+/// A listing then runs on a core handle kept here per directory: made at offset 0, used for
+/// the later offsets (the same snapshot, as with a handle of its own), dropped at the end of
+/// the listing or when the directory is listed from the start again.
+///
+/// Limits: two listings of one directory at the same moment share one snapshot (one starting
+/// over gives the other a fresh snapshot, the same entries unless the directory changed in
+/// between); a listing given up before its end keeps its handle until the directory is listed
+/// again; an error opening a directory the tree does not hold whole (EACCES from the target)
+/// comes with the first getdents rather than with open.
+#[derive(Default)]
+struct Listings {
+    /// directory --> the core handle its current listing runs on
+    by_dir: std::sync::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+impl Listings {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, u64>> {
+        // No section panics midway, so a poisoned map is still consistent.
+        self.by_dir.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The core handle to list `dir` from `offset` with: `fh` itself when the kernel has one,
+    /// else the current listing's, or a new one (from the start, or when none is left).
+    async fn begin(
+        &self,
+        core: &Core,
+        caller: Option<kmount_proto::Caller>,
+        dir: u64,
+        fh: u64,
+        offset: u64,
+    ) -> Result<u64, FsError> {
+        if fh != 0 {
+            return Ok(fh);
+        }
+        if offset > 0
+            && let Some(&fh) = self.map().get(&dir)
+        {
+            return Ok(fh);
+        }
+        self.renew(core, caller, dir).await
+    }
+
+    /// A new listing of `dir` (the one before, if any, is dropped): at offset 0, or when the
+    /// handle was released by another listing of the same directory meanwhile (EBADF).
+    async fn renew(
+        &self,
+        core: &Core,
+        caller: Option<kmount_proto::Caller>,
+        dir: u64,
+    ) -> Result<u64, FsError> {
+        let fh = core.opendir(caller, dir).await?;
+        let replaced = self.map().insert(dir, fh);
+        if let Some(old) = replaced {
+            let _ = core.releasedir(dir, old).await;
+        }
+        Ok(fh)
+    }
+
+    /// The listing of `dir` on `fh` is over.
+    async fn done(&self, core: &Core, dir: u64, fh: u64) {
+        let mine = {
+            let mut map = self.map();
+            let mine = map.get(&dir) == Some(&fh);
+            if mine {
+                map.remove(&dir);
+            }
+            mine
+        };
+        if mine {
+            let _ = core.releasedir(dir, fh).await;
+        }
+    }
+}
+
 pub(crate) struct FuseFs {
     core: Arc<Core>,
     runtime: tokio::runtime::Handle,
     out: AttrOut,
     /// The user the agent runs as (not root), whose permissions the target applies.
     agent_user: Option<kmount_proto::Caller>,
+    /// Directory listings the kernel caches stay cached until invalidated: only when every
+    /// remote change reaches the kernel as an invalidation (the whole tree is kept and
+    /// watched). Directories are then listed without OPENDIR ([`Listings`]). Without it,
+    /// opendir answers `FOPEN_CACHE_DIR` alone, and the kernel drops a directory's cached
+    /// listing at each opendir.
+    keep_dir_cache: bool,
+    listings: Arc<Listings>,
+    counts: Arc<RequestCounts>,
 }
 
 /// How attributes are handed to the kernel: for how long, and with whose owner.
@@ -58,6 +217,41 @@ pub(crate) struct FuseFs {
 struct AttrOut {
     ttl: Duration,
     owners: Option<OwnerMap>,
+}
+
+/// Whether a name missing from directory `parent` stays missing until the kernel is told
+/// otherwise: the tree holds its complete listing, kept current by the watcher.
+fn knows_every_name(core: &Core, parent: u64) -> bool {
+    core.whole_tree() && {
+        let t = core.tree().lock();
+        t.is_complete(t.canon(parent))
+    }
+}
+
+/// The answer to a lookup of a name that does not exist: node id 0 with a TTL, which the
+/// kernel keeps as a negative entry for that long instead of asking again (git looks for a
+/// `.gitignore` in every directory on every `git status`). The name appearing remotely
+/// reaches the kernel as an entry invalidation ([`crate::tree`]); one made here replaces the
+/// negative entry in the kernel itself. Only for directories of which
+/// [`knows_every_name`].
+fn negative_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: SystemTime::UNIX_EPOCH,
+        mtime: SystemTime::UNIX_EPOCH,
+        ctime: SystemTime::UNIX_EPOCH,
+        crtime: SystemTime::UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
 }
 
 impl AttrOut {
@@ -73,6 +267,8 @@ impl FuseFs {
         ttl: Duration,
         owners: Option<OwnerMap>,
         agent_user: Option<(u32, u32, Vec<u32>)>,
+        keep_dir_cache: bool,
+        counts: Arc<RequestCounts>,
     ) -> Self {
         Self {
             core,
@@ -81,6 +277,9 @@ impl FuseFs {
             agent_user: agent_user
                 .filter(|(uid, _, _)| *uid != 0)
                 .map(|(uid, gid, groups)| kmount_proto::Caller { uid, gid, groups }),
+            keep_dir_cache,
+            listings: Arc::default(),
+            counts,
         }
     }
 
@@ -342,22 +541,35 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.counts.add(RequestKind::Lookup);
         let span = tracing::debug_span!("lookup", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name, out) =
             (self.core.clone(), self.caller(req), bytes(name), self.out);
-        self.respond(
-            span,
-            reply,
-            async move { core.lookup(caller, parent.0, &name).await },
-            move |r, a| r.entry(&out.ttl, &out.attr(&a), Generation(0)),
+        self.run(
+            async move {
+                match core.lookup(caller, parent.0, &name).await {
+                    Ok(a) => reply.entry(&out.ttl, &out.attr(&a), Generation(0)),
+                    Err(e) if e.errno == libc::ENOENT && knows_every_name(&core, parent.0) => {
+                        reply.entry(&out.ttl, &negative_entry(), Generation(0))
+                    }
+                    Err(e) => {
+                        log_error(&e);
+                        reply.error(Errno::from_i32(e.errno));
+                    }
+                }
+            }
+            .instrument(span),
         );
     }
 
+    /// Also called for each node of a BATCH_FORGET (fuser's default), and counted so.
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.counts.add(RequestKind::Forget);
         self.core.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        self.counts.add(RequestKind::Getattr);
         let span = tracing::debug_span!("getattr", req = req.unique().0, ino = ino.0);
         let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
         self.respond(
@@ -386,6 +598,7 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        self.counts.add(RequestKind::Setattr);
         let span = tracing::debug_span!("setattr", req = req.unique().0, ino = ino.0);
         let (uid, gid) = owner::requested(self.out.owners.as_ref(), uid, gid);
         let set = SetAttr {
@@ -410,6 +623,7 @@ impl Filesystem for FuseFs {
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.counts.add(RequestKind::Readlink);
         let span = tracing::debug_span!("readlink", req = req.unique().0, ino = ino.0);
         let (core, caller) = (self.core.clone(), self.caller(req));
         self.respond(
@@ -430,6 +644,7 @@ impl Filesystem for FuseFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.counts.add(RequestKind::Mknod);
         let span = tracing::debug_span!("mknod", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name, out) =
             (self.core.clone(), self.caller(req), bytes(name), self.out);
@@ -454,6 +669,7 @@ impl Filesystem for FuseFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        self.counts.add(RequestKind::Mkdir);
         let span = tracing::debug_span!("mkdir", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name, out) =
             (self.core.clone(), self.caller(req), bytes(name), self.out);
@@ -470,6 +686,7 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counts.add(RequestKind::Unlink);
         let span = tracing::debug_span!("unlink", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name) = (self.core.clone(), self.caller(req), bytes(name));
         let who = self.enforce();
@@ -485,6 +702,7 @@ impl Filesystem for FuseFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counts.add(RequestKind::Rmdir);
         let span = tracing::debug_span!("rmdir", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name) = (self.core.clone(), self.caller(req), bytes(name));
         let who = self.enforce();
@@ -507,6 +725,7 @@ impl Filesystem for FuseFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
+        self.counts.add(RequestKind::Symlink);
         let span = tracing::debug_span!("symlink", req = req.unique().0, ino = parent.0, name = ?link_name);
         let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
         let (name, target) = (bytes(link_name), bytes(target.as_os_str()));
@@ -532,6 +751,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.counts.add(RequestKind::Rename);
         let span = tracing::debug_span!(
             "rename",
             req = req.unique().0,
@@ -564,6 +784,7 @@ impl Filesystem for FuseFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
+        self.counts.add(RequestKind::Link);
         let span = tracing::debug_span!(
             "link",
             req = req.unique().0,
@@ -586,6 +807,7 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.counts.add(RequestKind::Open);
         let span = tracing::debug_span!("open", req = req.unique().0, ino = ino.0, flags = flags.0);
         let (core, caller) = (self.core.clone(), self.caller(req));
         let who = self.enforce();
@@ -618,6 +840,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.counts.add(RequestKind::Read);
         let span = tracing::debug_span!(
             "read",
             req = req.unique().0,
@@ -647,6 +870,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.counts.add(RequestKind::Write);
         let span = tracing::debug_span!(
             "write",
             req = req.unique().0,
@@ -672,6 +896,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.counts.add(RequestKind::Flush);
         let span = tracing::debug_span!("flush", req = req.unique().0, ino = ino.0, fh = fh.0);
         let core = self.core.clone();
         self.respond(
@@ -692,6 +917,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.counts.add(RequestKind::Release);
         let span = tracing::debug_span!("release", req = req.unique().0, ino = ino.0, fh = fh.0);
         let core = self.core.clone();
         self.respond(
@@ -710,6 +936,7 @@ impl Filesystem for FuseFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.counts.add(RequestKind::Fsync);
         let span = tracing::debug_span!("fsync", req = req.unique().0, ino = ino.0, fh = fh.0);
         let (core, caller) = (self.core.clone(), self.caller(req));
         self.respond(
@@ -721,7 +948,13 @@ impl Filesystem for FuseFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.counts.add(RequestKind::Opendir);
         let span = tracing::debug_span!("opendir", req = req.unique().0, ino = ino.0);
+        if self.keep_dir_cache {
+            // Never asked again on this connection; see `Listings`.
+            reply.error(Errno::ENOSYS);
+            return;
+        }
         let (core, caller) = (self.core.clone(), self.caller(req));
         self.respond(
             span,
@@ -739,6 +972,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        self.counts.add(RequestKind::Readdir);
         let span = tracing::debug_span!(
             "readdir",
             req = req.unique().0,
@@ -746,19 +980,44 @@ impl Filesystem for FuseFs {
             fh = fh.0,
             offset
         );
-        let (core, caller) = (self.core.clone(), self.caller(req));
+        let (core, caller, listings) = (self.core.clone(), self.caller(req), self.listings.clone());
         self.run(
             async move {
-                let result = core
-                    .readdir(caller, ino.0, fh.0, offset, |item| {
-                        reply.add(
-                            INodeNo(item.ino),
-                            item.offset,
-                            file_type(item.kind),
-                            OsStr::from_bytes(item.name),
-                        )
-                    })
-                    .await;
+                let mut any = false;
+                let mut add = |item: &DirItem<'_>| {
+                    any = true;
+                    reply.add(
+                        INodeNo(item.ino),
+                        item.offset,
+                        file_type(item.kind),
+                        OsStr::from_bytes(item.name),
+                    )
+                };
+                let result = match listings
+                    .begin(&core, caller.clone(), ino.0, fh.0, offset)
+                    .await
+                {
+                    Ok(h) => {
+                        let mut result = core
+                            .readdir(caller.clone(), ino.0, h, offset, &mut add)
+                            .await;
+                        let mut h = h;
+                        if fh.0 == 0 && result.as_ref().is_err_and(|e| e.errno == libc::EBADF) {
+                            result = match listings.renew(&core, caller.clone(), ino.0).await {
+                                Ok(new) => {
+                                    h = new;
+                                    core.readdir(caller, ino.0, h, offset, &mut add).await
+                                }
+                                Err(e) => Err(e),
+                            };
+                        }
+                        if fh.0 == 0 && result.is_ok() && !any {
+                            listings.done(&core, ino.0, h).await;
+                        }
+                        result
+                    }
+                    Err(e) => Err(e),
+                };
                 match result {
                     Ok(()) => reply.ok(),
                     Err(e) => {
@@ -779,6 +1038,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        self.counts.add(RequestKind::Readdirplus);
         let span = tracing::debug_span!(
             "readdirplus",
             req = req.unique().0,
@@ -786,22 +1046,54 @@ impl Filesystem for FuseFs {
             fh = fh.0,
             offset
         );
-        let (core, caller, out) = (self.core.clone(), self.caller(req), self.out);
+        let (core, caller, out, listings) = (
+            self.core.clone(),
+            self.caller(req),
+            self.out,
+            self.listings.clone(),
+        );
         self.run(
             async move {
-                let result = core
-                    .readdirplus(caller, ino.0, fh.0, offset, |item| match &item.attr {
-                        Some(attr) => reply.add(
+                let mut any = false;
+                let mut add = |item: &DirItem<'_>| match &item.attr {
+                    Some(attr) => {
+                        any = true;
+                        reply.add(
                             INodeNo(item.ino),
                             item.offset,
                             OsStr::from_bytes(item.name),
                             &out.ttl,
                             &out.attr(attr),
                             Generation(0),
-                        ),
-                        None => false,
-                    })
-                    .await;
+                        )
+                    }
+                    None => false,
+                };
+                let result = match listings
+                    .begin(&core, caller.clone(), ino.0, fh.0, offset)
+                    .await
+                {
+                    Ok(h) => {
+                        let mut result = core
+                            .readdirplus(caller.clone(), ino.0, h, offset, &mut add)
+                            .await;
+                        let mut h = h;
+                        if fh.0 == 0 && result.as_ref().is_err_and(|e| e.errno == libc::EBADF) {
+                            result = match listings.renew(&core, caller.clone(), ino.0).await {
+                                Ok(new) => {
+                                    h = new;
+                                    core.readdirplus(caller, ino.0, h, offset, &mut add).await
+                                }
+                                Err(e) => Err(e),
+                            };
+                        }
+                        if fh.0 == 0 && result.is_ok() && !any {
+                            listings.done(&core, ino.0, h).await;
+                        }
+                        result
+                    }
+                    Err(e) => Err(e),
+                };
                 match result {
                     Ok(()) => reply.ok(),
                     Err(e) => {
@@ -822,6 +1114,7 @@ impl Filesystem for FuseFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.counts.add(RequestKind::Releasedir);
         let span = tracing::debug_span!("releasedir", req = req.unique().0, ino = ino.0, fh = fh.0);
         let core = self.core.clone();
         self.respond(
@@ -840,11 +1133,13 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        self.counts.add(RequestKind::Fsyncdir);
         // Directory operations are synchronous in the agent: nothing is pending.
         reply.ok();
     }
 
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.counts.add(RequestKind::Statfs);
         let span = tracing::debug_span!("statfs", req = req.unique().0, ino = ino.0);
         let (core, caller) = (self.core.clone(), self.caller(req));
         self.respond(
@@ -869,6 +1164,7 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        self.counts.add(RequestKind::Setxattr);
         let span = tracing::debug_span!("setxattr", req = req.unique().0, ino = ino.0, ?name);
         let (core, caller, name, value) = (
             self.core.clone(),
@@ -885,6 +1181,7 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        self.counts.add(RequestKind::Getxattr);
         let span = tracing::debug_span!("getxattr", req = req.unique().0, ino = ino.0, ?name, size);
         let (core, caller, name) = (self.core.clone(), self.caller(req), bytes(name));
         self.respond(
@@ -896,6 +1193,7 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.counts.add(RequestKind::Listxattr);
         let span = tracing::debug_span!("listxattr", req = req.unique().0, ino = ino.0, size);
         let (core, caller) = (self.core.clone(), self.caller(req));
         self.respond(
@@ -907,6 +1205,7 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.counts.add(RequestKind::Removexattr);
         let span = tracing::debug_span!("removexattr", req = req.unique().0, ino = ino.0, ?name);
         let (core, caller, name) = (self.core.clone(), self.caller(req), bytes(name));
         self.respond(
@@ -918,6 +1217,7 @@ impl Filesystem for FuseFs {
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.counts.add(RequestKind::Access);
         let span = tracing::debug_span!("access", req = req.unique().0, ino = ino.0);
         let (core, caller) = (self.core.clone(), self.caller(req));
         self.respond(
@@ -938,6 +1238,7 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.counts.add(RequestKind::Create);
         let span = tracing::debug_span!("create", req = req.unique().0, ino = parent.0, ?name);
         let (core, caller, name, out) =
             (self.core.clone(), self.caller(req), bytes(name), self.out);
@@ -971,6 +1272,7 @@ impl Filesystem for FuseFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        self.counts.add(RequestKind::Fallocate);
         let span = tracing::debug_span!("fallocate", req = req.unique().0, ino = ino.0, fh = fh.0);
         let (core, caller) = (self.core.clone(), self.caller(req));
         self.respond(
@@ -990,6 +1292,7 @@ impl Filesystem for FuseFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        self.counts.add(RequestKind::Lseek);
         let span = tracing::debug_span!("lseek", req = req.unique().0, ino = ino.0, fh = fh.0);
         let (core, caller) = (self.core.clone(), self.caller(req));
         self.respond(
@@ -1013,6 +1316,7 @@ impl Filesystem for FuseFs {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
+        self.counts.add(RequestKind::CopyFileRange);
         // The kernel falls back to reading and writing.
         reply.error(Errno::ENOSYS);
     }

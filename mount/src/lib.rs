@@ -366,6 +366,8 @@ pub struct MountHandle {
     conn: Option<u32>,
     /// The `--on-change` runner's live status, when a command is set.
     on_change: Option<on_change::SharedStatus>,
+    /// FUSE requests received, by kind.
+    fuse_requests: Arc<fuse::RequestCounts>,
 }
 
 /// How long a session may take to end after its unmount before its connection is aborted.
@@ -610,6 +612,12 @@ impl MountHandle {
             cache_entries: wb.map_or(0, |w| w.cache.len()),
             tree: self.tree_counts(),
         }
+    }
+
+    /// FUSE requests received so far, by kind (`"lookup"`, `"getxattr"`, ...), the kinds
+    /// never received left out: what reached kmount instead of being answered by the kernel.
+    pub fn fuse_requests(&self) -> Vec<(&'static str, u64)> {
+        self.fuse_requests.snapshot()
     }
 
     /// Requests sent to the agent so far, by kind (`"ReadPath"`, `"Journaled"`, ...).
@@ -909,12 +917,15 @@ pub fn mount(
     let agent_user = opts
         .owner_map
         .map(|m| (m.remote_uid, m.remote_gid, core.client().agent_groups()));
+    let fuse_requests = Arc::new(fuse::RequestCounts::default());
     let fs = FuseFs::new(
         core.clone(),
         runtime,
         ttl.max(MIN_ATTR_TTL),
         owner_map,
         agent_user,
+        whole_tree,
+        fuse_requests.clone(),
     );
 
     let mut config = Config::default();
@@ -961,6 +972,7 @@ pub fn mount(
         tasks_done: Some(tasks_done),
         conn,
         on_change,
+        fuse_requests,
     })
 }
 

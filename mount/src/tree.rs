@@ -619,6 +619,12 @@ impl TreeState {
             self.unlink_name(parent, name, true, fx);
         } else {
             if self.kernel_knows(parent) {
+                // The kernel may hold a negative entry for the name (lookups of missing
+                // names are cached, see `fuse::negative_entry`).
+                fx.inval.push(Inval::Entry {
+                    parent,
+                    name: name.to_vec(),
+                });
                 fx.inval.push(Inval::Inode {
                     ino: parent,
                     data: true,
