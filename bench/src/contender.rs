@@ -205,9 +205,12 @@ impl Session {
                 }
                 let target = format!("ssh://{HOST_ALIAS}:{port}{}", env.root.display());
                 let mut cmd = env.kmount_cmd();
-                if kind == Kind::KmountWb {
-                    cmd.arg("--write-back");
-                }
+                // Both explicit: local-first is the default for ssh targets.
+                cmd.arg(if kind == Kind::KmountWb {
+                    "--write-back"
+                } else {
+                    "--write-through"
+                });
                 run(cmd.arg(&target).arg(&mnt), "kmount")?;
                 let mut unmount = env.kmount_cmd();
                 unmount.arg("unmount").arg(&mnt);

@@ -96,12 +96,12 @@ struct MountArgs {
     reconcile_interval: Option<Duration>,
     /// Local-first: changes land in a local journal and content cache at once and reach the
     /// target in the background, in order (`kmount wait` waits for them; `kmount unmount`
-    /// sends them first). The default for containers. Also KMOUNT_WRITE_BACK=1.
+    /// sends them first). The default for containers and ssh hosts. Also KMOUNT_WRITE_BACK=1.
     #[arg(long, conflicts_with = "write_through")]
     write_back: bool,
-    /// Every change is in the target before the call returns (the default, except for
-    /// containers, whose mounts are local-first so that a replaced pod gets the session's
-    /// changes again). Also KMOUNT_WRITE_BACK=0.
+    /// Every change is in the target before the call returns: each waits a round trip (the
+    /// default for local directories; containers and ssh hosts are local-first). Also
+    /// KMOUNT_WRITE_BACK=0.
     #[arg(long)]
     write_through: bool,
     /// Hide paths matching PATTERN (gitignore syntax) in both directions; repeatable. Also

@@ -63,7 +63,7 @@ fn mount_and_serve(
         .with_context(|| format!("cannot start serving {}", target.display()))?;
     let peer = connector.describe();
     ready.progress(&format!("connected to {peer}; reading the tree"));
-    let local_first = flags.write_back_enabled(matches!(target, Target::Kube(_)));
+    let local_first = flags.write_back_enabled(matches!(target, Target::Kube(_) | Target::Ssh(_)));
     let (cache_dir, journal_dir) = if local_first {
         let state = session_dir(&dirs, &target.display(), mountpoint);
         crate::state::private_dir(&state)?;
