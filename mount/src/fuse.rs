@@ -8,7 +8,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Waker};
 use std::time::{Duration, SystemTime};
 
@@ -193,6 +193,57 @@ impl Listings {
         if mine {
             let _ = core.releasedir(dir, fh).await;
         }
+    }
+
+    /// Lists `dir` from `offset` into `add` (`plus`: with attributes) on the kernel's handle
+    /// `fh`, or without one (0) on the listing's own handle, which ends once a call gives
+    /// nothing (`any` stayed false).
+    #[allow(clippy::too_many_arguments)]
+    async fn list<F>(
+        &self,
+        core: &Core,
+        caller: Option<kmount_proto::Caller>,
+        dir: u64,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+        mut add: F,
+        any: &AtomicBool,
+    ) -> Result<(), FsError>
+    where
+        F: FnMut(&DirItem<'_>) -> bool + Send,
+    {
+        let mut h = self.begin(core, caller.clone(), dir, fh, offset).await?;
+        let mut result = read_dir(core, caller.clone(), dir, h, offset, plus, &mut add).await;
+        if fh == 0 && result.as_ref().is_err_and(|e| e.errno == libc::EBADF) {
+            // Released by another listing of the directory meanwhile.
+            h = self.renew(core, caller.clone(), dir).await?;
+            result = read_dir(core, caller, dir, h, offset, plus, &mut add).await;
+        }
+        if fh == 0 && result.is_ok() && !any.load(Ordering::Relaxed) {
+            self.done(core, dir, h).await;
+        }
+        result
+    }
+}
+
+/// `readdir` (or with `plus`, `readdirplus`) of `dir` on the core handle `h`.
+async fn read_dir<F>(
+    core: &Core,
+    caller: Option<kmount_proto::Caller>,
+    dir: u64,
+    h: u64,
+    offset: u64,
+    plus: bool,
+    add: &mut F,
+) -> Result<(), FsError>
+where
+    F: FnMut(&DirItem<'_>) -> bool + Send,
+{
+    if plus {
+        core.readdirplus(caller, dir, h, offset, add).await
+    } else {
+        core.readdir(caller, dir, h, offset, add).await
     }
 }
 
@@ -983,9 +1034,9 @@ impl Filesystem for FuseFs {
         let (core, caller, listings) = (self.core.clone(), self.caller(req), self.listings.clone());
         self.run(
             async move {
-                let mut any = false;
-                let mut add = |item: &DirItem<'_>| {
-                    any = true;
+                let any = AtomicBool::new(false);
+                let add = |item: &DirItem<'_>| {
+                    any.store(true, Ordering::Relaxed);
                     reply.add(
                         INodeNo(item.ino),
                         item.offset,
@@ -993,31 +1044,9 @@ impl Filesystem for FuseFs {
                         OsStr::from_bytes(item.name),
                     )
                 };
-                let result = match listings
-                    .begin(&core, caller.clone(), ino.0, fh.0, offset)
-                    .await
-                {
-                    Ok(h) => {
-                        let mut result = core
-                            .readdir(caller.clone(), ino.0, h, offset, &mut add)
-                            .await;
-                        let mut h = h;
-                        if fh.0 == 0 && result.as_ref().is_err_and(|e| e.errno == libc::EBADF) {
-                            result = match listings.renew(&core, caller.clone(), ino.0).await {
-                                Ok(new) => {
-                                    h = new;
-                                    core.readdir(caller, ino.0, h, offset, &mut add).await
-                                }
-                                Err(e) => Err(e),
-                            };
-                        }
-                        if fh.0 == 0 && result.is_ok() && !any {
-                            listings.done(&core, ino.0, h).await;
-                        }
-                        result
-                    }
-                    Err(e) => Err(e),
-                };
+                let result = listings
+                    .list(&core, caller, ino.0, fh.0, offset, false, add, &any)
+                    .await;
                 match result {
                     Ok(()) => reply.ok(),
                     Err(e) => {
@@ -1054,10 +1083,10 @@ impl Filesystem for FuseFs {
         );
         self.run(
             async move {
-                let mut any = false;
-                let mut add = |item: &DirItem<'_>| match &item.attr {
+                let any = AtomicBool::new(false);
+                let add = |item: &DirItem<'_>| match &item.attr {
                     Some(attr) => {
-                        any = true;
+                        any.store(true, Ordering::Relaxed);
                         reply.add(
                             INodeNo(item.ino),
                             item.offset,
@@ -1069,31 +1098,9 @@ impl Filesystem for FuseFs {
                     }
                     None => false,
                 };
-                let result = match listings
-                    .begin(&core, caller.clone(), ino.0, fh.0, offset)
-                    .await
-                {
-                    Ok(h) => {
-                        let mut result = core
-                            .readdirplus(caller.clone(), ino.0, h, offset, &mut add)
-                            .await;
-                        let mut h = h;
-                        if fh.0 == 0 && result.as_ref().is_err_and(|e| e.errno == libc::EBADF) {
-                            result = match listings.renew(&core, caller.clone(), ino.0).await {
-                                Ok(new) => {
-                                    h = new;
-                                    core.readdirplus(caller, ino.0, h, offset, &mut add).await
-                                }
-                                Err(e) => Err(e),
-                            };
-                        }
-                        if fh.0 == 0 && result.is_ok() && !any {
-                            listings.done(&core, ino.0, h).await;
-                        }
-                        result
-                    }
-                    Err(e) => Err(e),
-                };
+                let result = listings
+                    .list(&core, caller, ino.0, fh.0, offset, true, add, &any)
+                    .await;
                 match result {
                     Ok(()) => reply.ok(),
                     Err(e) => {

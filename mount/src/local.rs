@@ -155,6 +155,9 @@ pub struct WriteBack {
     last_append: Mutex<Option<std::time::Instant>>,
     /// Wakes the sender out of its backoff ([`WriteBack::retry_now`]).
     retry: tokio::sync::Notify,
+    /// Wakes the sender when a file is closed: the records it holds back for a file still
+    /// open go at once rather than at its next look ([`WriteBack::file_closed`]).
+    closed: tokio::sync::Notify,
     /// Seq -> nodes it changed (to settle them when it is applied).
     seq_nodes: Mutex<BTreeMap<u64, Vec<u64>>>,
     /// Our file handles.
@@ -225,6 +228,7 @@ impl WriteBack {
             last_meta_seq: Mutex::new(HashMap::new()),
             last_append: Mutex::new(None),
             retry: tokio::sync::Notify::new(),
+            closed: tokio::sync::Notify::new(),
             seq_nodes: Mutex::new(BTreeMap::new()),
             files: Mutex::new(HashMap::new()),
             fetches: Mutex::new(HashMap::new()),
@@ -334,6 +338,11 @@ impl WriteBack {
     /// `fsync` wants to know whether the cause is gone).
     pub fn retry_now(&self) {
         self.retry.notify_one();
+    }
+
+    /// Resolves after a file opened through the mount was closed (since the last call).
+    pub async fn file_closed(&self) {
+        self.closed.notified().await;
     }
 
     /// Resolves when someone asked for [`WriteBack::retry_now`].
@@ -1509,6 +1518,7 @@ impl Core {
         let wb = self.wb().expect("write-back mode");
         let f = lock(&wb.files).remove(&fh);
         self.tree().closed(id);
+        wb.closed.notify_one();
         if let Some(f) = f
             && let Err(e) = f.entry.flush()
         {

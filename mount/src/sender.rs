@@ -257,6 +257,8 @@ async fn run_once(
                 _ = shutdown.wait_for(|s| *s) => return Stop::Shutdown,
                 r = durable.changed() => if r.is_err() { return Stop::Shutdown },
                 () = tokio::time::sleep(HOLD_POLL), if held => {}
+                // A save's end: its records go now, not at the next look.
+                () = wb.file_closed(), if held => {}
             }
             continue;
         };
