@@ -385,7 +385,15 @@ impl Echo {
                     Seen::Present(a) => Some(key(a)),
                     Seen::Absent => None,
                 })
-                .chain(pending.node.as_ref().map(|n| n.key))
+                // A close changes nothing (a read through the mount closes its handle every
+                // time: counted, it kept the file's own event from ever being sent).
+                .chain(
+                    pending
+                        .node
+                        .as_ref()
+                        .filter(|n| n.before.is_none())
+                        .map(|n| n.key),
+                )
                 .chain(pinned_seen.iter().map(key));
             for k in keys {
                 j.nodes.insert(k, count);

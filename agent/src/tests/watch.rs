@@ -622,3 +622,38 @@ fn an_event_an_own_operation_overtook_is_judged_again() {
     assert!(again.is_empty());
     assert_eq!(sent, vec![Event::Remove { path: p("x") }]);
 }
+
+/// Closing a handle changes nothing: a program reading a file through the mount over and over
+/// (one open and close each time) must not hold back the file's own event forever.
+#[test]
+fn closing_a_handle_does_not_hold_back_events() {
+    let fx = Fx::new();
+    fs::write(fx.tmp.path().join("root/f"), b"data").unwrap();
+    fx.agent.echo.set_enabled(true);
+    let looked = fx.agent.echo.start_judging();
+    let h = fx.handle(Op::Open {
+        path: p("f"),
+        flags: libc::O_RDONLY,
+    });
+    fx.ok(Op::Close { handle: h });
+    let attr = upsert_attr(&fx, "f");
+    let (_, again) = fx.agent.echo.send_judged(
+        vec![(
+            Event::Upsert {
+                path: p("f"),
+                attr,
+                symlink: None,
+            },
+            looked,
+        )],
+        |_| true,
+    );
+    assert!(again.is_empty(), "held back by a close: {again:?}");
+}
+
+fn upsert_attr(fx: &Fx, path: &str) -> Attr {
+    match fx.ok(Op::Lookup { path: p(path) }) {
+        Done::Attr(a) => a,
+        other => panic!("lookup {path}: {other:?}"),
+    }
+}
