@@ -13,13 +13,6 @@
 //!   holds back events for busy paths and nodes until the operation has recorded its result
 //!   (recording and unmarking happen under one lock), so an event can never be judged before
 //!   the record that explains it exists.
-//! - An event is never sent after the reply of an own operation that finished on its path (or
-//!   node) after the event's `lstat`: the mount takes a reply as newer than any event before
-//!   it, so such an event would undo the operation in its view (a file made again by the mount
-//!   shown removed, and its next save refused with `EEXIST`). While the watcher judges a batch
-//!   ([`Echo::start_judging`]) the paths and nodes operations finish on are noted, and
-//!   [`Echo::send_judged`] sends, under the lock every `finish` takes, only the events no such
-//!   operation overtook; the others are judged again.
 //! - Records expire [`TTL`] after the last operation on them; expired records match nothing.
 //! - Nothing is recorded while the watcher is off.
 
@@ -29,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kmount_proto::{Attr, Event, NodeRef, Op, RelPath, Timespec};
+use kmount_proto::{Attr, NodeRef, Op, RelPath, Timespec};
 
 use crate::confine::Root;
 use crate::handles::Handle;
@@ -91,24 +84,6 @@ struct State {
     last_sweep: Option<Instant>,
     /// Operations finished so far (see [`Echo::finished`]).
     finished: u64,
-    /// While the watcher judges a batch: the paths and nodes operations finished on since
-    /// it started, with the count of finished operations after each.
-    judging: Option<Judging>,
-}
-
-#[derive(Debug, Default)]
-struct Judging {
-    paths: HashMap<RelPath, u64>,
-    nodes: HashMap<NodeKey, u64>,
-}
-
-impl Judging {
-    /// Whether an operation finished on `path` (or the node `key`) after the watcher's look
-    /// at it, taken when `looked` operations had finished.
-    fn overtaken(&self, path: &RelPath, key: Option<NodeKey>, looked: u64) -> bool {
-        self.paths.get(path).is_some_and(|&n| n > looked)
-            || key.is_some_and(|k| self.nodes.get(&k).is_some_and(|&n| n > looked))
-    }
 }
 
 impl State {
@@ -374,72 +349,6 @@ impl Echo {
             unmark(&mut s.busy_nodes, &n.key);
         }
         s.finished += 1;
-        let count = s.finished;
-        if let Some(j) = &mut s.judging {
-            for p in &pending.paths {
-                j.paths.insert(p.clone(), count);
-            }
-            let keys = seen
-                .iter()
-                .filter_map(|(_, st)| match st {
-                    Seen::Present(a) => Some(key(a)),
-                    Seen::Absent => None,
-                })
-                // A close changes nothing (a read through the mount closes its handle every
-                // time: counted, it kept the file's own event from ever being sent).
-                .chain(
-                    pending
-                        .node
-                        .as_ref()
-                        .filter(|n| n.before.is_none())
-                        .map(|n| n.key),
-                )
-                .chain(pinned_seen.iter().map(key));
-            for k in keys {
-                j.nodes.insert(k, count);
-            }
-        }
-    }
-
-    /// The watcher starts judging a batch: operations finishing from now on are noted until
-    /// [`Echo::send_judged`]. Returns how many have finished.
-    pub fn start_judging(&self) -> u64 {
-        let mut s = self.state();
-        s.judging = Some(Judging::default());
-        s.finished
-    }
-
-    /// Sends the judged `events` (each with the count of finished operations when its state
-    /// was looked at) through `send`, except those an own operation overtook since: their
-    /// paths are returned, to be judged again. Sending happens under the lock every
-    /// [`Echo::finish`] takes, so an operation finishing later has its reply sent after them.
-    /// `false` in the first place: nobody listens any more.
-    pub fn send_judged(
-        &self,
-        events: Vec<(Event, u64)>,
-        send: impl FnOnce(Vec<Event>) -> bool,
-    ) -> (bool, Vec<RelPath>) {
-        let mut s = self.state();
-        let judging = s.judging.take().unwrap_or_default();
-        let mut out = Vec::with_capacity(events.len());
-        let mut again = Vec::new();
-        for (event, looked) in events {
-            let overtaken = |p: &RelPath, k: Option<NodeKey>| judging.overtaken(p, k, looked);
-            match &event {
-                Event::Upsert { path, attr, .. } if overtaken(path, Some(key(attr))) => {
-                    again.push(path.clone());
-                }
-                Event::Remove { path } if overtaken(path, None) => again.push(path.clone()),
-                Event::Rename { from, to } if overtaken(from, None) || overtaken(to, None) => {
-                    again.push(from.clone());
-                    again.push(to.clone());
-                }
-                _ => out.push(event),
-            }
-        }
-        let sent = out.is_empty() || send(out);
-        drop(s);
-        (sent, again)
     }
 
     /// How many operations have finished. A state the watcher read while this number moved

@@ -944,8 +944,6 @@ impl Watcher {
         }
         let mut batch = std::mem::take(&mut self.batch);
         let hide = self.hide.view();
-        // Operations finishing from here on are noted: an event they overtake is not sent.
-        let start = echo.start_judging();
         let mut events = Vec::new();
         let mut again: Vec<RelPath> = Vec::new();
         for item in batch.items {
@@ -978,19 +976,16 @@ impl Watcher {
                             // are instead, and a moved directory is walked again.
                             if matches!(look(&self.root, &to), Some(Seen::Present(a)) if a.is_dir())
                             {
-                                events.push((
-                                    Event::Rescan {
-                                        path: to.clone(),
-                                        reason: "a directory moved while its old name was reused"
-                                            .into(),
-                                    },
-                                    start,
-                                ));
+                                events.push(Event::Rescan {
+                                    path: to.clone(),
+                                    reason: "a directory moved while its old name was reused"
+                                        .into(),
+                                });
                             }
                             again.push(from);
                             again.push(to);
                         } else {
-                            events.push((Event::Rename { from, to }, start));
+                            events.push(Event::Rename { from, to });
                         }
                     }
                 }
@@ -1015,13 +1010,11 @@ impl Watcher {
                     if matches!(look(&self.root, &from), Some(Seen::Present(_))) {
                         again.push(from); // made again since: report what is there now
                     } else if !echo.removed_by_us(&from) && !hide.hidden(&from, is_dir) {
-                        events.push((Event::Remove { path: from }, start));
+                        events.push(Event::Remove { path: from });
                     }
                 }
                 Item::Rescan { path, .. } if hide.hidden(&path, true) => {}
-                Item::Rescan { path, reason } => {
-                    events.push((Event::Rescan { path, reason }, start));
-                }
+                Item::Rescan { path, reason } => events.push(Event::Rescan { path, reason }),
                 Item::Exchange { a, b } => {
                     // Both names are touched too; a directory's contents moved as a whole.
                     for path in [a, b] {
@@ -1031,13 +1024,10 @@ impl Watcher {
                             && !hide.hidden(&path, true)
                             && !seen.is_some_and(|s| echo.is_echo(&path, &s))
                         {
-                            events.push((
-                                Event::Rescan {
-                                    path,
-                                    reason: "swapped with another name (rename exchange)".into(),
-                                },
-                                start,
-                            ));
+                            events.push(Event::Rescan {
+                                path,
+                                reason: "swapped with another name (rename exchange)".into(),
+                            });
                         }
                     }
                 }
@@ -1086,7 +1076,7 @@ impl Watcher {
             }
             match seen {
                 Seen::Absent if t.new => {}
-                Seen::Absent => events.push((Event::Remove { path }, finished)),
+                Seen::Absent => events.push(Event::Remove { path }),
                 Seen::Present(attr) => {
                     let symlink = if attr.file_type() == libc::S_IFLNK {
                         let target = self
@@ -1100,25 +1090,15 @@ impl Watcher {
                     } else {
                         None
                     };
-                    events.push((
-                        Event::Upsert {
-                            path,
-                            attr,
-                            symlink,
-                        },
-                        finished,
-                    ));
+                    events.push(Event::Upsert {
+                        path,
+                        attr,
+                        symlink,
+                    });
                 }
             }
         }
-        // Sent under the lock operations finish under: one that finishes later answers after
-        // these events; one that finished on a path after its look has it judged again.
-        let (sent, again) = echo.send_judged(events, |events| self.send(events));
-        for path in again {
-            let order = self.batch.next_order;
-            self.carry(path, Touch { order, new: false }, now);
-        }
-        sent
+        self.send(events)
     }
 
     /// Keeps a touched path for the next batch (an own operation is still working on it).
