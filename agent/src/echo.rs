@@ -79,6 +79,8 @@ pub fn key(a: &Attr) -> NodeKey {
 struct State {
     nodes: HashMap<NodeKey, (NodeState, Instant)>,
     absent: HashMap<RelPath, Instant>,
+    /// Names own operations made (whatever is there now).
+    made: HashMap<RelPath, Instant>,
     busy_paths: HashMap<RelPath, u32>,
     busy_nodes: HashMap<NodeKey, u32>,
     last_sweep: Option<Instant>,
@@ -94,6 +96,7 @@ impl State {
         self.last_sweep = Some(now);
         self.nodes.retain(|_, (_, until)| *until > now);
         self.absent.retain(|_, until| *until > now);
+        self.made.retain(|_, until| *until > now);
     }
 
     fn record(&mut self, path: &RelPath, seen: &Seen, now: Instant) {
@@ -129,6 +132,13 @@ pub struct Echo {
 #[derive(Debug)]
 pub struct Pending {
     paths: Vec<RelPath>,
+    /// Names the operation removes. Only their absence is the operation's doing: a node found
+    /// there when the result is recorded was made by someone else in between (a file removed
+    /// through the mount and made again in the container at once went unreported).
+    removed: Vec<RelPath>,
+    /// Names the operation makes: likewise, an absence found there is someone else's removal
+    /// (a hard link made through the mount and removed in the container at once stayed).
+    made: Vec<RelPath>,
     node: Option<PendingNode>,
     /// Nodes losing one of several names (their link count and ctime change), pinned by an
     /// `O_PATH` descriptor so their state can be read once the name is gone.
@@ -189,6 +199,7 @@ impl Echo {
             let mut s = self.state();
             s.nodes.clear();
             s.absent.clear();
+            s.made.clear();
         }
     }
 
@@ -250,6 +261,26 @@ impl Echo {
             .and_then(|p| pin_linked(&a.root, p))
             .into_iter()
             .collect();
+        let removed = match op {
+            Op::Unlink { path } | Op::Rmdir { path } => vec![path.clone()],
+            Op::Rename { from, flags, .. } if flags & libc::RENAME_EXCHANGE == 0 => {
+                vec![from.clone()]
+            }
+            _ => Vec::new(),
+        };
+        let made = match op {
+            Op::Create { path, .. }
+            | Op::Mkdir { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Symlink { path, .. }
+            | Op::PutFile { path, .. }
+            | Op::Link { to: path, .. } => vec![path.clone()],
+            Op::Rename { from, to, flags } if flags & libc::RENAME_EXCHANGE != 0 => {
+                vec![from.clone(), to.clone()]
+            }
+            Op::Rename { to, .. } => vec![to.clone()],
+            _ => Vec::new(),
+        };
         let node = handle.and_then(|h| {
             let h = a.handles.get(h).ok()?;
             let st = sys::fstat(h.fd()).ok()?;
@@ -268,7 +299,10 @@ impl Echo {
                 }
             })
         });
-        Some(self.mark(paths, node, pinned))
+        let mut pending = self.mark(paths, node, pinned);
+        pending.removed = removed;
+        pending.made = made;
+        Some(pending)
     }
 
     /// Marks extra paths busy (an operation's temporary files).
@@ -291,6 +325,8 @@ impl Echo {
         }
         Pending {
             paths,
+            removed: Vec::new(),
+            made: Vec::new(),
             node,
             pinned,
         }
@@ -310,8 +346,13 @@ impl Echo {
                 }
             }
             for p in &pending.paths {
-                if let Some(s) = look(root, p) {
-                    seen.push((p.clone(), s));
+                match look(root, p) {
+                    // Renaming a name onto another link of the same node leaves both names:
+                    // nothing to record for it either way.
+                    Some(Seen::Present(_)) if pending.removed.contains(p) => {}
+                    Some(Seen::Absent) if pending.made.contains(p) => {}
+                    Some(s) => seen.push((p.clone(), s)),
+                    None => {}
                 }
             }
             if let Some(n) = &pending.node {
@@ -327,6 +368,11 @@ impl Echo {
         s.sweep(now);
         for (p, st) in &seen {
             s.record(p, st, now);
+        }
+        if ok {
+            for p in &pending.made {
+                s.made.insert(p.clone(), now + TTL);
+            }
         }
         for a in node_seen.iter().chain(&pinned_seen) {
             s.nodes.insert(key(a), (NodeState::of(a), now + TTL));
@@ -386,6 +432,16 @@ impl Echo {
                     .is_some_and(|(st, until)| *until > now && *st == NodeState::of(a))
             }
         }
+    }
+
+    /// Whether an own operation made the name `path` (recently): the mount knows of it, even
+    /// when someone else removed it again before the watcher looked.
+    pub fn made_by_us(&self, path: &RelPath) -> bool {
+        let now = Instant::now();
+        self.state()
+            .made
+            .get(path)
+            .is_some_and(|until| *until > now)
     }
 
     /// Whether the agent's own operation removed `path` (recently).

@@ -1075,7 +1075,10 @@ impl Watcher {
                 continue;
             }
             match seen {
-                Seen::Absent if t.new => {}
+                // Made and removed again within the batch: unknown to the mount, unless the
+                // name was made through it (a link made through the mount and removed in the
+                // container at once stayed in the mount's view).
+                Seen::Absent if t.new && !echo.made_by_us(&path) => {}
                 Seen::Absent => events.push(Event::Remove { path }),
                 Seen::Present(attr) => {
                     let symlink = if attr.file_type() == libc::S_IFLNK {

@@ -434,6 +434,15 @@ impl Core {
         f(&mut self.sync.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Paths whose remote changes were left out for pending local changes: kept to be looked
+    /// at once those are applied; those no longer pending already are returned, to look at now.
+    pub fn look_again_once_applied(&self, paths: Vec<RelPath>) -> Vec<RelPath> {
+        match self.wb() {
+            Some(wb) if !paths.is_empty() => wb.keep_left_out(paths),
+            _ => Vec::new(),
+        }
+    }
+
     /// Remote files (st_dev, st_ino) whose cached contents no longer belong to them.
     pub fn note_stale_content(&self, keys: &[(u64, u64)]) {
         let Some(wb) = self.wb() else { return };

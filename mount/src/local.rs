@@ -173,6 +173,9 @@ pub struct WriteBack {
     /// Settled nodes whose remote attributes could not be fetched yet: their path is still
     /// being renamed on the remote.
     deferred: Mutex<std::collections::HashSet<u64>>,
+    /// Paths whose remote changes were left out while local changes of them were pending:
+    /// looked at again once those are applied.
+    left_out: Mutex<std::collections::HashSet<RelPath>>,
 }
 
 impl std::fmt::Debug for WriteBack {
@@ -238,7 +241,34 @@ impl WriteBack {
             conflicts: Mutex::new(Vec::new()),
             no_caps: Mutex::new(std::collections::HashSet::new()),
             deferred: Mutex::new(std::collections::HashSet::new()),
+            left_out: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Keeps `paths` until no pending record covers them; returns those none covers now.
+    pub fn keep_left_out(&self, paths: Vec<RelPath>) -> Vec<RelPath> {
+        let mut left = lock(&self.left_out);
+        left.extend(paths);
+        drop(left);
+        self.left_out_due()
+    }
+
+    /// Takes the left-out paths no record pending covers any more.
+    fn left_out_due(&self) -> Vec<RelPath> {
+        let mut left = lock(&self.left_out);
+        if left.is_empty() {
+            return Vec::new();
+        }
+        let pending = self.pending_set();
+        let due: Vec<RelPath> = left
+            .iter()
+            .filter(|p| !pending.covers(p))
+            .cloned()
+            .collect();
+        for p in &due {
+            left.remove(p);
+        }
+        due
     }
 
     /// Paths with records not yet applied.
@@ -1923,6 +1953,14 @@ impl Core {
             self.adopt_remote(refresh, seq).await;
         }
         wb.release_settled(settled, seq);
+        let due = wb.left_out_due();
+        if !due.is_empty() {
+            tracing::debug!(
+                ?due,
+                "looking again at remote changes left out while pending"
+            );
+            crate::remote::rescan_all(self, due).await;
+        }
     }
 
     /// Takes the remote's attributes for `id` when no change of it after `seq` (applied) is

@@ -395,6 +395,13 @@ pub fn apply_events(
             };
             if skip {
                 tracing::debug!(?event, "left out: the path has local changes not yet sent");
+                // The remote may have changed it again after our change landed (a file
+                // removed here and made again there at once): looked at once they are.
+                match event {
+                    Event::Upsert { path, .. } | Event::Remove { path } => fx.left_out.push(path),
+                    Event::Rename { from, to } => fx.left_out.extend([from, to]),
+                    Event::Rescan { .. } => {}
+                }
                 continue;
             }
         }
@@ -690,7 +697,7 @@ fn removals_in(t: &TreeState, events: &[Event], pending: Option<&PendingSet>) ->
 }
 
 /// Walks the given paths again, repeating with the paths those walks could not resolve.
-async fn rescan_all(core: &Core, paths: Vec<RelPath>) {
+pub(crate) async fn rescan_all(core: &Core, paths: Vec<RelPath>) {
     let mut todo = minimal_roots(paths);
     let mut rounds = 0;
     while let Some(path) = todo.pop() {
@@ -786,11 +793,13 @@ pub async fn handle_events(core: &Core, events: Vec<Event>, since: u64) {
     tracing::debug!(inval = ?fx.inval, ?rescans, "applied remote changes");
     core.invalidator().send(std::mem::take(&mut fx.inval));
     core.note_stale_content(&fx.stale_content);
+    let due = core.look_again_once_applied(std::mem::take(&mut fx.left_out));
     core.sync_stats(|s| s.events += n);
     let (more, refreshed) = refresh(core, &fx.refresh).await;
     core.invalidator().send(more.inval);
     again.extend(refreshed);
     again.extend(rescans);
+    again.extend(due);
     if !again.is_empty() {
         rescan_all(core, again).await;
     }

@@ -239,3 +239,28 @@ fn observations_older_than_a_local_change_do_not_move_its_node() {
     drop(g);
     assert_eq!(names(&t, "d"), vec!["w7"]);
 }
+
+#[test]
+fn events_for_paths_with_pending_local_changes_are_kept_to_look_at_later() {
+    let t = tree();
+    let mut fx = Effects::default();
+    let pending = crate::local::PendingSet::new(vec![p("a"), p("d")]);
+    let rescans = apply_events(
+        &mut t.lock(),
+        vec![
+            upsert("a", 10, libc::S_IFREG),
+            upsert("f", 13, libc::S_IFREG),
+            Event::Remove { path: p("d/x") },
+            Event::Rename {
+                from: p("g"),
+                to: p("a"),
+            },
+        ],
+        &mut fx,
+        Some(&pending),
+    );
+    assert!(rescans.is_empty());
+    // Only the path no local change covers is applied now.
+    assert_eq!(names(&t, ""), vec!["f"]);
+    assert_eq!(fx.left_out, vec![p("a"), p("d/x"), p("g"), p("a")]);
+}

@@ -100,6 +100,9 @@ pub struct Effects {
     /// Nodes whose attributes the remote changed as a side effect (a directory that gained or
     /// lost an entry, the other links of an unlinked file); fetch them again.
     pub refresh: Vec<u64>,
+    /// Paths whose remote changes were left out because local changes of them were not
+    /// applied yet; looked at again once they are ([`crate::local`]'s settle).
+    pub left_out: Vec<RelPath>,
 }
 
 impl Effects {

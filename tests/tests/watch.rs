@@ -499,6 +499,60 @@ fn remote_rewrite_while_read(envs: &[(&str, &str)]) {
     }
 }
 
+/// A remote change right after a local change of the same name reached the target, while the
+/// local change's reply may still be on its way (write-back): a file removed through the mount
+/// and made again in the container at once, a hard link made through the mount and removed
+/// there at once, a file written through the mount and rewritten there at once. Each must
+/// reach the mount through the watcher (reconciliation is far off), every time.
+#[test]
+fn a_remote_change_right_after_a_local_one_of_the_same_name_is_seen_with_write_back() {
+    let m = Mounted::with_args(|_| {}, &[], &[WRITE_BACK]);
+    let a = PathBuf::from("a");
+    let l = PathBuf::from("l");
+    let until = |what: &str, done: &dyn Fn() -> bool| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < end, "{what} never reached the target");
+            std::hint::spin_loop();
+        }
+    };
+    for i in 0..30u64 {
+        fs::write(m.m(&a), text(1000, i)).unwrap();
+        fs::remove_file(m.m(&a)).unwrap();
+        until("the removal", &|| !m.backing.join(&a).exists());
+        fs::write(m.backing.join(&a), text(4782, 500 + i)).unwrap();
+        wait_same(&m, std::slice::from_ref(&a), VISIBLE_BOUND).unwrap_or_else(|e| {
+            panic!(
+                "round {i}: a file removed here and made again there stays unseen: {e}{}",
+                m.logs()
+            )
+        });
+
+        fs::hard_link(m.m(&a), m.m(&l)).unwrap();
+        until("the link", &|| m.backing.join(&l).exists());
+        fs::remove_file(m.backing.join(&l)).unwrap();
+        wait_same(&m, &[a.clone(), l.clone()], VISIBLE_BOUND).unwrap_or_else(|e| {
+            panic!(
+                "round {i}: a link made here and removed there stays: {e}{}",
+                m.logs()
+            )
+        });
+
+        let n = 2000 + i as usize;
+        fs::write(m.m(&a), text(n, 900 + i)).unwrap();
+        until("the write", &|| {
+            fs::metadata(m.backing.join(&a)).is_ok_and(|md| md.len() == n as u64)
+        });
+        fs::write(m.backing.join(&a), text(3000, 1300 + i)).unwrap();
+        wait_same(&m, std::slice::from_ref(&a), VISIBLE_BOUND).unwrap_or_else(|e| {
+            panic!(
+                "round {i}: a file written here and rewritten there stays stale: {e}{}",
+                m.logs()
+            )
+        });
+    }
+}
+
 /// A file kept open through the mount sees a remote change to it (attributes at least; with
 /// `FUSE_AUTO_INVAL_DATA` the data too, once the kernel notices the new size or mtime).
 #[test]

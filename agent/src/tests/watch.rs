@@ -582,3 +582,76 @@ fn closing_a_read_handle_does_not_hide_a_change_made_meanwhile() {
     fx.ok(Op::Close { handle: h });
     assert_eq!(step(&mut w, &rx), Vec::<String>::new());
 }
+
+/// The container makes a removed name again before the removal's result is recorded: the new
+/// file is someone else's doing and must not pass for an echo of the removal.
+#[test]
+fn a_name_made_again_just_after_an_own_removal_is_not_claimed() {
+    let fx = Fx::new();
+    fx.agent.echo.set_enabled(true);
+    for op in [
+        Op::Unlink { path: p("a") },
+        Op::Rename {
+            from: p("a"),
+            to: p("b"),
+            flags: 0,
+        },
+    ] {
+        fs::write(fx.at("a"), b"ours").unwrap();
+        let pending = fx.agent.echo.begin(&fx.agent, &op).expect("recorded");
+        match &op {
+            Op::Unlink { .. } => fs::remove_file(fx.at("a")).unwrap(),
+            _ => fs::rename(fx.at("a"), fx.at("b")).unwrap(),
+        }
+        // Someone else, before the agent looks.
+        fs::write(fx.at("a"), b"theirs, made again").unwrap();
+        fx.agent.echo.finish(&fx.agent.root, pending, true);
+        let seen = crate::echo::look(&fx.agent.root, &p("a")).unwrap();
+        assert!(matches!(seen, crate::echo::Seen::Present(_)));
+        assert!(!fx.agent.echo.is_echo(&p("a"), &seen), "{op:?}");
+        fs::remove_file(fx.at("a")).unwrap();
+    }
+}
+
+/// The container removes a name the agent just made before the result is recorded: the
+/// absence is someone else's doing and must not pass for an echo.
+#[test]
+fn a_name_removed_just_after_an_own_link_is_not_claimed() {
+    let fx = Fx::new();
+    fx.agent.echo.set_enabled(true);
+    fs::write(fx.at("a"), b"ours").unwrap();
+    let op = Op::Link {
+        from: p("a"),
+        to: p("b"),
+    };
+    let pending = fx.agent.echo.begin(&fx.agent, &op).expect("recorded");
+    fs::hard_link(fx.at("a"), fx.at("b")).unwrap();
+    // Someone else, before the agent looks.
+    fs::remove_file(fx.at("b")).unwrap();
+    fx.agent.echo.finish(&fx.agent.root, pending, true);
+    let seen = crate::echo::look(&fx.agent.root, &p("b")).unwrap();
+    assert_eq!(seen, crate::echo::Seen::Absent);
+    assert!(!fx.agent.echo.is_echo(&p("b"), &seen));
+}
+
+/// A name made through the mount and removed in the container before the watcher's next batch:
+/// made and gone within one batch, but the mount knows the name, so its removal is reported.
+#[test]
+fn a_name_made_by_us_and_removed_by_others_within_one_batch_is_reported() {
+    let fx = Fx::new();
+    fs::write(fx.at("a"), b"x").unwrap();
+    let (mut w, rx) = manual(&fx);
+    fx.agent.echo.set_enabled(true);
+    fx.ok(Op::Link {
+        from: p("a"),
+        to: p("l"),
+    });
+    fs::remove_file(fx.at("l")).unwrap();
+    let got = step(&mut w, &rx);
+    assert!(got.iter().any(|e| e == "remove l"), "{got:?}");
+    // One made and removed by others within a batch stays unreported.
+    fs::write(fx.at("tmp"), b"x").unwrap();
+    fs::remove_file(fx.at("tmp")).unwrap();
+    let got = step(&mut w, &rx);
+    assert!(!got.iter().any(|e| e.ends_with("tmp")), "{got:?}");
+}
