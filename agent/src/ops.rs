@@ -399,7 +399,7 @@ fn setattr(a: &Agent, node: &NodeRef, set: &SetAttr) -> SysResult<Done> {
                     libc::utimensat(dir, name.as_ptr(), t.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
                 })?;
             }
-            Ok(Done::Attr(attr(&stat_loc(&loc)?)))
+            made(&loc)
         }
     }
 }
@@ -550,14 +550,14 @@ fn mkdir(a: &Agent, path: &RelPath, mode: u32) -> SysResult<Done> {
     let loc = a.root.locate(path)?;
     // SAFETY: name is NUL-terminated.
     cvt(unsafe { libc::mkdirat(loc.dirfd(), loc.name().as_ptr(), mode & 0o7777) })?;
-    Ok(Done::Attr(attr(&stat_loc(&loc)?)))
+    made(&loc)
 }
 
 fn mknod(a: &Agent, path: &RelPath, mode: u32, rdev: u64) -> SysResult<Done> {
     let loc = a.root.locate(path)?;
     // SAFETY: name is NUL-terminated.
     cvt(unsafe { libc::mknodat(loc.dirfd(), loc.name().as_ptr(), mode, rdev as libc::dev_t) })?;
-    Ok(Done::Attr(attr(&stat_loc(&loc)?)))
+    made(&loc)
 }
 
 fn symlink(a: &Agent, path: &RelPath, target: &[u8]) -> SysResult<Done> {
@@ -565,7 +565,7 @@ fn symlink(a: &Agent, path: &RelPath, target: &[u8]) -> SysResult<Done> {
     let loc = a.root.locate(path)?;
     // SAFETY: both strings are NUL-terminated.
     cvt(unsafe { libc::symlinkat(target.as_ptr(), loc.dirfd(), loc.name().as_ptr()) })?;
-    Ok(Done::Attr(attr(&stat_loc(&loc)?)))
+    made(&loc)
 }
 
 fn readlink(a: &Agent, path: &RelPath) -> SysResult<Done> {
@@ -578,6 +578,15 @@ fn readlink(a: &Agent, path: &RelPath) -> SysResult<Done> {
 fn link(a: &Agent, from: &RelPath, to: &RelPath) -> SysResult<Done> {
     let src = a.root.locate(from)?;
     let dst = a.root.locate(to)?;
+    // The node itself, to read its state after linking: the new name may be renamed or
+    // removed by someone else at once, and a link that was made must not be reported failed
+    // (the mount would send it again and make a second one).
+    let node = sys::openat(
+        src.dirfd(),
+        src.name(),
+        libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        0,
+    )?;
     // SAFETY: names are NUL-terminated.
     cvt(unsafe {
         libc::linkat(
@@ -588,7 +597,18 @@ fn link(a: &Agent, from: &RelPath, to: &RelPath) -> SysResult<Done> {
             0,
         )
     })?;
-    Ok(Done::Attr(attr(&stat_loc(&dst)?)))
+    Ok(Done::Attr(attr(&sys::fstat(node.as_raw_fd())?)))
+}
+
+/// The answer to an operation that made or changed the node at `loc`: its state, or plain
+/// success when someone else removed or renamed it at once (the operation did happen; failing
+/// it would have the mount send it again).
+fn made(loc: &Loc<'_>) -> SysResult<Done> {
+    match stat_loc(loc) {
+        Ok(st) => Ok(Done::Attr(attr(&st))),
+        Err(Errno(libc::ENOENT | libc::ENOTDIR)) => Ok(Done::Ok),
+        Err(e) => Err(e),
+    }
 }
 
 fn remove(a: &Agent, path: &RelPath, flags: i32) -> SysResult<Done> {

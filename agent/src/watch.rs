@@ -958,6 +958,7 @@ impl Watcher {
                     // Across the rules' boundary (or hidden on both ends): out of sight is
                     // gone, into sight is new (`to` is touched, and a directory's contents
                     // were listed when it was watched). Both names are reported as they are.
+                    let from_new = from_new && !echo.made_by_us(&from);
                     if !hide.hidden(&from, is_dir) && !from_new && !echo.removed_by_us(&from) {
                         again.push(from);
                     }
@@ -968,6 +969,9 @@ impl Watcher {
                     from_new,
                     ..
                 } => {
+                    // Made within the batch, unknown to the mount: unless it was made through
+                    // the mount (a link made there and renamed in the container at once).
+                    let from_new = from_new && !echo.made_by_us(&from);
                     if !from_new && !echo.removed_by_us(&from) {
                         if matches!(look(&self.root, &from), Some(Seen::Present(_))) {
                             // `from` names another file by now (git makes `config.lock`

@@ -1891,6 +1891,20 @@ async fn fetch_range(
 }
 
 impl Core {
+    /// Looks again at the paths whose remote changes were left out while local records of
+    /// them were pending, once none is (called after records count as applied).
+    pub(crate) async fn look_again_left_out(&self) {
+        let Some(wb) = self.wb() else { return };
+        let due = wb.left_out_due();
+        if !due.is_empty() {
+            tracing::debug!(
+                ?due,
+                "looking again at remote changes left out while pending"
+            );
+            crate::remote::rescan_all(self, due).await;
+        }
+    }
+
     /// Records `first..=seq` are applied remotely (`reply`: the answer to the batch, and the
     /// session it came from). Handles a journaled create left open are closed; nodes made here
     /// take their remote identity; nodes with no later pending change take the remote's
@@ -1953,14 +1967,6 @@ impl Core {
             self.adopt_remote(refresh, seq).await;
         }
         wb.release_settled(settled, seq);
-        let due = wb.left_out_due();
-        if !due.is_empty() {
-            tracing::debug!(
-                ?due,
-                "looking again at remote changes left out while pending"
-            );
-            crate::remote::rescan_all(self, due).await;
-        }
     }
 
     /// Takes the remote's attributes for `id` when no change of it after `seq` (applied) is
@@ -1976,6 +1982,7 @@ impl Core {
         if self.tree().remote_of(id) != Some((attr.dev, attr.ino)) {
             return;
         }
+        tracing::debug!(id, seq, size = attr.size, mtime = ?attr.mtime, "adopting remote attributes");
         if let Some(entry) = wb.cache.lookup(&key) {
             if entry.size() == attr.size {
                 entry.set_validity(Validity::of(attr));

@@ -164,6 +164,7 @@ async fn run_once(
     if agent_applied > journal.applied() {
         let before = journal.applied();
         journal.mark_applied(agent_applied);
+        core.look_again_left_out().await;
         core.settle(before + 1, journal.applied(), None).await;
     } else if agent_applied < journal.applied() {
         // The agent keeps its applied seq lazily: one that was killed may have lost the last
@@ -279,6 +280,7 @@ async fn run_once(
                 core.settle(batch.first_seq, batch.seq, Some((&batch.op, done, sent_in)))
                     .await;
                 journal.mark_applied(batch.seq);
+                core.look_again_left_out().await;
                 replay_done(replaying, batch.seq);
             }
             Err(CallError::Remote(e)) => {
@@ -289,6 +291,7 @@ async fn run_once(
                         "a change sent before the connection broke had landed: {e}"
                     );
                     journal.mark_applied(batch.seq);
+                    core.look_again_left_out().await;
                     core.settle(batch.first_seq, batch.seq, None).await;
                     continue;
                 }
@@ -320,6 +323,7 @@ async fn run_once(
                         Ok(()) => {
                             core.settle(first, batch.seq, None).await;
                             journal.mark_applied(batch.seq);
+                            core.look_again_left_out().await;
                             Stop::Restart
                         }
                         Err(stop) => stop,
@@ -356,6 +360,7 @@ async fn run_once(
                     {
                         core.settle(batch.first_seq, batch.seq, None).await;
                         journal.mark_applied(batch.seq);
+                        core.look_again_left_out().await;
                     }
                     // Those sent after it were cancelled: start again after it.
                     return Stop::Restart;

@@ -502,7 +502,7 @@ fn remote_rewrite_while_read(envs: &[(&str, &str)]) {
 /// A remote change right after a local change of the same name reached the target, while the
 /// local change's reply may still be on its way (write-back): a file removed through the mount
 /// and made again in the container at once, a hard link made through the mount and removed
-/// there at once, a file written through the mount and rewritten there at once. Each must
+/// (or renamed) there at once, a file written through the mount and rewritten there at once. Each must
 /// reach the mount through the watcher (reconciliation is far off), every time.
 #[test]
 fn a_remote_change_right_after_a_local_one_of_the_same_name_is_seen_with_write_back() {
@@ -528,7 +528,8 @@ fn a_remote_change_right_after_a_local_one_of_the_same_name_is_seen_with_write_b
             )
         });
 
-        fs::hard_link(m.m(&a), m.m(&l)).unwrap();
+        fs::hard_link(m.m(&a), m.m(&l))
+            .unwrap_or_else(|e| panic!("round {i}: link: {e}{}", m.logs()));
         until("the link", &|| m.backing.join(&l).exists());
         fs::remove_file(m.backing.join(&l)).unwrap();
         wait_same(&m, &[a.clone(), l.clone()], VISIBLE_BOUND).unwrap_or_else(|e| {
@@ -537,6 +538,20 @@ fn a_remote_change_right_after_a_local_one_of_the_same_name_is_seen_with_write_b
                 m.logs()
             )
         });
+
+        let l2 = PathBuf::from("l2");
+        fs::hard_link(m.m(&a), m.m(&l))
+            .unwrap_or_else(|e| panic!("round {i}: link: {e}{}", m.logs()));
+        until("the link", &|| m.backing.join(&l).exists());
+        fs::rename(m.backing.join(&l), m.backing.join(&l2)).unwrap();
+        wait_same(&m, &[a.clone(), l.clone(), l2.clone()], VISIBLE_BOUND).unwrap_or_else(|e| {
+            panic!(
+                "round {i}: a link made here and renamed there is not followed: {e}{}",
+                m.logs()
+            )
+        });
+        fs::remove_file(m.backing.join(&l2)).unwrap();
+        wait_same(&m, &[l2], VISIBLE_BOUND).unwrap();
 
         let n = 2000 + i as usize;
         fs::write(m.m(&a), text(n, 900 + i)).unwrap();

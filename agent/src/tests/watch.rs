@@ -635,9 +635,10 @@ fn a_name_removed_just_after_an_own_link_is_not_claimed() {
 }
 
 /// A name made through the mount and removed in the container before the watcher's next batch:
-/// made and gone within one batch, but the mount knows the name, so its removal is reported.
+/// made and gone within one batch, but the mount knows the name, so its removal (or rename) is
+/// reported.
 #[test]
-fn a_name_made_by_us_and_removed_by_others_within_one_batch_is_reported() {
+fn a_name_made_by_us_and_removed_or_renamed_by_others_within_one_batch_is_reported() {
     let fx = Fx::new();
     fs::write(fx.at("a"), b"x").unwrap();
     let (mut w, rx) = manual(&fx);
@@ -649,6 +650,14 @@ fn a_name_made_by_us_and_removed_by_others_within_one_batch_is_reported() {
     fs::remove_file(fx.at("l")).unwrap();
     let got = step(&mut w, &rx);
     assert!(got.iter().any(|e| e == "remove l"), "{got:?}");
+    // Likewise renamed away by others: the mount hears of the rename.
+    fx.ok(Op::Link {
+        from: p("a"),
+        to: p("l"),
+    });
+    fs::rename(fx.at("l"), fx.at("m")).unwrap();
+    let got = step(&mut w, &rx);
+    assert!(got.iter().any(|e| e == "rename l -> m"), "{got:?}");
     // One made and removed by others within a batch stays unreported.
     fs::write(fx.at("tmp"), b"x").unwrap();
     fs::remove_file(fx.at("tmp")).unwrap();
