@@ -417,7 +417,10 @@ pub fn apply_events(
                 };
                 match complete_dir(t, &parent_path) {
                     Some(parent) => {
-                        t.upsert(parent, name, &attr, symlink, false, fx);
+                        let id = t.upsert(parent, name, &attr, symlink, false, fx);
+                        // The watcher reports only what someone else did: a file's bytes may
+                        // have changed even when its attributes look the same.
+                        t.content_may_have_changed(id, fx);
                     }
                     None => rescans.push(known_ancestor(t, &parent_path)),
                 }

@@ -264,3 +264,39 @@ fn events_for_paths_with_pending_local_changes_are_kept_to_look_at_later() {
     assert_eq!(names(&t, ""), vec!["f"]);
     assert_eq!(fx.left_out, vec![p("a"), p("d/x"), p("g"), p("a")]);
 }
+
+#[test]
+fn a_reported_file_change_with_the_same_attributes_still_drops_its_cached_bytes() {
+    let t = tree();
+    let mut fx = Effects::default();
+    apply_events(
+        &mut t.lock(),
+        vec![upsert("f", 13, libc::S_IFREG)],
+        &mut fx,
+        None,
+    );
+    // Reported again, attributes unchanged (a write within the same clock tick, same size).
+    let mut fx = Effects::default();
+    apply_events(
+        &mut t.lock(),
+        vec![upsert("f", 13, libc::S_IFREG)],
+        &mut fx,
+        None,
+    );
+    assert_eq!(fx.stale_content, vec![(DEV, 13)]);
+    // Not for a directory: its listing is not content.
+    let mut fx = Effects::default();
+    apply_events(
+        &mut t.lock(),
+        vec![upsert("d", 14, libc::S_IFDIR)],
+        &mut fx,
+        None,
+    );
+    apply_events(
+        &mut t.lock(),
+        vec![upsert("d", 14, libc::S_IFDIR)],
+        &mut fx,
+        None,
+    );
+    assert!(fx.stale_content.is_empty());
+}

@@ -689,6 +689,26 @@ impl TreeState {
         change
     }
 
+    /// The remote reports a change of regular file `id` that its attributes do not show (a
+    /// write within the same clock tick as the last one, same size): its cached bytes may be
+    /// stale all the same.
+    pub fn content_may_have_changed(&mut self, id: u64, fx: &mut Effects) {
+        let kernel_knows = self.kernel_knows(id);
+        let Some(node) = self.nodes.get(&id) else {
+            return;
+        };
+        if node.kind() != libc::S_IFREG || fx.stale_content.contains(&node.remote) {
+            return;
+        }
+        fx.stale_content.push(node.remote);
+        if kernel_knows && node.open == 0 {
+            fx.inval.push(Inval::Inode {
+                ino: id,
+                data: true,
+            });
+        }
+    }
+
     /// Removes the name `name` from `parent`; returns the node it named. A directory's whole
     /// subtree leaves the model (nodes the kernel still holds stay, without names).
     pub fn remove(&mut self, parent: u64, name: &[u8], fx: &mut Effects) -> Option<u64> {
