@@ -347,8 +347,9 @@ impl Echo {
             }
             for p in &pending.paths {
                 match look(root, p) {
-                    // Renaming a name onto another link of the same node leaves both names:
-                    // nothing to record for it either way.
+                    // A removed name found present was made again by someone else (or a
+                    // rename between two links of one node left both names); a made name
+                    // found absent was removed by someone else: neither is ours to record.
                     Some(Seen::Present(_)) if pending.removed.contains(p) => {}
                     Some(Seen::Absent) if pending.made.contains(p) => {}
                     Some(s) => seen.push((p.clone(), s)),
