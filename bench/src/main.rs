@@ -619,13 +619,13 @@ impl Bench<'_> {
             let _ = writeln!(r, "## Memory (after the workloads above)\n");
             let _ = writeln!(
                 r,
-                "| round trip | process | peak RSS (VmHWM) | RSS now (VmRSS) |"
+                "| round trip | contender | process | peak RSS (VmHWM) | RSS now (VmRSS) |"
             );
-            let _ = writeln!(r, "|---|---|---:|---:|");
-            for (link, _, role, hwm, rss) in &self.results.memory {
+            let _ = writeln!(r, "|---|---|---|---:|---:|");
+            for (link, kind, role, hwm, rss) in &self.results.memory {
                 let _ = writeln!(
                     r,
-                    "| {} | {role} | {:.1} MiB | {:.1} MiB |",
+                    "| {} | {kind} | {role} | {:.1} MiB | {:.1} MiB |",
                     link.map_or("local".into(), |l| format!("{l} ms")),
                     *hwm as f64 / 1024.0,
                     *rss as f64 / 1024.0
