@@ -415,16 +415,7 @@ fn save(store: &Store, session: u64, applied: u64) -> Result<(), Errno> {
 }
 
 /// `Op::Journaled` as [`ops::execute`] runs it.
-/// A journaled create's handle is of no use to the mount: it is closed here at once and the
-/// answer carries the attributes alone. (Closed by the mount, each close waited behind the
-/// records in flight: under a write-heavy load the agent held hundreds of such descriptors.)
 pub fn journaled(a: &Agent, session: u64, seq: u64, op: Op) -> Result<Done, WireError> {
     a.journal
-        .apply(a, session, seq, op, |op| match ops::execute(a, op)? {
-            Done::Opened { handle, attr } => {
-                let _ = ops::execute(a, Op::Close { handle });
-                Ok(Done::Attr(attr))
-            }
-            done => Ok(done),
-        })
+        .apply(a, session, seq, op, |op| ops::execute(a, op))
 }

@@ -199,26 +199,3 @@ fn a_state_directory_owned_by_someone_else_is_never_used() {
     assert!(j2.store_dir().is_some());
     assert_eq!(lstat(&loose.join("kmount-agent-0")).mode() & 0o777, 0o700);
 }
-
-#[test]
-fn a_journaled_create_answers_its_attributes_and_keeps_no_handle_open() {
-    let fx = Fx::new();
-    let before = fx.agent.handles.count();
-    let done = fx.ok(j(
-        1,
-        Op::Create {
-            path: p("new"),
-            flags: libc::O_WRONLY,
-            mode: 0o644,
-        },
-    ));
-    let Done::Attr(attr) = done else {
-        panic!("{done:?}")
-    };
-    assert_eq!(attr.ino, fs::metadata(fx.at("new")).unwrap().ino());
-    assert_eq!(
-        fx.agent.handles.count(),
-        before,
-        "the create's handle stays open"
-    );
-}
