@@ -300,8 +300,14 @@ fn keep_names(
     keep
 }
 
+/// How often a directory changed here while it was being listed is listed again at once.
+const RELIST_TRIES: usize = 4;
+
 /// Lists `dir` on the remote and applies the listing (not below it). Returns the directories
-/// that are new (to be walked), or `None` when `dir` was left alone.
+/// that are new (to be walked), or `None` when `dir` was left alone. A listing that a local
+/// change of the directory overtook is taken again at once, a few times, rather than left to
+/// the next reconciliation (a file made in the container while the agent was away stayed
+/// unseen that long when a write through the mount landed in its directory meanwhile).
 async fn relist(
     core: &Core,
     dir: &RelPath,
@@ -309,6 +315,23 @@ async fn relist(
     remove: bool,
     out: &mut Outcome,
 ) -> Result<Option<Vec<RelPath>>, FsError> {
+    for _ in 0..RELIST_TRIES {
+        if let Some(done) = relist_once(core, dir, listings, remove, out).await? {
+            return Ok(done);
+        }
+    }
+    out.skipped += 1;
+    Ok(None)
+}
+
+/// [`relist`] once: `None` when a local change of `dir` overtook the listing.
+async fn relist_once(
+    core: &Core,
+    dir: &RelPath,
+    listings: &mut Listings,
+    remove: bool,
+    out: &mut Outcome,
+) -> Result<Option<Option<Vec<RelPath>>>, FsError> {
     let (since, listed) = match listings.by_dir.remove(dir) {
         Some(entries) => (listings.since, Ok(entries)),
         None => {
@@ -320,7 +343,7 @@ async fn relist(
         Ok(e) => e,
         Err(e) if matches!(e.errno, libc::ENOENT | libc::ENOTDIR) => {
             // Gone since the digests were taken: its parent's listing says so.
-            return Ok(None);
+            return Ok(Some(None));
         }
         Err(e) => return Err(e),
     };
@@ -329,10 +352,9 @@ async fn relist(
     {
         let mut t = core.tree().lock();
         let Some(id) = t.resolve(dir).filter(|&id| t.is_complete(id)) else {
-            return Ok(None);
+            return Ok(Some(None));
         };
         if t.touched(id) > since {
-            out.skipped += 1;
             return Ok(None);
         }
         out.relisted += 1;
@@ -380,7 +402,7 @@ async fn relist(
     core.note_stale_content(&fx.stale_content);
     let (more, _) = remote::refresh(core, &fx.refresh).await;
     core.invalidator().send(more.inval);
-    Ok(Some(new_dirs))
+    Ok(Some(Some(new_dirs)))
 }
 
 /// The remote listing of `dir`.
