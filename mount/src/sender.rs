@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use crate::client::CallError;
 use crate::core::Core;
-use crate::journal::{Batch, Record, coalesce, op_paths};
+use crate::journal::{Batch, Journal, Record, coalesce, op_paths};
 use crate::local::RemoteError;
 
 /// Journaled requests in flight at once.
@@ -163,8 +163,7 @@ async fn run_once(
     }
     if agent_applied > journal.applied() {
         let before = journal.applied();
-        journal.mark_applied(agent_applied);
-        core.look_again_left_out().await;
+        applied(core, journal, agent_applied).await;
         core.settle(before + 1, journal.applied(), None).await;
     } else if agent_applied < journal.applied() {
         // The agent keeps its applied seq lazily: one that was killed may have lost the last
@@ -279,8 +278,7 @@ async fn run_once(
                 // nodes with their remote identity.
                 core.settle(batch.first_seq, batch.seq, Some((&batch.op, done, sent_in)))
                     .await;
-                journal.mark_applied(batch.seq);
-                core.look_again_left_out().await;
+                applied(core, journal, batch.seq).await;
                 replay_done(replaying, batch.seq);
             }
             Err(CallError::Remote(e)) => {
@@ -290,8 +288,7 @@ async fn run_once(
                         seq = batch.seq,
                         "a change sent before the connection broke had landed: {e}"
                     );
-                    journal.mark_applied(batch.seq);
-                    core.look_again_left_out().await;
+                    applied(core, journal, batch.seq).await;
                     core.settle(batch.first_seq, batch.seq, None).await;
                     continue;
                 }
@@ -322,8 +319,7 @@ async fn run_once(
                     return match fast_forward(&client, session, first - 1, batch.seq).await {
                         Ok(()) => {
                             core.settle(first, batch.seq, None).await;
-                            journal.mark_applied(batch.seq);
-                            core.look_again_left_out().await;
+                            applied(core, journal, batch.seq).await;
                             Stop::Restart
                         }
                         Err(stop) => stop,
@@ -359,8 +355,7 @@ async fn run_once(
                         && wait.await.is_ok()
                     {
                         core.settle(batch.first_seq, batch.seq, None).await;
-                        journal.mark_applied(batch.seq);
-                        core.look_again_left_out().await;
+                        applied(core, journal, batch.seq).await;
                     }
                     // Those sent after it were cancelled: start again after it.
                     return Stop::Restart;
@@ -592,4 +587,11 @@ fn needs_existing_file(op: &Op) -> bool {
         op,
         Op::WritePath { .. } | Op::FallocatePath { .. } | Op::SetAttr { .. }
     )
+}
+
+/// Records up to `seq` count as applied from now on; remote changes left out while they were
+/// pending are looked at again.
+async fn applied(core: &Core, journal: &Journal, seq: u64) {
+    journal.mark_applied(seq);
+    core.look_again_left_out().await;
 }
