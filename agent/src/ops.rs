@@ -1,6 +1,7 @@
 //! The operations of the protocol ([`Op`]), each on the confined root, each answering with the
 //! real errno of the call that failed.
 
+use std::ffi::CStr;
 use std::fmt::Display;
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::Arc;
@@ -357,7 +358,9 @@ fn setattr(a: &Agent, node: &NodeRef, set: &SetAttr) -> SysResult<Done> {
             let fd = h.fd();
             // SAFETY (all calls in this arm): fd stays open while `h` is held; the times
             // array outlives the call.
-            if let Some(mode) = set.mode {
+            if let Some(mode) = set.mode
+                && !mode_is_already(&sys::fstat(fd)?, mode, 0o7777)
+            {
                 cvt(unsafe { libc::fchmod(fd, mode & 0o7777) })?;
             }
             if set.uid.is_some() || set.gid.is_some() {
@@ -375,7 +378,9 @@ fn setattr(a: &Agent, node: &NodeRef, set: &SetAttr) -> SysResult<Done> {
         NodeRef::Path(p) => {
             let loc = a.root.locate(p)?;
             let (dir, name) = (loc.dirfd(), loc.name());
-            if let Some(mode) = set.mode {
+            if let Some(mode) = set.mode
+                && !mode_is_already(&stat_loc(&loc)?, mode, 0o7777)
+            {
                 chmod(&a.root, &loc, mode & 0o7777)?;
             }
             if set.uid.is_some() || set.gid.is_some() {
@@ -402,6 +407,52 @@ fn setattr(a: &Agent, node: &NodeRef, set: &SetAttr) -> SysResult<Done> {
             made(&loc)
         }
     }
+}
+
+/// Whether setting the `bits` of `mode` on a node in state `st` would change nothing but its
+/// ctime: a regular file or directory that already has them, owned by the caller (so the
+/// change could not fail with EPERM) and without set-id bits (which the kernel may clear).
+/// Editors change a file they have just written to the mode it has (vim: `fchmod` and a
+/// minimal ACL after the last write); done in the container, each is an attribute event a
+/// moment after the save's writes, and a watcher that debounces (nodemon) restarted twice
+/// when one came late. Skipped, the container sees the save as a local save's writes.
+fn mode_is_already(st: &libc::stat, mode: u32, bits: u32) -> bool {
+    let kind = st.st_mode & libc::S_IFMT;
+    (kind == libc::S_IFREG || kind == libc::S_IFDIR)
+        && st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0
+        && mode & (libc::S_ISUID | libc::S_ISGID) == 0
+        && st.st_mode & bits == mode & bits
+        && st.st_uid == sys::current_fsuid()
+}
+
+/// The permission bits a minimal POSIX access ACL stands for (the value of
+/// `system.posix_acl_access`: version 2, then exactly one owner, one group and one other
+/// entry, each tag u16, perm u16, id u32, little-endian); None for any other value.
+pub(crate) fn minimal_acl_mode(value: &[u8]) -> Option<u32> {
+    const USER_OBJ: u16 = 0x01;
+    const GROUP_OBJ: u16 = 0x04;
+    const OTHER: u16 = 0x20;
+    let (version, entries) = value.split_at_checked(4)?;
+    if version != 2u32.to_le_bytes() || entries.len() != 3 * 8 {
+        return None;
+    }
+    let mut mode = 0;
+    let mut seen = 0u32;
+    for e in entries.chunks_exact(8) {
+        let perm = u32::from(u16::from_le_bytes([e[2], e[3]]));
+        let shift = match u16::from_le_bytes([e[0], e[1]]) {
+            USER_OBJ => 6,
+            GROUP_OBJ => 3,
+            OTHER => 0,
+            _ => return None,
+        };
+        if perm > 7 || seen & (1 << shift) != 0 {
+            return None;
+        }
+        seen |= 1 << shift;
+        mode |= perm << shift;
+    }
+    Some(mode)
 }
 
 /// `chmod` of a name without following it: `fchmodat2(AT_SYMLINK_NOFOLLOW)` (Linux 6.6), else
@@ -825,9 +876,34 @@ fn listxattr(a: &Agent, node: &NodeRef) -> SysResult<Done> {
 fn setxattr(a: &Agent, node: &NodeRef, name: &[u8], value: &[u8], flags: i32) -> SysResult<Done> {
     let name = xname(name)?;
     with_target(a, node, |t| {
+        if flags == 0 && acl_changes_nothing(a, t, &name, value)? {
+            return Ok(());
+        }
         xattr::set(&a.root.kernel, t, &name, value, flags)
     })?;
     Ok(Done::Ok)
+}
+
+/// Whether setting `name` to `value` is a minimal access ACL the node already stands for: no
+/// ACL of its own and permission bits equal to the ACL's (see [`mode_is_already`]).
+fn acl_changes_nothing(a: &Agent, t: Target<'_>, name: &CStr, value: &[u8]) -> SysResult<bool> {
+    if name.to_bytes() != b"system.posix_acl_access" {
+        return Ok(false);
+    }
+    let Some(mode) = minimal_acl_mode(value) else {
+        return Ok(false);
+    };
+    let st = match t {
+        Target::Fd(fd) => sys::fstat(fd)?,
+        Target::At(loc) => stat_loc(loc)?,
+    };
+    if !mode_is_already(&st, mode, 0o777) {
+        return Ok(false);
+    }
+    match xattr::get(&a.root.kernel, t, name) {
+        Err(Errno(libc::ENODATA)) => Ok(true),
+        _ => Ok(false),
+    }
 }
 
 fn removexattr(a: &Agent, node: &NodeRef, name: &[u8]) -> SysResult<Done> {

@@ -223,6 +223,9 @@ struct DirState {
     /// mode).
     agent_handle: Option<(u64, u64)>,
     listing: Option<Listing>,
+    /// [`TreeState::heard_seq`] before the agent's handle was opened: the remote listing's
+    /// attributes may predate watcher events applied since.
+    asked: u64,
     /// A readdir was answered from `listing`; a later one at offset 0 is a rewind.
     served: bool,
 }
@@ -746,6 +749,49 @@ impl Core {
         NodeAttr::from_remote(id, attr)
     }
 
+    /// [`TreeState::heard_seq`] now: taken before a request whose answer the tree records.
+    pub(crate) fn heard_seq(&self) -> u64 {
+        self.tree.lock().heard_seq()
+    }
+
+    /// [`Core::entry`] for an answer asked for at watcher stamp `asked`: a node a watcher
+    /// event set since keeps (and answers with) what the event said, which is newer (a
+    /// listing taken between a file's creation and its first write, served after the write's
+    /// event, showed it empty for good).
+    pub(crate) fn entry_asked(
+        &self,
+        parent: u64,
+        name: &[u8],
+        attr: &Attr,
+        symlink: Option<Vec<u8>>,
+        asked: u64,
+    ) -> NodeAttr {
+        let mut t = self.tree.lock();
+        let newer = t.child(parent, name).filter(|&id| {
+            t.heard_after(id, asked) && t.remote_of(id) == Some((attr.dev, attr.ino))
+        });
+        if let Some(id) = newer
+            && let Ok(known) = t.attr(id)
+        {
+            let known = NodeAttr::from_remote(id, known);
+            t.count_lookup(id);
+            return known;
+        }
+        let id = t.upsert(parent, name, attr, symlink, false, &mut Effects::default());
+        t.count_lookup(id);
+        NodeAttr::from_remote(id, attr)
+    }
+
+    /// [`Core::update`] for an answer asked for at watcher stamp `asked` (see
+    /// [`Core::entry_asked`]).
+    fn update_asked(&self, id: u64, attr: &Attr, asked: u64) -> Change {
+        let mut t = self.tree.lock();
+        if t.heard_after(id, asked) {
+            return Change::None;
+        }
+        t.update_attr(id, attr, None, &mut Effects::default())
+    }
+
     /// New remote attributes for a node the kernel asked about; the kernel gets them in the
     /// reply, so no invalidation is needed. Returns how the node changed.
     fn update(&self, id: u64, attr: &Attr) -> Change {
@@ -829,8 +875,9 @@ impl Core {
             }
         }
         let path = self.tree.child_path(parent, name)?;
+        let asked = self.heard_seq();
         match self.call_attr(Op::Lookup { path }, &caller).await {
-            Ok(attr) => Ok(self.entry(parent, name, &attr, false, None)),
+            Ok(attr) => Ok(self.entry_asked(parent, name, &attr, None, asked)),
             Err(e) if self.offline(&e) => {
                 let mut t = self.tree.lock();
                 let id = t.child(parent, name).ok_or(e)?;
@@ -890,8 +937,9 @@ impl Core {
         // old (a GETATTR overtaken by a WRITE): ask again rather than record the older size.
         for _ in 0..3 {
             let since = self.mutation_seq();
+            let asked = self.heard_seq();
             let attr = self.fetch_attr_once(caller, id).await?;
-            if self.update_since(id, &attr, since) {
+            if self.update_since(id, &attr, since, asked) {
                 return Ok(NodeAttr::from_remote(id, &attr));
             }
         }
@@ -899,11 +947,12 @@ impl Core {
         Ok(NodeAttr::from_remote(id, t.attr(id)?))
     }
 
-    /// Records `attr`, fetched for `id` after local change number `since`, unless a later
-    /// local change to `id` may have overtaken it; `false` then.
-    pub(crate) fn update_since(&self, id: u64, attr: &Attr, since: u64) -> bool {
+    /// Records `attr`, fetched for `id` after local change number `since` and watcher stamp
+    /// `asked` ([`TreeState::heard_seq`]), unless a later local change to `id` may have
+    /// overtaken it, or a watcher event set it since; `false` then.
+    pub(crate) fn update_since(&self, id: u64, attr: &Attr, since: u64, asked: u64) -> bool {
         let mut t = self.tree.lock();
-        if t.touched(id) > since {
+        if t.touched(id) > since || t.heard_after(id, asked) {
             return false;
         }
         t.update_attr(id, attr, None, &mut Effects::default());
@@ -1231,6 +1280,7 @@ impl Core {
             return self.wb_open(caller, id, flags).await;
         }
         let path = self.tree.path(id)?;
+        let asked = self.heard_seq();
         let (handle, attr, generation) = self
             .call_opened(
                 Op::Open {
@@ -1253,7 +1303,7 @@ impl Core {
             self.close_quietly(generation, handle).await;
             return Err(e);
         }
-        let change = self.update(id, &attr);
+        let change = self.update_asked(id, &attr, asked);
         if change != Change::None {
             // The open reply carries no attributes: the kernel keeps those it cached (a mode
             // or size the watcher never reported, which reconciliation then cannot see as a
@@ -1351,12 +1401,13 @@ impl Core {
         }
         let node = NodeRef::Handle(file.handle);
         let since = self.mutation_seq();
+        let asked = self.heard_seq();
         match self
             .call_in(file.generation, Op::GetAttr { node }, &None)
             .await
         {
             Ok(Done::Attr(attr)) => {
-                self.update_since(file.id, &attr, since);
+                self.update_since(file.id, &attr, since, asked);
             }
             Ok(other) => tracing::debug!("the agent answered GetAttr with {other:?}"),
             Err(e) => tracing::debug!("cannot fetch the attributes of a closed file: {e}"),
@@ -1425,6 +1476,7 @@ impl Core {
     pub async fn opendir(&self, caller: Option<Caller>, id: u64) -> Result<u64, FsError> {
         let id = self.tree.canon(id);
         let local = self.whole_tree && self.tree.lock().is_complete(id);
+        let asked = self.heard_seq();
         let agent_handle = if local {
             None
         } else {
@@ -1450,6 +1502,7 @@ impl Core {
             id,
             agent_handle,
             listing: None,
+            asked,
             served: false,
         };
         self.dirs()
@@ -1474,6 +1527,7 @@ impl Core {
         {
             Some(h) => h,
             None => {
+                st.asked = self.heard_seq();
                 let path = self.tree.path(st.id)?;
                 match self
                     .client
@@ -1660,7 +1714,7 @@ impl Core {
                     let Some(attr) = &e.attr else { continue };
                     (
                         &e.name,
-                        self.entry(id, &e.name, attr, false, e.symlink.clone()),
+                        self.entry_asked(id, &e.name, attr, e.symlink.clone(), st.asked),
                     )
                 }
                 Listing::Tree(entries) => {

@@ -203,14 +203,24 @@ struct Retries {
 }
 
 const RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
-const RETRY_ATTEMPTS: u32 = 4;
+/// The kernel makes the inode of a lookup or readdirplus answer in the context of the process
+/// that asked, once it runs again: on a loaded machine that took over 200 ms (the four tries
+/// of 20..80 ms were spent, and the file showed its size before a write for the whole TTL).
+/// Twelve tries span about 2 s.
+const RETRY_ATTEMPTS: u32 = 12;
+const RETRY_MAX_GAP: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Retries {
     fn push(&mut self, inval: Inval, attempt: u32) {
         if attempt > RETRY_ATTEMPTS {
+            tracing::debug!(
+                ?inval,
+                "the kernel never made this inode; it forgot it, or keeps what an answer before \
+                 the change said until the attributes expire"
+            );
             return;
         }
-        let at = std::time::Instant::now() + RETRY_AFTER * attempt;
+        let at = std::time::Instant::now() + (RETRY_AFTER * attempt).min(RETRY_MAX_GAP);
         self.due.push((at, inval, attempt));
     }
 

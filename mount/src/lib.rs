@@ -137,6 +137,9 @@ pub struct MountOptions {
     /// `--on-change`: a command run in the target (`sh -c`, in the root) after a batch of
     /// changes made through the mount has been applied there; debounced, never overlapping.
     pub on_change: Option<String>,
+    /// Write-back flow control: once this many changes wait to be applied, new ones wait for
+    /// the target to catch up (to four fifths of it), up to 10 s each.
+    pub backlog_limit: u64,
 }
 
 /// The cache and journal directories for `target` (the target as the user names it): under
@@ -183,6 +186,7 @@ impl Default for MountOptions {
             owner_map: None,
             rules: rules::RulesConfig::default(),
             on_change: None,
+            backlog_limit: local::BACKLOG_LIMIT,
         }
     }
 }
@@ -800,7 +804,7 @@ pub fn mount(
                 );
                 recovered = Some(recovery);
             }
-            Some(local::WriteBack::new(journal, cache))
+            Some(local::WriteBack::new(journal, cache).with_backlog_limit(opts.backlog_limit))
         }
         (Some(_), Some(_)) => {
             tracing::info!(

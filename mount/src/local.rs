@@ -53,6 +53,14 @@ const SYNC_QUIET: Duration = Duration::from_millis(20);
 const SYNC_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Recent remote errors kept for status.
 const KEEP_ERRORS: usize = 32;
+/// Flow control: once this many records wait to be applied, a change waits for the sender to
+/// bring them below four fifths of it before it is journaled, so that writers faster than the
+/// remote (a build writing in a loop) cannot grow the backlog, the daemon's memory and the
+/// time `kmount wait` and unmount take without bound. An untar or a checkout stays below it.
+pub const BACKLOG_LIMIT: u64 = 50_000;
+/// The longest one change waits so (a remote that stopped applying must not stall a save for
+/// good); a remote that refuses changes, or is not connected, makes none wait.
+const BACKLOG_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// A change the remote refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +181,8 @@ pub struct WriteBack {
     /// Settled nodes whose remote attributes could not be fetched yet: their path is still
     /// being renamed on the remote.
     deferred: Mutex<std::collections::HashSet<u64>>,
+    /// [`BACKLOG_LIMIT`] or as set ([`WriteBack::with_backlog_limit`]).
+    backlog_limit: u64,
     /// Paths whose remote changes were left out while local changes of them were pending:
     /// looked at again once those are applied.
     left_out: Mutex<std::collections::HashSet<RelPath>>,
@@ -242,7 +252,14 @@ impl WriteBack {
             no_caps: Mutex::new(std::collections::HashSet::new()),
             deferred: Mutex::new(std::collections::HashSet::new()),
             left_out: Mutex::new(std::collections::HashSet::new()),
+            backlog_limit: BACKLOG_LIMIT,
         }
+    }
+
+    /// Flow control from this many records waiting to be applied (at least 1).
+    pub fn with_backlog_limit(mut self, records: u64) -> Self {
+        self.backlog_limit = records.max(1);
+        self
     }
 
     /// Keeps `paths` until no pending record covers them; returns those none covers now.
@@ -435,6 +452,51 @@ struct Change {
 impl Core {
     pub(crate) fn wb(&self) -> Option<&WriteBack> {
         self.write_back.as_deref()
+    }
+
+    /// Waits while more than [`BACKLOG_LIMIT`] records are not applied yet and the sender is
+    /// making progress on them (flow control), at most [`BACKLOG_WAIT_MAX`].
+    pub(crate) async fn throttle(&self) {
+        let Some(wb) = self.wb() else { return };
+        let backlog = || wb.journal.tail().saturating_sub(wb.journal.applied());
+        let draining = || self.client().is_connected() && wb.blocked().is_none();
+        let (high, low) = (wb.backlog_limit, wb.backlog_limit * 4 / 5);
+        if backlog() <= high || !draining() {
+            return;
+        }
+        // Someone waits: the sender holds nothing back for coalescing.
+        let _waiting = wb.journal.waiting();
+        let mut applied = wb.journal.watch_applied();
+        let started = std::time::Instant::now();
+        let waited = tokio::time::timeout(BACKLOG_WAIT_MAX, async {
+            while backlog() > low && draining() {
+                // Woken by progress, or to look at the connection again.
+                let tick = Duration::from_millis(250);
+                if let Ok(Err(_)) = tokio::time::timeout(tick, applied.changed()).await {
+                    break;
+                }
+            }
+        })
+        .await;
+        let took = started.elapsed();
+        self.sync_stats(|s| {
+            s.throttled += 1;
+            s.throttled_ms += took.as_millis() as u64;
+        });
+        if waited.is_err() {
+            tracing::warn!(
+                "changes are made faster than the target applies them: {} are waiting; a \
+                 change waited {} s and goes ahead",
+                backlog(),
+                took.as_secs()
+            );
+        } else {
+            tracing::debug!(
+                ?took,
+                backlog = backlog(),
+                "a change waited for the backlog"
+            );
+        }
     }
 
     /// Applies `f` to the tree and journals the change it returns, as one step.
@@ -662,6 +724,7 @@ impl Core {
         mode: u32,
         rdev: u64,
     ) -> Result<NodeAttr, FsError> {
+        self.throttle().await;
         let fmt = mode & libc::S_IFMT;
         let fmt = if fmt == 0 { libc::S_IFREG } else { fmt };
         let mode = fmt | (mode & 0o7777);
@@ -686,6 +749,7 @@ impl Core {
         name: &[u8],
         mode: u32,
     ) -> Result<NodeAttr, FsError> {
+        self.throttle().await;
         let perm = mode & 0o7777;
         let new = NewNode {
             mode: libc::S_IFDIR | perm,
@@ -707,6 +771,7 @@ impl Core {
         name: &[u8],
         target: &[u8],
     ) -> Result<NodeAttr, FsError> {
+        self.throttle().await;
         let len = target.len() as u64;
         let target = target.to_vec();
         let new = NewNode {
@@ -730,6 +795,7 @@ impl Core {
         mode: u32,
         flags: i32,
     ) -> Result<Created, FsError> {
+        self.throttle().await;
         let wb = self.wb().expect("write-back mode");
         let perm = mode & 0o7777;
         if let Some(existing) = self.tree().child(parent, name) {
@@ -788,6 +854,7 @@ impl Core {
         new_parent: u64,
         new_name: &[u8],
     ) -> Result<NodeAttr, FsError> {
+        self.throttle().await;
         let (attr, seq) = self.change_seq(|t| {
             check_dir(t, new_parent)?;
             let mut attr = t.attr(id)?.clone();
@@ -843,6 +910,7 @@ impl Core {
         name: &[u8],
         dir: bool,
     ) -> Result<(), FsError> {
+        self.throttle().await;
         let wb = self.wb().expect("write-back mode");
         let dropped = self.change(|t| {
             let path = t.child_path(parent, name)?;
@@ -905,6 +973,7 @@ impl Core {
         new_name: &[u8],
         flags: u32,
     ) -> Result<(), FsError> {
+        self.throttle().await;
         let wb = self.wb().expect("write-back mode");
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         let noreplace = flags & libc::RENAME_NOREPLACE != 0;
@@ -1186,6 +1255,7 @@ impl Core {
         fh: Option<u64>,
         set: SetAttr,
     ) -> Result<NodeAttr, FsError> {
+        self.throttle().await;
         let mut caller = caller;
         let only_size = |size| {
             set == SetAttr {
@@ -1261,6 +1331,7 @@ impl Core {
         offset: u64,
         data: Vec<u8>,
     ) -> Result<u32, FsError> {
+        self.throttle().await;
         let f = self.wb_file(fh)?;
         let len = u32::try_from(data.len()).map_err(|_| err!(libc::EFBIG, "write too large"))?;
         let end = offset + u64::from(len);
@@ -1298,6 +1369,7 @@ impl Core {
         len: u64,
         mode: i32,
     ) -> Result<(), FsError> {
+        self.throttle().await;
         let f = self.wb_file(fh)?;
         let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
@@ -1696,6 +1768,7 @@ impl Core {
         id: u64,
         op: impl FnOnce(NodeRef) -> Op,
     ) -> Result<(), FsError> {
+        self.throttle().await;
         self.wb_xattrs_changed(id);
         let ((), seq) = self.change_seq(|t| {
             let path = t.path(id)?;

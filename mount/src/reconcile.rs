@@ -168,8 +168,10 @@ pub async fn reconcile(core: &Core) -> Result<Outcome, FsError> {
         };
         for path in new_dirs {
             out.walked += 1;
-            if let Err(e) = remote::rescan(core, &path).await {
-                tracing::warn!("cannot walk the new directory {path}: {e}");
+            match remote::rescan(core, &path).await {
+                Ok(again) if !again.is_empty() => remote::rescan_all(core, again).await,
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cannot walk the new directory {path}: {e}"),
             }
         }
         let subdirs: Vec<RelPath> = {

@@ -61,6 +61,10 @@ pub struct SyncStats {
     pub reconcile_repairs: u64,
     /// The mass-removal guard: whether a removal is held, and its settings.
     pub guard: Guard,
+    /// Changes that waited for the write-back backlog to shrink (flow control), and how long
+    /// they waited in all.
+    pub throttled: u64,
+    pub throttled_ms: u64,
 }
 
 /// Applies one walk's entries to the tree.
@@ -80,10 +84,13 @@ struct WalkApply {
     progress: WalkProgress,
     /// Paths with local changes not yet applied: the local state stands.
     pending: Option<PendingSet>,
+    /// [`TreeState::heard_seq`] when the walk began: nodes a watcher event set since keep
+    /// what it said (the walk may have seen them before that change).
+    asked: u64,
 }
 
 impl WalkApply {
-    fn new(at: RelPath, at_id: u64, since: u64, pending: Option<PendingSet>) -> Self {
+    fn new(at: RelPath, at_id: u64, since: u64, pending: Option<PendingSet>, asked: u64) -> Self {
         let mut dirs = HashMap::new();
         dirs.insert(at.as_bytes().to_vec(), at_id);
         Self {
@@ -96,6 +103,7 @@ impl WalkApply {
             orphans: HashMap::new(),
             progress: WalkProgress::default(),
             pending,
+            asked,
         }
     }
 
@@ -121,8 +129,14 @@ impl WalkApply {
             self.seen.entry(parent).or_default().insert(name.clone());
             let existing = t.child(parent, &name);
             let id = if self.pending.as_ref().is_some_and(|p| p.covers(&e.path)) {
-                // Changed locally and not yet applied: the local state stands.
-                existing.filter(|&id| t.is_dir(id) && e.attr.is_dir())
+                // Changed locally and not yet applied: the local state stands, and what the
+                // walk saw is looked at again once it is applied (the remote may have changed
+                // it after the local change landed: a file removed here and made there).
+                let kept = existing.filter(|&id| t.is_dir(id) && e.attr.is_dir());
+                if kept.is_none() {
+                    fx.left_out.push(e.path.clone());
+                }
+                kept
             } else if self.skip.contains(&parent) || t.touched(parent) > self.since {
                 // Changed here during the walk: only nodes that are still what the walk saw
                 // are kept up to date.
@@ -141,6 +155,11 @@ impl WalkApply {
                 || t.takes_changed_node(parent, &name, &e.attr, self.since)
             {
                 existing
+            } else if let Some(id) = existing.filter(|&id| {
+                t.heard_after(id, self.asked) && t.remote_of(id) == Some((e.attr.dev, e.attr.ino))
+            }) {
+                // A watcher event set it while the walk was out: the event is newer.
+                Some(id)
             } else {
                 Some(t.upsert(parent, &name, &e.attr, e.symlink.clone(), false, fx))
             };
@@ -169,6 +188,8 @@ impl WalkApply {
                 continue;
             }
             let mut keep = self.seen.get(&dir).cloned().unwrap_or_default();
+            // Made (by the watcher's word) while the walk was out: the walk may predate them.
+            keep.extend(t.children_heard_after(dir, self.asked));
             if let Some(pending) = &self.pending
                 && let Ok(path) = RelPath::new(path.clone())
             {
@@ -251,10 +272,13 @@ async fn walk_inner(
     progress: Option<&ProgressFn>,
     pending: Option<PendingSet>,
 ) -> Result<Effects, FsError> {
-    let at_id = tree
-        .lock()
-        .resolve(at)
-        .ok_or_else(|| err!(libc::ENOENT, "{at} is not in the tree"))?;
+    let (at_id, asked) = {
+        let t = tree.lock();
+        let at_id = t
+            .resolve(at)
+            .ok_or_else(|| err!(libc::ENOENT, "{at} is not in the tree"))?;
+        (at_id, t.heard_seq())
+    };
     let (done, generation) = client
         .call_gen(Op::WalkOpen { path: at.clone() }, None)
         .await?;
@@ -267,7 +291,7 @@ async fn walk_inner(
             ));
         }
     };
-    let mut apply = WalkApply::new(at.clone(), at_id, since, pending);
+    let mut apply = WalkApply::new(at.clone(), at_id, since, pending, asked);
     let mut fx = Effects::default();
     let mut in_flight = JoinSet::new();
     let next = |set: &mut JoinSet<_>| {
@@ -386,6 +410,7 @@ pub fn apply_events(
     pending: Option<&PendingSet>,
 ) -> Vec<RelPath> {
     let mut rescans = Vec::new();
+    let stamp = t.hear();
     for event in events {
         if let Some(p) = pending {
             let skip = match &event {
@@ -413,11 +438,13 @@ pub fn apply_events(
             } => {
                 let Some((parent_path, name)) = path.split_last() else {
                     t.update_attr(ROOT_ID, &attr, None, fx);
+                    t.set_heard(ROOT_ID, stamp);
                     continue;
                 };
                 match complete_dir(t, &parent_path) {
                     Some(parent) => {
                         let id = t.upsert(parent, name, &attr, symlink, false, fx);
+                        t.set_heard(id, stamp);
                         // The watcher reports only what someone else did: a file's bytes may
                         // have changed even when its attributes look the same.
                         t.content_may_have_changed(id, fx);
@@ -545,17 +572,23 @@ pub async fn refresh(core: &Core, ids: &[u64]) -> (Effects, Vec<RelPath>) {
 }
 
 /// Walks `path` again and applies the difference; a path that no longer exists is removed.
-pub async fn rescan(core: &Core, path: &RelPath) -> Result<(), FsError> {
+/// What local changes not yet applied kept it from applying is looked at again once they are
+/// ([`Core::look_again_once_applied`]); returned: such paths whose changes are applied now,
+/// to look at again at once.
+pub async fn rescan(core: &Core, path: &RelPath) -> Result<Vec<RelPath>, FsError> {
     // An answer that a local change overtook is not applied; the lookup is made again (the
     // change was made here: the path's remote state may be news all the same).
     for attempt in 1..=RESCAN_ATTEMPTS {
-        if rescan_once(core, path).await? == Rescanned::Done {
-            return Ok(());
+        if let Rescanned::Done(left_out) = rescan_once(core, path).await? {
+            return Ok(core.look_again_once_applied(left_out));
         }
         tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
     }
+    if core.pending_set().is_some_and(|p| p.covers(path)) {
+        return Ok(core.look_again_once_applied(vec![path.clone()]));
+    }
     tracing::debug!(%path, "left for the next reconciliation: it keeps changing here");
-    Ok(())
+    Ok(Vec::new())
 }
 
 /// Lookups of a path [`rescan`] makes while local changes overtake their answers.
@@ -563,7 +596,8 @@ const RESCAN_ATTEMPTS: u64 = 4;
 
 #[derive(Debug, PartialEq, Eq)]
 enum Rescanned {
-    Done,
+    /// Applied, but for these paths: local changes of them are not applied yet.
+    Done(Vec<RelPath>),
     /// A local change overtook the answer: nothing applied.
     Overtaken,
 }
@@ -571,8 +605,8 @@ enum Rescanned {
 async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> {
     let since = core.mutation_seq();
     if core.pending_set().is_some_and(|p| p.covers(path)) {
-        // Its local state is newer; the walk after its changes land settles it.
-        return Ok(Rescanned::Done);
+        // Its local state is newer; looked at again once its changes are applied.
+        return Ok(Rescanned::Done(vec![path.clone()]));
     }
     let mut fx = Effects::default();
     if let Some((parent_path, name)) = path.split_last() {
@@ -604,7 +638,7 @@ async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> 
                 if !is_dir {
                     drop(t);
                     core.invalidator().send(std::mem::take(&mut fx.inval));
-                    return Ok(Rescanned::Done);
+                    return Ok(Rescanned::Done(Vec::new()));
                 }
             }
             (Err(e), Some(parent))
@@ -614,12 +648,12 @@ async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> 
                     .child(parent, name)
                     .map_or(0, |c| guard::subtree_size(&t, c));
                 if guard_once(core, &t, removing) == Verdict::Hold {
-                    return Ok(Rescanned::Done);
+                    return Ok(Rescanned::Done(Vec::new()));
                 }
                 t.remove(parent, name, &mut fx);
                 drop(t);
                 core.invalidator().send(std::mem::take(&mut fx.inval));
-                return Ok(Rescanned::Done);
+                return Ok(Rescanned::Done(Vec::new()));
             }
             (Err(e), _) => return Err(e.into()),
             (Ok(other), _) if !matches!(other, Done::Attr(_)) => {
@@ -654,7 +688,7 @@ async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> 
     let (more, _) = refresh(core, &fx.refresh).await;
     core.invalidator().send(more.inval);
     core.sync_stats(|s| s.rescans += 1);
-    Ok(Rescanned::Done)
+    Ok(Rescanned::Done(walked.left_out))
 }
 
 /// Asks the guard about a rescan removing `removing` entries from the tree `t`.
@@ -704,14 +738,21 @@ pub(crate) async fn rescan_all(core: &Core, paths: Vec<RelPath>) {
     let mut todo = minimal_roots(paths);
     let mut rounds = 0;
     while let Some(path) = todo.pop() {
-        if let Err(e) = rescan(core, &path).await {
-            tracing::warn!("cannot walk {path} again: {e}");
-            if e.errno == libc::ENOENT
-                && rounds < 64
-                && let Some((parent, _)) = path.split_last()
-            {
+        match rescan(core, &path).await {
+            Ok(again) if rounds < 64 && !again.is_empty() => {
                 rounds += 1;
-                todo.push(parent);
+                todo.extend(again);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!("cannot walk {path} again: {e}");
+                if e.errno == libc::ENOENT
+                    && rounds < 64
+                    && let Some((parent, _)) = path.split_last()
+                {
+                    rounds += 1;
+                    todo.push(parent);
+                }
             }
         }
     }

@@ -300,3 +300,94 @@ fn a_reported_file_change_with_the_same_attributes_still_drops_its_cached_bytes(
     );
     assert!(fx.stale_content.is_empty());
 }
+
+fn entry(path: &str, ino: u64, kind: u32, size: u64) -> TreeEntry {
+    let mut a = attr(ino, kind);
+    a.size = size;
+    TreeEntry {
+        path: p(path),
+        attr: a,
+        symlink: None,
+    }
+}
+
+/// A listing taken before a watcher event was applied (a file listed between its creation and
+/// its first write, applied after the write's event) keeps what the event said: the file does
+/// not go back to empty, and a file the event made is not swept as unseen. A listing taken
+/// after the event applies as usual.
+#[test]
+fn a_walk_older_than_an_event_keeps_what_the_event_said() {
+    let t = tree();
+    let mut fx = Effects::default();
+    apply_events(
+        &mut t.lock(),
+        vec![
+            upsert("d", 10, libc::S_IFDIR),
+            upsert("d/f", 11, libc::S_IFREG),
+        ],
+        &mut fx,
+        None,
+    );
+    let mut g = t.lock();
+    let d = g.resolve(&p("d")).unwrap();
+    g.set_complete(d, true);
+    let asked = g.heard_seq();
+    // While the walk is out: f is written (4000 bytes), g is made.
+    let mut written = attr(11, libc::S_IFREG);
+    written.size = 4000;
+    apply_events(
+        &mut g,
+        vec![
+            Event::Upsert {
+                path: p("d/f"),
+                attr: written,
+                symlink: None,
+            },
+            upsert("d/g", 12, libc::S_IFREG),
+        ],
+        &mut fx,
+        None,
+    );
+    // The walk saw f empty and no g.
+    let mut walk = WalkApply::new(p("d"), d, 0, None, asked);
+    walk.batch(&mut g, vec![entry("d/f", 11, libc::S_IFREG, 0)], &mut fx);
+    walk.sweep(&mut g, &mut fx);
+    let f = g.resolve(&p("d/f")).unwrap();
+    assert_eq!(
+        g.attr(f).unwrap().size,
+        4000,
+        "an older listing emptied the file"
+    );
+    assert!(
+        g.resolve(&p("d/g")).is_some(),
+        "an older listing swept a new file"
+    );
+    // A walk asked for now applies what it saw.
+    let mut walk = WalkApply::new(p("d"), d, 0, None, g.heard_seq());
+    walk.batch(&mut g, vec![entry("d/f", 11, libc::S_IFREG, 7)], &mut fx);
+    walk.sweep(&mut g, &mut fx);
+    assert_eq!(g.attr(f).unwrap().size, 7);
+    assert!(g.resolve(&p("d/g")).is_none());
+}
+
+/// An entry a walk leaves alone because a local change of it is not applied yet is kept to be
+/// looked at again once it is.
+#[test]
+fn a_walk_keeps_what_pending_changes_hid_to_look_at_later() {
+    let t = tree();
+    let mut g = t.lock();
+    let mut fx = Effects::default();
+    let pending = crate::local::PendingSet::new(vec![p("a")]);
+    let mut walk = WalkApply::new(RelPath::root(), ROOT_ID, 0, Some(pending), 0);
+    walk.batch(
+        &mut g,
+        vec![
+            entry("a", 10, libc::S_IFREG, 5),
+            entry("b", 11, libc::S_IFREG, 5),
+        ],
+        &mut fx,
+    );
+    assert!(g.resolve(&p("a")).is_none());
+    assert!(g.resolve(&p("b")).is_some());
+    assert_eq!(fx.left_out, vec![p("a")]);
+}

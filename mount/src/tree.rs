@@ -63,6 +63,10 @@ struct Node {
     /// Sequence number of the last local change to this node (or, for a directory, to its
     /// entries). A listing taken before it may lack that change and must not overwrite it.
     touched: u64,
+    /// Stamp of the last watcher event that set this node ([`TreeState::hear`]). An answer
+    /// asked for before it (a listing, a lookup, an open) may predate the change the event
+    /// reported and must not overwrite it: the watcher reports any later change too.
+    heard: u64,
 }
 
 impl Node {
@@ -78,6 +82,7 @@ impl Node {
             open: 0,
             stale: false,
             touched: 0,
+            heard: 0,
         }
     }
 
@@ -182,6 +187,8 @@ pub struct TreeState {
     /// Invalidations of changes the tree made by itself (renumbering a node when the id its
     /// inode number calls for became free); taken by [`TreeState::take_deferred`].
     deferred: Vec<Inval>,
+    /// The last stamp [`TreeState::hear`] gave out.
+    heard: u64,
 }
 
 impl Tree {
@@ -202,6 +209,7 @@ impl Tree {
                 root_dev: root.dev,
                 next_synthetic: SYNTHETIC_BASE,
                 deferred: Vec::new(),
+                heard: 0,
             }),
         }
     }
@@ -394,6 +402,41 @@ impl TreeState {
         if let Some(n) = self.nodes.get_mut(&id) {
             n.touched = n.touched.max(seq);
         }
+    }
+
+    /// A new stamp for nodes a run of watcher events sets ([`TreeState::set_heard`]).
+    pub fn hear(&mut self) -> u64 {
+        self.heard += 1;
+        self.heard
+    }
+
+    /// The last stamp given out: taken when a request is sent, it tells later whether a
+    /// watcher event set a node while the answer was on its way ([`TreeState::heard_after`]).
+    pub fn heard_seq(&self) -> u64 {
+        self.heard
+    }
+
+    pub fn set_heard(&mut self, id: u64, stamp: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.heard = n.heard.max(stamp);
+        }
+    }
+
+    /// Whether a watcher event set `id` after `asked` ([`TreeState::heard_seq`] when an answer
+    /// about it was asked for): the event is newer than the answer.
+    pub fn heard_after(&self, id: u64, asked: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.heard > asked)
+    }
+
+    /// Names in directory `id` whose nodes a watcher event set after `asked`.
+    pub fn children_heard_after(&self, id: u64, asked: u64) -> Vec<Vec<u8>> {
+        self.nodes.get(&id).map_or_else(Vec::new, |n| {
+            n.children
+                .iter()
+                .filter(|(_, c)| self.heard_after(**c, asked))
+                .map(|(name, _)| name.clone())
+                .collect()
+        })
     }
 
     /// Sequence number of the last local change to `id` (0: none).

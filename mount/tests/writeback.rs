@@ -302,3 +302,83 @@ fn a_file_removed_in_the_target_while_its_change_is_pending_is_made_again() {
     assert!(m.handle().status().blocked.is_none());
     m.unmount();
 }
+
+/// Writers faster than the remote (every reply delayed): the backlog of changes not yet
+/// applied stays near the flow-control limit, because changes wait for the sender once it is
+/// reached, and everything written arrives. Without flow control the backlog grows with the
+/// writers' lead (here to thousands of records).
+#[test]
+fn writers_faster_than_the_remote_wait_for_the_backlog() {
+    use kmount_mount::client::Connector;
+    use kmount_mount::fault::{Faults, FaultyConnector};
+    use std::sync::Arc;
+
+    const LIMIT: u64 = 100;
+    const WRITERS: usize = 4;
+    const FILES: u32 = 150;
+    let state = tempfile::tempdir().unwrap();
+    let faults = Faults::new();
+    let mut setup = Setup::write_back(state.path());
+    setup.opts.backlog_limit = LIMIT;
+    let f = faults.clone();
+    setup.wrap = Some(Arc::new(move |c| {
+        Arc::new(FaultyConnector::new(Arc::new(c), f.clone())) as Arc<dyn Connector>
+    }));
+    let Some(m) = Mounted::new(setup, |r| {
+        for w in 0..WRITERS {
+            fs::create_dir(r.join(format!("w{w}"))).unwrap();
+        }
+    }) else {
+        return;
+    };
+    assert!(
+        m.handle().status().write_back,
+        "the mount is not write-back"
+    );
+    faults.delay(Duration::from_millis(20));
+    let mnt = m.mnt.path().to_path_buf();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let mnt = mnt.clone();
+            std::thread::spawn(move || {
+                for i in 0..FILES {
+                    fs::write(mnt.join(format!("w{w}/f{i}")), pattern(100, i)).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut most = 0;
+    while !writers.iter().all(|w| w.is_finished()) {
+        let st = m.handle().status();
+        most = most.max(st.tail_seq.saturating_sub(st.applied_seq));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    let st = m.handle().status();
+    println!(
+        "MEASURE backlog: at most {most} records (limit {LIMIT}); {} changes waited, {} ms in all",
+        st.sync.throttled, st.sync.throttled_ms
+    );
+    assert!(
+        st.sync.throttled > 0,
+        "no change ever waited for the backlog"
+    );
+    // Each writer may have one change past the check when the backlog shrinks.
+    assert!(
+        most <= LIMIT + 4 * WRITERS as u64,
+        "the backlog grew to {most} records, limit {LIMIT}"
+    );
+    faults.delay(Duration::ZERO);
+    settle(&m);
+    assert_eq!(snapshot(m.mnt.path()), snapshot(m.remote.path()));
+    for w in 0..WRITERS {
+        for i in (0..FILES).step_by(37) {
+            assert_eq!(
+                fs::read(m.r(&format!("w{w}/f{i}"))).unwrap(),
+                pattern(100, i)
+            );
+        }
+    }
+}

@@ -506,7 +506,8 @@ fn remote_rewrite_while_read(envs: &[(&str, &str)]) {
 /// reach the mount through the watcher (reconciliation is far off), every time.
 #[test]
 fn a_remote_change_right_after_a_local_one_of_the_same_name_is_seen_with_write_back() {
-    let m = Mounted::with_args(|_| {}, &[], &[WRITE_BACK]);
+    let log = std::env::var("KMOUNT_TEST_LOG").unwrap_or_else(|_| "info".into());
+    let m = Mounted::with_args(|_| {}, &[], &[WRITE_BACK, ("KMOUNT_LOG", log.as_str())]);
     let a = PathBuf::from("a");
     let l = PathBuf::from("l");
     let until = |what: &str, done: &dyn Fn() -> bool| {
@@ -522,6 +523,7 @@ fn a_remote_change_right_after_a_local_one_of_the_same_name_is_seen_with_write_b
         until("the removal", &|| !m.backing.join(&a).exists());
         fs::write(m.backing.join(&a), text(4782, 500 + i)).unwrap();
         wait_same(&m, std::slice::from_ref(&a), VISIBLE_BOUND).unwrap_or_else(|e| {
+            keep_logs(&m);
             panic!(
                 "round {i}: a file removed here and made again there stays unseen: {e}{}",
                 m.logs()

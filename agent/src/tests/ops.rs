@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 
 use kmount_proto::{Done, MAX_IO_LEN, NodeRef, Op, SetAttr, SetTime, Timespec};
 
@@ -853,4 +853,101 @@ fn access_checks_like_access2() {
 #[test]
 fn ping_answers() {
     assert_eq!(Fx::new().ok(Op::Ping), Done::Ok);
+}
+
+/// The ACL value vim sets after a save: owner, group and other entries only.
+fn minimal_acl(mode: u32) -> Vec<u8> {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for (tag, shift) in [(0x01u16, 6), (0x04, 3), (0x20, 0)] {
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&(((mode >> shift) & 7) as u16).to_le_bytes());
+        v.extend_from_slice(&u32::MAX.to_le_bytes());
+    }
+    v
+}
+
+fn ctime(path: &std::path::Path) -> (i64, i64) {
+    let m = lstat(path);
+    (m.ctime(), m.ctime_nsec())
+}
+
+/// A chmod to the mode a file has, and a minimal ACL equal to it, change nothing in the
+/// target (no ctime change, so no attribute event for the container's watchers); any real
+/// change still happens, by path and by handle.
+#[test]
+fn a_mode_or_minimal_acl_the_node_already_has_changes_nothing() {
+    let fx = Fx::new();
+    let h = create(&fx, "f", 0o644);
+    write(&fx, h, 0, b"saved");
+    let f = fx.at("f");
+    let tick = || std::thread::sleep(std::time::Duration::from_millis(30));
+    let chmod = |node: NodeRef, mode: u32| {
+        fx.attr(Op::SetAttr {
+            node,
+            set: SetAttr {
+                mode: Some(mode),
+                ..Default::default()
+            },
+        })
+    };
+    let acl = |node: NodeRef, mode: u32| {
+        fx.ok(Op::SetXattr {
+            node,
+            name: b"system.posix_acl_access".to_vec(),
+            value: minimal_acl(mode),
+            flags: 0,
+        })
+    };
+    let before = ctime(&f);
+    tick();
+    assert_eq!(chmod(NodeRef::Handle(h), 0o100644).mode & 0o7777, 0o644);
+    assert_eq!(chmod(node("f"), 0o644).mode & 0o7777, 0o644);
+    acl(NodeRef::Handle(h), 0o644);
+    acl(node("f"), 0o644);
+    assert_eq!(
+        ctime(&f),
+        before,
+        "a change to what the file already is touched it"
+    );
+
+    // Real changes happen.
+    assert_eq!(chmod(NodeRef::Handle(h), 0o600).mode & 0o7777, 0o600);
+    assert_eq!(lstat(&f).mode() & 0o7777, 0o600);
+    acl(node("f"), 0o640);
+    assert_eq!(lstat(&f).mode() & 0o7777, 0o640);
+    let changed = ctime(&f);
+    assert_ne!(changed, before);
+    // Set-id bits are never taken for granted (the kernel may clear them).
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o2640)).unwrap();
+    let setgid = ctime(&f);
+    tick();
+    chmod(node("f"), 0o2640);
+    assert_ne!(
+        ctime(&f),
+        setgid,
+        "a chmod involving set-id bits was skipped"
+    );
+}
+
+#[test]
+fn only_minimal_acls_of_three_entries_stand_for_a_mode() {
+    use crate::ops::minimal_acl_mode;
+    assert_eq!(minimal_acl_mode(&minimal_acl(0o754)), Some(0o754));
+    assert_eq!(minimal_acl_mode(&minimal_acl(0)), Some(0));
+    let mut mask = minimal_acl(0o644);
+    mask.extend_from_slice(&0x10u16.to_le_bytes());
+    mask.extend_from_slice(&7u16.to_le_bytes());
+    mask.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(minimal_acl_mode(&mask), None);
+    let mut twice = minimal_acl(0o644);
+    twice[12..14].copy_from_slice(&0x01u16.to_le_bytes()); // the group entry as a second owner
+    assert_eq!(minimal_acl_mode(&twice), None);
+    let mut v1 = minimal_acl(0o644);
+    v1[0] = 1;
+    assert_eq!(minimal_acl_mode(&v1), None);
+    let mut big = minimal_acl(0o644);
+    big[6] = 8;
+    assert_eq!(minimal_acl_mode(&big), None);
+    assert_eq!(minimal_acl_mode(&[]), None);
+    assert_eq!(minimal_acl_mode(&minimal_acl(0o644)[..27]), None);
 }
