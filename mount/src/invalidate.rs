@@ -9,6 +9,8 @@
 //! - Regular files with open handles get their attributes invalidated only; the kernel then
 //!   notices a changed size or mtime itself (`FUSE_AUTO_INVAL_DATA`) without throwing away
 //!   pages a reader is using.
+//! - Every invalidation is sent again a little later ([`FOLLOW_UPS`]): one that comes before
+//!   the kernel has made the inode or name of an answer in flight is lost without an error.
 //! - After [`Invalidator::disarm`] (unmount), nothing more reaches the kernel.
 
 use std::ffi::OsStr;
@@ -173,77 +175,113 @@ impl InvalQueue {
             }
         };
         self.stats.sent.fetch_add(1, Ordering::Relaxed);
-        match result {
-            Ok(()) => {}
-            // The kernel has no inode of that number, though we queue invalidations only for
-            // nodes it looked up: the answer to that lookup may be on its way in the kernel
-            // (the reply is written, the inode not made yet), and it carries the attributes
-            // from before this change, which would then be kept for the whole TTL. Sent again
-            // a little later, it reaches the inode once it exists.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                if matches!(inval, Inval::Inode { .. }) {
-                    retries.push(inval.clone(), attempt + 1);
-                }
-            }
-            Err(e) => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                // ENOTEMPTY (a directory still in use), EBADF after unmount: the kernel keeps
-                // what it has, which expires or is revalidated.
-                tracing::debug!(?inval, "invalidation refused: {e}");
-            }
+        if let Err(e) = result {
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            // ENOTEMPTY (a directory still in use), EBADF after unmount: the kernel keeps
+            // what it has, which expires or is revalidated.
+            tracing::debug!(?inval, "invalidation refused: {e}");
         }
+        retries.push(inval, attempt + 1);
     }
 }
 
-/// Inode invalidations the kernel answered "no such inode", to send again: after
-/// [`RETRY_AFTER`] times the attempt number, at most [`RETRY_ATTEMPTS`] times.
+/// Invalidations to send again. An answer that introduces an inode or a name to the kernel (a
+/// lookup, a readdirplus) is written before the kernel makes that inode or dentry: it does so
+/// when the process that asked runs again. An invalidation queued meanwhile finds nothing, the
+/// kernel answers ENOENT, which fuser's `Notifier` reports as success, and the answer's older
+/// attributes or name then stay for the whole TTL (a file made and then written in the
+/// container showed its size before the write for good, on a loaded machine). So every
+/// invalidation is sent again [`FOLLOW_UPS`] later; a repeat costs one write to the FUSE
+/// device, and for a node with cached pages one reread. A removal is repeated as an entry
+/// invalidation, which tells local watchers nothing (a second `delete` would report the name
+/// removed again).
 #[derive(Default)]
 struct Retries {
-    due: Vec<(std::time::Instant, Inval, u32)>,
+    /// One queue per follow-up: each has one delay, so each is in time order.
+    due: [std::collections::VecDeque<(std::time::Instant, Inval)>; FOLLOW_UPS.len()],
 }
 
-const RETRY_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
-/// The kernel makes the inode of a lookup or readdirplus answer in the context of the process
-/// that asked, once it runs again: on a loaded machine that took over 200 ms (the four tries
-/// of 20..80 ms were spent, and the file showed its size before a write for the whole TTL).
-/// Twelve tries span about 2 s.
-const RETRY_ATTEMPTS: u32 = 12;
-const RETRY_MAX_GAP: std::time::Duration = std::time::Duration::from_millis(250);
+/// The delays of the repeats, each after the one before (about 1.3 s in all).
+const FOLLOW_UPS: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(30),
+    std::time::Duration::from_millis(250),
+    std::time::Duration::from_millis(1000),
+];
 
 impl Retries {
-    fn push(&mut self, inval: Inval, attempt: u32) {
-        if attempt > RETRY_ATTEMPTS {
-            tracing::debug!(
-                ?inval,
-                "the kernel never made this inode; it forgot it, or keeps what an answer before \
-                 the change said until the attributes expire"
-            );
+    /// Schedules repeat number `attempt` (from 1) of `inval`, if there is one.
+    fn push(&mut self, inval: &Inval, attempt: u32) {
+        let Some(delay) = FOLLOW_UPS.get(attempt as usize - 1) else {
             return;
-        }
-        let at = std::time::Instant::now() + (RETRY_AFTER * attempt).min(RETRY_MAX_GAP);
-        self.due.push((at, inval, attempt));
+        };
+        let inval = match inval {
+            Inval::Delete { parent, name, .. } => Inval::Entry {
+                parent: *parent,
+                name: name.clone(),
+            },
+            other => other.clone(),
+        };
+        self.due[attempt as usize - 1].push_back((std::time::Instant::now() + *delay, inval));
     }
 
-    /// How long until the next retry is due, if any.
+    /// How long until the next repeat is due, if any.
     fn next_due(&self) -> Option<std::time::Duration> {
         let now = std::time::Instant::now();
         self.due
             .iter()
-            .map(|(at, _, _)| at.saturating_duration_since(now))
+            .filter_map(|q| q.front())
+            .map(|(at, _)| at.saturating_duration_since(now))
             .min()
     }
 
+    /// The repeats due now, with their numbers.
     fn take_due(&mut self) -> Vec<(Inval, u32)> {
         let now = std::time::Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = self.due.drain(..).partition(|(at, _, _)| *at <= now);
-        self.due = later;
-        due.into_iter().map(|(_, i, a)| (i, a)).collect()
+        let mut due = Vec::new();
+        for (level, q) in self.due.iter_mut().enumerate() {
+            while q.front().is_some_and(|(at, _)| *at <= now) {
+                let (_, inval) = q.pop_front().expect("front checked");
+                due.push((inval, level as u32 + 1));
+            }
+        }
+        due
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_invalidation_is_repeated_later_and_a_removal_as_an_entry() {
+        let mut r = Retries::default();
+        let inode = Inval::Inode { ino: 5, data: true };
+        let delete = Inval::Delete {
+            parent: 1,
+            child: 5,
+            name: b"f".to_vec(),
+        };
+        r.push(&inode, 1);
+        r.push(&delete, 1);
+        assert!(r.take_due().is_empty(), "repeated at once");
+        let wait = r.next_due().unwrap();
+        assert!(
+            wait <= FOLLOW_UPS[0] && wait > FOLLOW_UPS[0] / 2,
+            "{wait:?}"
+        );
+        std::thread::sleep(wait);
+        let entry = Inval::Entry {
+            parent: 1,
+            name: b"f".to_vec(),
+        };
+        assert_eq!(r.take_due(), vec![(inode.clone(), 1), (entry.clone(), 1)]);
+        assert_eq!(r.next_due(), None);
+        // The last repeat schedules nothing more.
+        r.push(&inode, FOLLOW_UPS.len() as u32 + 1);
+        assert_eq!(r.next_due(), None);
+        r.push(&entry, FOLLOW_UPS.len() as u32);
+        assert!(r.next_due().unwrap() > FOLLOW_UPS[0]);
+    }
 
     #[test]
     fn disarmed_invalidator_queues_nothing() {
