@@ -410,8 +410,9 @@ fn setattr(a: &Agent, node: &NodeRef, set: &SetAttr) -> SysResult<Done> {
 }
 
 /// Whether setting the `bits` of `mode` on a node in state `st` would change nothing but its
-/// ctime: a regular file or directory that already has them, owned by the caller (so the
-/// change could not fail with EPERM) and without set-id bits (which the kernel may clear).
+/// ctime: a regular file or directory that already has them, owned by the caller or the
+/// caller root (so the change could not fail with EPERM) and without set-id bits (which the
+/// kernel may clear).
 /// Editors change a file they have just written to the mode it has (vim: `fchmod` and a
 /// minimal ACL after the last write); done in the container, each is an attribute event a
 /// moment after the save's writes, and a watcher that debounces (nodemon) restarted twice
@@ -422,7 +423,7 @@ fn mode_is_already(st: &libc::stat, mode: u32, bits: u32) -> bool {
         && st.st_mode & (libc::S_ISUID | libc::S_ISGID) == 0
         && mode & (libc::S_ISUID | libc::S_ISGID) == 0
         && st.st_mode & bits == mode & bits
-        && st.st_uid == sys::current_fsuid()
+        && [0, st.st_uid].contains(&sys::current_fsuid())
 }
 
 /// The permission bits a minimal POSIX access ACL stands for (the value of

@@ -163,7 +163,25 @@ fn permission_and_ownership_rules_are_the_callers() {
         ),
         Ok(Done::Ok)
     );
-    // chmod by a non-owner: EPERM.
+    // chmod by a non-owner: EPERM, also to the mode the file has (never skipped as a no-op).
+    for mode in [0o777, 0o644] {
+        assert_eq!(
+            as_caller(
+                &fx,
+                &id,
+                &c,
+                Op::SetAttr {
+                    node: node("roots"),
+                    set: SetAttr {
+                        mode: Some(mode),
+                        ..Default::default()
+                    }
+                }
+            ),
+            Err(libc::EPERM),
+            "chmod {mode:o}"
+        );
+    }
     assert_eq!(
         as_caller(
             &fx,
