@@ -460,6 +460,12 @@ impl Core {
         }
     }
 
+    /// Whether `path` or a directory above it has local changes not yet applied remotely
+    /// (write-back mode); [`Core::pending_set`] for one path, without copying every one.
+    pub fn pending_covers(&self, path: &RelPath) -> bool {
+        self.wb().is_some_and(|wb| wb.journal.covers_after(path, 0))
+    }
+
     /// Paths with local changes not yet applied remotely (write-back mode).
     pub fn pending_set(&self) -> Option<PendingSet> {
         self.wb().map(WriteBack::pending_set)

@@ -811,6 +811,25 @@ impl Journal {
         self.paths_after(self.applied())
     }
 
+    /// Whether `path` or a directory above it is named by a record after `seq` that is not
+    /// applied yet: [`crate::local::PendingSet::covers`] of [`Journal::paths_after`], in a few
+    /// lookups instead of a copy of every pending path (asked once per applied record, with
+    /// tens of thousands pending).
+    pub fn covers_after(&self, path: &RelPath, seq: u64) -> bool {
+        let applied = seq.max(self.applied());
+        let paths = lock(&self.shared.paths);
+        let mut cur = path.clone();
+        loop {
+            if paths.get(&cur).is_some_and(|&s| s > applied) {
+                return true;
+            }
+            match cur.split_last() {
+                Some((parent, _)) => cur = parent,
+                None => return false,
+            }
+        }
+    }
+
     /// Paths named by records after `seq`, sorted.
     pub fn paths_after(&self, seq: u64) -> Vec<RelPath> {
         let applied = seq.max(self.applied());

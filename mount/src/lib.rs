@@ -138,7 +138,7 @@ pub struct MountOptions {
     /// changes made through the mount has been applied there; debounced, never overlapping.
     pub on_change: Option<String>,
     /// Write-back flow control: once this many changes wait to be applied, new ones wait for
-    /// the target to catch up (to four fifths of it), up to 10 s each.
+    /// the target to catch up, up to 10 s each.
     pub backlog_limit: u64,
 }
 

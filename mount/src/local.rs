@@ -54,10 +54,10 @@ const SYNC_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Recent remote errors kept for status.
 const KEEP_ERRORS: usize = 32;
 /// Flow control: once this many records wait to be applied, a change waits for the sender to
-/// bring them below four fifths of it before it is journaled, so that writers faster than the
+/// bring them below it again before it is journaled (writers go at the sender's pace), so that writers faster than the
 /// remote (a build writing in a loop) cannot grow the backlog, the daemon's memory and the
 /// time `kmount wait` and unmount take without bound. An untar or a checkout stays below it.
-pub const BACKLOG_LIMIT: u64 = 50_000;
+pub const BACKLOG_LIMIT: u64 = 20_000;
 /// The longest one change waits so (a remote that stopped applying must not stall a save for
 /// good); a remote that refuses changes, or is not connected, makes none wait.
 const BACKLOG_WAIT_MAX: Duration = Duration::from_secs(10);
@@ -276,10 +276,9 @@ impl WriteBack {
         if left.is_empty() {
             return Vec::new();
         }
-        let pending = self.pending_set();
         let due: Vec<RelPath> = left
             .iter()
-            .filter(|p| !pending.covers(p))
+            .filter(|p| !self.journal.covers_after(p, 0))
             .cloned()
             .collect();
         for p in &due {
@@ -291,11 +290,6 @@ impl WriteBack {
     /// Paths with records not yet applied.
     pub fn pending_set(&self) -> PendingSet {
         PendingSet::new(self.journal.pending_paths())
-    }
-
-    /// Paths with records after `seq` (while records up to `seq` are being settled).
-    fn pending_set_after(&self, seq: u64) -> PendingSet {
-        PendingSet::new(self.journal.paths_after(seq))
     }
 
     /// The last record that changed node `id`, when it is not applied yet.
@@ -460,8 +454,8 @@ impl Core {
         let Some(wb) = self.wb() else { return };
         let backlog = || wb.journal.tail().saturating_sub(wb.journal.applied());
         let draining = || self.client().is_connected() && wb.blocked().is_none();
-        let (high, low) = (wb.backlog_limit, wb.backlog_limit * 4 / 5);
-        if backlog() <= high || !draining() {
+        let limit = wb.backlog_limit;
+        if backlog() <= limit || !draining() {
             return;
         }
         // Someone waits: the sender holds nothing back for coalescing.
@@ -469,7 +463,7 @@ impl Core {
         let mut applied = wb.journal.watch_applied();
         let started = std::time::Instant::now();
         let waited = tokio::time::timeout(BACKLOG_WAIT_MAX, async {
-            while backlog() > low && draining() {
+            while backlog() > limit && draining() {
                 // Woken by progress, or to look at the connection again.
                 let tick = Duration::from_millis(250);
                 if let Ok(Err(_)) = tokio::time::timeout(tick, applied.changed()).await {
@@ -1545,7 +1539,7 @@ impl Core {
         // The remote file at this path must be the one cached: let pending renames, creates
         // and writes of it land first.
         let path = self.tree().path(id)?;
-        if wb.pending_set().covers(&path) {
+        if wb.journal.covers_after(&path, 0) {
             let tail = wb.journal.tail();
             wb.journal.commit()?;
             self.wait_applied_for(tail, Some(&path)).await?;
@@ -2076,13 +2070,12 @@ impl Core {
     /// (records up to it are applied) waits for that record.
     async fn adopt_remote(&self, ids: Vec<u64>, settled: u64) {
         let Some(wb) = self.wb() else { return };
-        let pending = wb.pending_set_after(settled);
         let mut set = tokio::task::JoinSet::new();
         for id in ids {
             let Ok(path) = self.tree().path(id) else {
                 continue;
             };
-            if pending.covers(&path) {
+            if wb.journal.covers_after(&path, settled) {
                 lock(&wb.deferred).insert(id);
                 continue;
             }

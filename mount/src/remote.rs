@@ -584,7 +584,7 @@ pub async fn rescan(core: &Core, path: &RelPath) -> Result<Vec<RelPath>, FsError
         }
         tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
     }
-    if core.pending_set().is_some_and(|p| p.covers(path)) {
+    if core.pending_covers(path) {
         return Ok(core.look_again_once_applied(vec![path.clone()]));
     }
     tracing::debug!(%path, "left for the next reconciliation: it keeps changing here");
@@ -604,7 +604,7 @@ enum Rescanned {
 
 async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> {
     let since = core.mutation_seq();
-    if core.pending_set().is_some_and(|p| p.covers(path)) {
+    if core.pending_covers(path) {
         // Its local state is newer; looked at again once its changes are applied.
         return Ok(Rescanned::Done(vec![path.clone()]));
     }
@@ -620,9 +620,7 @@ async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> 
         // answer may predate that change, which stands.
         let changed = |t: &TreeState, id: Option<u64>| id.is_some_and(|id| t.touched(id) > since);
         let node = parent.and_then(|p| t.child(p, name));
-        if changed(&t, node)
-            || (node.is_none() && changed(&t, parent))
-            || core.pending_set().is_some_and(|p| p.covers(path))
+        if changed(&t, node) || (node.is_none() && changed(&t, parent)) || core.pending_covers(path)
         {
             return Ok(Rescanned::Overtaken);
         }

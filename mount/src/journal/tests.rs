@@ -605,9 +605,18 @@ fn pending_paths_follow_applied() {
     })
     .unwrap(); // 3
     assert_eq!(j.pending_paths(), vec![p("a"), p("b/c"), p("d")]);
+    // Covered: a path named, and what is below it; not what is above or beside it.
+    let covers = |path: &str, seq| j.covers_after(&p(path), seq);
+    assert!(covers("a", 0) && covers("b/c", 0) && covers("b/c/x", 0) && covers("d/y/z", 0));
+    assert!(!covers("b", 0) && !covers("e", 0) && !covers("", 0));
+    // After a seq: only the records after it.
+    // (a rename names both its paths.)
+    assert!(covers("a", 1) && !covers("a", 2) && covers("b/c", 1) && !covers("b/c", 2));
+    assert!(covers("d", 2) && !covers("d", 3));
     j.commit().unwrap();
     j.mark_applied(2);
     assert_eq!(j.pending_paths(), vec![p("d")]);
+    assert!(!covers("b/c", 0) && !covers("a", 0) && covers("d", 0));
     drop(j);
     let (j, rec) = Journal::open_with(tmp.path(), manual()).unwrap();
     assert_eq!(rec.pending_paths, vec![p("d")]);
