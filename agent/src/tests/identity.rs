@@ -182,21 +182,6 @@ fn permission_and_ownership_rules_are_the_callers() {
             "chmod {mode:o}"
         );
     }
-    assert_eq!(
-        as_caller(
-            &fx,
-            &id,
-            &c,
-            Op::SetAttr {
-                node: node("roots"),
-                set: SetAttr {
-                    mode: Some(0o777),
-                    ..Default::default()
-                }
-            }
-        ),
-        Err(libc::EPERM)
-    );
     // Root itself may do all of it.
     fx.ok(Op::Access {
         path: p("roots"),
