@@ -310,14 +310,20 @@ impl WriteBack {
     /// (so they count as pending) until [`WriteBack::release_settled`], once adopted.
     pub(crate) fn take_settled(&self, from: u64, seq: u64) -> Vec<(u64, bool)> {
         let nodes: Vec<u64> = {
+            // The first entries taken one by one: a split would move every later entry (the
+            // whole backlog, once per applied record).
             let mut map = lock(&self.seq_nodes);
-            let later = map.split_off(&(seq + 1));
-            let taken = std::mem::replace(&mut *map, later);
-            taken
-                .into_iter()
-                .filter(|(s, _)| *s >= from)
-                .flat_map(|(_, n)| n)
-                .collect()
+            let mut nodes = Vec::new();
+            while let Some(first) = map.first_entry() {
+                if *first.key() > seq {
+                    break;
+                }
+                let (s, n) = first.remove_entry();
+                if s >= from {
+                    nodes.extend(n);
+                }
+            }
+            nodes
         };
         let last = lock(&self.last_seq);
         let mut out: Vec<(u64, bool)> = Vec::new();
