@@ -9,8 +9,8 @@
 //! - Regular files with open handles get their attributes invalidated only; the kernel then
 //!   notices a changed size or mtime itself (`FUSE_AUTO_INVAL_DATA`) without throwing away
 //!   pages a reader is using.
-//! - Every invalidation is sent again a little later ([`FOLLOW_UPS`]): one that comes before
-//!   the kernel has made the inode or name of an answer in flight is lost without an error.
+//! - Every inode invalidation is sent again a little later ([`FOLLOW_UPS`]): one that comes
+//!   before the kernel has made the inode of an answer in flight is lost without an error.
 //! - After [`Invalidator::disarm`] (unmount), nothing more reaches the kernel.
 
 use std::ffi::OsStr;
@@ -181,20 +181,22 @@ impl InvalQueue {
             // what it has, which expires or is revalidated.
             tracing::debug!(?inval, "invalidation refused: {e}");
         }
-        retries.push(inval, attempt + 1);
+        if matches!(inval, Inval::Inode { .. }) {
+            retries.push(inval, attempt + 1);
+        }
     }
 }
 
-/// Invalidations to send again. An answer that introduces an inode or a name to the kernel (a
-/// lookup, a readdirplus) is written before the kernel makes that inode or dentry: it does so
-/// when the process that asked runs again. An invalidation queued meanwhile finds nothing, the
-/// kernel answers ENOENT, which fuser's `Notifier` reports as success, and the answer's older
-/// attributes or name then stay for the whole TTL (a file made and then written in the
-/// container showed its size before the write for good, on a loaded machine). So every
+/// Inode invalidations to send again. An answer that introduces an inode to the kernel (a
+/// lookup, a readdirplus) is written before the kernel makes that inode: it does so when the
+/// process that asked runs again. An invalidation queued meanwhile finds nothing, the kernel
+/// answers ENOENT, which fuser's `Notifier` reports as success, and the answer's older
+/// attributes then stay for the whole TTL (a file made and then written in the container
+/// showed its size before the write for good, on a loaded machine). So every inode
 /// invalidation is sent again [`FOLLOW_UPS`] later; a repeat costs one write to the FUSE
-/// device, and for a node with cached pages one reread. A removal is repeated as an entry
-/// invalidation, which tells local watchers nothing (a second `delete` would report the name
-/// removed again).
+/// device, and for a node with cached pages one reread. Entry invalidations are not repeated:
+/// a repeat would drop names the kernel has looked up since (and make it forget their nodes).
+/// (`push` turns a removal into an entry invalidation, which tells local watchers nothing.)
 #[derive(Default)]
 struct Retries {
     /// One queue per follow-up: each has one delay, so each is in time order.
