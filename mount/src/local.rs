@@ -2101,6 +2101,19 @@ impl Core {
         let mut fx = Effects::default();
         while let Some(joined) = set.join_next().await {
             if let Ok((id, Ok(Done::Attr(attr)))) = joined {
+                // A node made here whose record was applied without its answer reaching us
+                // (the agent was killed after applying it, and said so on reconnecting) has
+                // no remote identity yet: the node at its path is the one the record made.
+                // Unbound, the next listing took that node for another one and replaced
+                // this one, with the names made in it.
+                let made_here = self
+                    .tree()
+                    .lock()
+                    .node_remote_kind(id)
+                    .is_some_and(|(r, kind)| r.0 == LOCAL_DEV && kind == attr.file_type());
+                if made_here {
+                    self.rebind_remote(id, &attr);
+                }
                 self.adopt(id, &attr, settled, &mut fx);
             }
         }
