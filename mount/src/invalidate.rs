@@ -196,7 +196,6 @@ impl InvalQueue {
 /// invalidation is sent again [`FOLLOW_UPS`] later; a repeat costs one write to the FUSE
 /// device, and for a node with cached pages one reread. Entry invalidations are not repeated:
 /// a repeat would drop names the kernel has looked up since (and make it forget their nodes).
-/// (`push` turns a removal into an entry invalidation, which tells local watchers nothing.)
 #[derive(Default)]
 struct Retries {
     /// One queue per follow-up: each has one delay, so each is in time order.
@@ -216,14 +215,8 @@ impl Retries {
         let Some(delay) = FOLLOW_UPS.get(attempt as usize - 1) else {
             return;
         };
-        let inval = match inval {
-            Inval::Delete { parent, name, .. } => Inval::Entry {
-                parent: *parent,
-                name: name.clone(),
-            },
-            other => other.clone(),
-        };
-        self.due[attempt as usize - 1].push_back((std::time::Instant::now() + *delay, inval));
+        self.due[attempt as usize - 1]
+            .push_back((std::time::Instant::now() + *delay, inval.clone()));
     }
 
     /// How long until the next repeat is due, if any.
@@ -255,16 +248,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_invalidation_is_repeated_later_and_a_removal_as_an_entry() {
+    fn an_inode_invalidation_is_repeated_later_on_a_schedule() {
         let mut r = Retries::default();
         let inode = Inval::Inode { ino: 5, data: true };
-        let delete = Inval::Delete {
-            parent: 1,
-            child: 5,
-            name: b"f".to_vec(),
-        };
         r.push(&inode, 1);
-        r.push(&delete, 1);
         assert!(r.take_due().is_empty(), "repeated at once");
         let wait = r.next_due().unwrap();
         assert!(
@@ -272,16 +259,12 @@ mod tests {
             "{wait:?}"
         );
         std::thread::sleep(wait);
-        let entry = Inval::Entry {
-            parent: 1,
-            name: b"f".to_vec(),
-        };
-        assert_eq!(r.take_due(), vec![(inode.clone(), 1), (entry.clone(), 1)]);
+        assert_eq!(r.take_due(), vec![(inode.clone(), 1)]);
         assert_eq!(r.next_due(), None);
         // The last repeat schedules nothing more.
         r.push(&inode, FOLLOW_UPS.len() as u32 + 1);
         assert_eq!(r.next_due(), None);
-        r.push(&entry, FOLLOW_UPS.len() as u32);
+        r.push(&inode, FOLLOW_UPS.len() as u32);
         assert!(r.next_due().unwrap() > FOLLOW_UPS[0]);
     }
 

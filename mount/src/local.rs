@@ -54,9 +54,10 @@ const SYNC_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Recent remote errors kept for status.
 const KEEP_ERRORS: usize = 32;
 /// Flow control: once this many records wait to be applied, a change waits for the sender to
-/// bring them below it again before it is journaled (writers go at the sender's pace), so that writers faster than the
-/// remote (a build writing in a loop) cannot grow the backlog, the daemon's memory and the
-/// time `kmount wait` and unmount take without bound. An untar or a checkout stays below it.
+/// bring them below it again before it is journaled (writers go at the sender's pace), so
+/// that writers faster than the remote (a build writing in a loop) cannot grow the backlog,
+/// the daemon's memory and the time `kmount wait` and unmount take without bound. An untar or
+/// a checkout stays below it.
 pub const BACKLOG_LIMIT: u64 = 20_000;
 /// The longest one change waits so (a remote that stopped applying must not stall a save for
 /// good); a remote that refuses changes, or is not connected, makes none wait.
@@ -2106,11 +2107,11 @@ impl Core {
                 // no remote identity yet: the node at its path is the one the record made.
                 // Unbound, the next listing took that node for another one and replaced
                 // this one, with the names made in it.
-                let made_here = self
-                    .tree()
-                    .lock()
-                    .node_remote_kind(id)
-                    .is_some_and(|(r, kind)| r.0 == LOCAL_DEV && kind == attr.file_type());
+                let made_here = {
+                    let t = self.tree().lock();
+                    t.remote_of(id).is_some_and(|r| r.0 == LOCAL_DEV)
+                        && t.attr(id).is_ok_and(|a| a.file_type() == attr.file_type())
+                };
                 if made_here {
                     self.rebind_remote(id, &attr);
                 }

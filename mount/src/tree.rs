@@ -841,11 +841,6 @@ impl TreeState {
 
     /// Node `id`, made here, now exists remotely as `attr`: it takes that remote identity
     /// (its node id stays: the kernel knows it by that).
-    /// The remote identity and file type of node `id`.
-    pub fn node_remote_kind(&self, id: u64) -> Option<((u64, u64), u32)> {
-        self.nodes.get(&id).map(|n| (n.remote, n.kind()))
-    }
-
     pub fn rebind(&mut self, id: u64, attr: &Attr) {
         let key = (attr.dev, attr.ino);
         let Some(node) = self.nodes.get_mut(&id) else {
