@@ -334,6 +334,15 @@ impl Echo {
 
     /// Records the state the operation left (when it succeeded) and releases its claim.
     pub fn finish(&self, root: &Root, pending: Pending, ok: bool) {
+        self.finish_told(root, pending, ok, None);
+    }
+
+    /// [`Echo::finish`] for an operation that told the mount the state it left its node in
+    /// (`told`: the attributes in its answer, read right after the change). That state is
+    /// recorded for the node rather than the one found when recording: a change someone else
+    /// made in between (a file written through the mount and rewritten in the container at
+    /// once) is theirs, and must be reported, since the mount only knows `told`.
+    pub fn finish_told(&self, root: &Root, pending: Pending, ok: bool, told: Option<&Attr>) {
         let mut seen: Vec<(RelPath, Seen)> = Vec::new();
         let mut node_seen: Option<Attr> = None;
         // A close changes nothing itself: it only vouches for a state an own operation left.
@@ -352,6 +361,9 @@ impl Echo {
                     // found absent was removed by someone else: neither is ours to record.
                     Some(Seen::Present(_)) if pending.removed.contains(p) => {}
                     Some(Seen::Absent) if pending.made.contains(p) => {}
+                    Some(Seen::Present(now)) if told.is_some_and(|t| key(t) == key(&now)) => {
+                        seen.push((p.clone(), Seen::Present(told.cloned().unwrap_or(now))));
+                    }
                     Some(s) => seen.push((p.clone(), s)),
                     None => {}
                 }

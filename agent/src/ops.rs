@@ -79,7 +79,11 @@ pub fn execute(a: &Agent, op: Op) -> Result<Done, WireError> {
     let pending = a.echo.begin(a, &op);
     let result = dispatch(a, op);
     if let Some(p) = pending {
-        a.echo.finish(&a.root, p, result.is_ok());
+        let told = match &result {
+            Ok(Done::Attr(at) | Done::Opened { attr: at, .. }) => Some(at),
+            _ => None,
+        };
+        a.echo.finish_told(&a.root, p, result.is_ok(), told);
     }
     result
 }

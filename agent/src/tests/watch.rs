@@ -613,6 +613,45 @@ fn a_name_made_again_just_after_an_own_removal_is_not_claimed() {
     }
 }
 
+/// The container rewrites a file the agent just wrote, before the result is recorded: the
+/// mount was told the state the agent's write left (its answer), so the rewrite is someone
+/// else's doing and must not pass for an echo (CI: a file written through the mount and
+/// rewritten in the container at once kept the mount's bytes for good).
+#[test]
+fn a_rewrite_just_after_an_own_write_is_not_claimed() {
+    let fx = Fx::new();
+    fx.agent.echo.set_enabled(true);
+    fs::write(fx.at("a"), b"before").unwrap();
+    let op = Op::WritePath {
+        path: p("a"),
+        offset: 0,
+        data: b"ours".to_vec(),
+    };
+    let pending = fx.agent.echo.begin(&fx.agent, &op).expect("recorded");
+    fs::write(fx.at("a"), b"ours").unwrap();
+    let told = match crate::echo::look(&fx.agent.root, &p("a")).unwrap() {
+        crate::echo::Seen::Present(at) => at,
+        other => panic!("{other:?}"),
+    };
+    // Someone else, before the agent records; a different size, so the state differs on any
+    // clock.
+    fs::write(fx.at("a"), b"theirs, longer").unwrap();
+    fx.agent
+        .echo
+        .finish_told(&fx.agent.root, pending, true, Some(&told));
+    let seen = crate::echo::look(&fx.agent.root, &p("a")).unwrap();
+    assert!(
+        !fx.agent.echo.is_echo(&p("a"), &seen),
+        "their rewrite passed for ours"
+    );
+    assert!(
+        fx.agent
+            .echo
+            .is_echo(&p("a"), &crate::echo::Seen::Present(told)),
+        "our own state is not recognised"
+    );
+}
+
 /// The container removes a name the agent just made before the result is recorded: the
 /// absence is someone else's doing and must not pass for an echo.
 #[test]
