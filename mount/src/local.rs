@@ -1979,14 +1979,18 @@ impl Core {
         }
     }
 
-    /// Records `first..=seq` are applied remotely (`reply`: the answer to the batch, and the
-    /// session it came from). Handles a journaled create left open are closed; nodes made here
-    /// take their remote identity; nodes with no later pending change take the remote's
-    /// attributes, and their cached bytes become those of that remote version.
-    pub(crate) async fn settle(&self, first: u64, seq: u64, reply: Option<(&Op, Done, u64)>) {
+    /// Records `first..=seq` are applied remotely (`reply`: the answer to the batch, the
+    /// session it came from, and the watcher stamp when it was sent). Handles a journaled
+    /// create left open are closed; nodes made here take their remote identity; nodes with no
+    /// later pending change take the remote's attributes, and their cached bytes become those
+    /// of that remote version.
+    pub(crate) async fn settle(&self, first: u64, seq: u64, reply: Option<(&Op, Done, u64, u64)>) {
         let Some(wb) = self.wb() else { return };
         let mut remote_attr = None;
-        if let Some((op, done, generation)) = reply {
+        // With no reply, every node's attributes are fetched (stamp taken before asking).
+        let mut asked = u64::MAX;
+        if let Some((op, done, generation, sent)) = reply {
+            asked = sent;
             match done {
                 Done::Opened { handle, attr } => {
                     let client = self.client().clone();
@@ -2028,7 +2032,7 @@ impl Core {
                 Some(attr) => {
                     self.rebind_remote(id, attr);
                     if last {
-                        self.adopt(id, attr, seq, &mut fx);
+                        self.adopt(id, attr, seq, asked, &mut fx);
                     }
                 }
                 None if last => refresh.push(id),
@@ -2046,7 +2050,13 @@ impl Core {
     /// Takes the remote's attributes for `id` when no change of it after `seq` (applied) is
     /// journaled. Under the order lock: a local change cannot come between the check and the
     /// update (its bytes are in the cache before its record is journaled, under that lock).
-    fn adopt(&self, id: u64, attr: &Attr, seq: u64, fx: &mut Effects) {
+    ///
+    /// `asked`: the watcher stamp ([`TreeState::heard_seq`]) when `attr` was asked for. What
+    /// a watcher event applied since said about the same remote file, if not older
+    /// ([`TreeState::heard_newer`]: a rename or a chmod there right after our change, its
+    /// event applied before the sender got to the change's reply), stays in the tree; the
+    /// cached bytes still take `attr`'s version, which is theirs.
+    fn adopt(&self, id: u64, attr: &Attr, seq: u64, asked: u64, fx: &mut Effects) {
         let Some(wb) = self.wb() else { return };
         let _order = lock(&wb.order);
         if wb.changed_after(id, seq) {
@@ -2068,6 +2078,14 @@ impl Core {
             }
         }
         let mut t = self.tree().lock();
+        if t.heard_newer(id, attr, asked) {
+            tracing::debug!(
+                id,
+                seq,
+                "a watcher event since is newer; keeping its attributes"
+            );
+            return;
+        }
         let symlink = t.symlink(id).map(<[u8]>::to_vec);
         t.update_attr(id, attr, symlink, fx);
     }
@@ -2077,6 +2095,7 @@ impl Core {
     /// (records up to it are applied) waits for that record.
     async fn adopt_remote(&self, ids: Vec<u64>, settled: u64) {
         let Some(wb) = self.wb() else { return };
+        let asked = self.heard_seq();
         let mut set = tokio::task::JoinSet::new();
         for id in ids {
             let Ok(path) = self.tree().path(id) else {
@@ -2115,7 +2134,7 @@ impl Core {
                 if made_here {
                     self.rebind_remote(id, &attr);
                 }
-                self.adopt(id, &attr, settled, &mut fx);
+                self.adopt(id, &attr, settled, asked, &mut fx);
             }
         }
         self.invalidator().send(fx.inval);

@@ -173,9 +173,22 @@ impl WalkApply {
         }
     }
 
-    /// Removes what the walk did not see (a re-walk of an existing subtree).
+    /// Removes what the walk did not see (a re-walk of an existing subtree). Names it did not
+    /// see but keeps for their local changes not yet applied are looked at again once those
+    /// are applied (a hard link made here and removed there while its record's answer was
+    /// on its way stayed in the view).
     fn sweep(&self, t: &mut TreeState, fx: &mut Effects) {
         for (dir, keep) in self.sweep_plan(t) {
+            if let (Some(pending), Ok(path)) = (&self.pending, t.path(dir)) {
+                let seen = self.seen.get(&dir);
+                for name in pending_children(t, dir, &path, pending) {
+                    if !seen.is_some_and(|s| s.contains(&name))
+                        && let Ok(child) = path.join(&name)
+                    {
+                        fx.left_out.push(child);
+                    }
+                }
+            }
             t.retain_children(dir, &keep, fx);
         }
     }
@@ -614,56 +627,56 @@ async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> 
             .client()
             .call(Op::Lookup { path: path.clone() }, None)
             .await;
-        let mut t = core.tree().lock();
-        let parent = complete_dir(&t, &parent_path);
-        // Changed here while the answer was on its way (or a change of it was in flight): the
-        // answer may predate that change, which stands.
-        let changed = |t: &TreeState, id: Option<u64>| id.is_some_and(|id| t.touched(id) > since);
-        let node = parent.and_then(|p| t.child(p, name));
-        if changed(&t, node) || (node.is_none() && changed(&t, parent)) || core.pending_covers(path)
-        {
-            return Ok(Rescanned::Overtaken);
-        }
-        match (got, parent) {
-            (Ok(Done::Attr(attr)), Some(parent))
-                if t.takes_changed_node(parent, name, &attr, since) =>
+        // `None`: a directory, walked below.
+        let single = {
+            let mut t = core.tree().lock();
+            let parent = complete_dir(&t, &parent_path);
+            // Changed here while the answer was on its way (or a change of it was in flight):
+            // the answer may predate that change, which stands.
+            let changed =
+                |t: &TreeState, id: Option<u64>| id.is_some_and(|id| t.touched(id) > since);
+            let node = parent.and_then(|p| t.child(p, name));
+            if changed(&t, node)
+                || (node.is_none() && changed(&t, parent))
+                || core.pending_covers(path)
             {
                 return Ok(Rescanned::Overtaken);
             }
-            (Ok(Done::Attr(attr)), Some(parent)) => {
-                let is_dir = attr.is_dir();
-                t.upsert(parent, name, &attr, None, false, &mut fx);
-                if !is_dir {
-                    drop(t);
-                    core.invalidator().send(std::mem::take(&mut fx.inval));
-                    return Ok(Rescanned::Done(Vec::new()));
+            match (got, parent) {
+                (Ok(Done::Attr(attr)), Some(parent))
+                    if t.takes_changed_node(parent, name, &attr, since) =>
+                {
+                    Some(Ok(Rescanned::Overtaken))
                 }
-            }
-            (Err(e), Some(parent))
-                if matches!(FsError::from(e.clone()).errno, libc::ENOENT | libc::ENOTDIR) =>
-            {
-                let removing = t
-                    .child(parent, name)
-                    .map_or(0, |c| guard::subtree_size(&t, c));
-                if guard_once(core, &t, removing) == Verdict::Hold {
-                    return Ok(Rescanned::Done(Vec::new()));
+                (Ok(Done::Attr(attr)), Some(parent)) => {
+                    t.upsert(parent, name, &attr, None, false, &mut fx);
+                    (!attr.is_dir()).then(|| Ok(Rescanned::Done(Vec::new())))
                 }
-                t.remove(parent, name, &mut fx);
-                drop(t);
-                core.invalidator().send(std::mem::take(&mut fx.inval));
-                return Ok(Rescanned::Done(Vec::new()));
-            }
-            (Err(e), _) => return Err(e.into()),
-            (Ok(other), _) if !matches!(other, Done::Attr(_)) => {
-                return Err(err!(libc::EIO, "the agent answered Lookup with {other:?}"));
-            }
-            (Ok(_), None) => {
-                return Err(err!(
+                (Err(e), Some(parent))
+                    if matches!(FsError::from(e.clone()).errno, libc::ENOENT | libc::ENOTDIR) =>
+                {
+                    let removing = t
+                        .child(parent, name)
+                        .map_or(0, |c| guard::subtree_size(&t, c));
+                    if guard_once(core, &t, removing) == Verdict::Apply {
+                        t.remove(parent, name, &mut fx);
+                    }
+                    Some(Ok(Rescanned::Done(Vec::new())))
+                }
+                (Err(e), _) => Some(Err(e.into())),
+                (Ok(Done::Attr(_)), None) => Some(Err(err!(
                     libc::ENOENT,
                     "the parent of {path} is not in the tree"
-                ));
+                ))),
+                (Ok(other), _) => Some(Err(err!(
+                    libc::EIO,
+                    "the agent answered Lookup with {other:?}"
+                ))),
             }
-            _ => {}
+        };
+        if let Some(result) = single {
+            rescanned(core, std::mem::take(&mut fx)).await;
+            return result;
         }
     }
     let allowed = |t: &TreeState, removing: u64| guard_once(core, t, removing) == Verdict::Apply;
@@ -680,13 +693,20 @@ async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> 
     fx.inval.extend(walked.inval);
     fx.refresh.extend(walked.refresh);
     fx.stale_content.extend(walked.stale_content);
+    rescanned(core, fx).await;
+    core.sync_stats(|s| s.rescans += 1);
+    Ok(Rescanned::Done(walked.left_out))
+}
+
+/// Carries out what a rescan changed in the tree: the kernel forgets what it cached, stale
+/// cached contents go, and nodes whose attributes moved with it are fetched (the other names
+/// of a file whose one name went: their link count and change time).
+async fn rescanned(core: &Core, mut fx: Effects) {
     fx.dedup();
     core.invalidator().send(std::mem::take(&mut fx.inval));
     core.note_stale_content(&fx.stale_content);
     let (more, _) = refresh(core, &fx.refresh).await;
     core.invalidator().send(more.inval);
-    core.sync_stats(|s| s.rescans += 1);
-    Ok(Rescanned::Done(walked.left_out))
 }
 
 /// Asks the guard about a rescan removing `removing` entries from the tree `t`.

@@ -45,7 +45,9 @@ const HOLD_POLL: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 type Reply = std::pin::Pin<Box<dyn Future<Output = Result<(Done, u64), CallError>> + Send>>;
-type InFlight = (Batch, u64, Reply);
+/// A batch on its way: the connection generation it went out in, the watcher stamp when it
+/// was sent ([`Core::heard_seq`]), and its reply.
+type InFlight = (Batch, u64, u64, Reply);
 
 /// Why a run of the sender ended.
 enum Stop {
@@ -245,13 +247,14 @@ async fn run_once(
                     "sending: {}",
                     crate::journal::summary(&b.op)
                 );
+                let asked = core.heard_seq();
                 let reply = send_batch(&client, session, &b).await;
                 next = b.seq + 1;
-                in_flight.push_back((b, generation, reply));
+                in_flight.push_back((b, generation, asked, reply));
             }
         }
         // Wait for the oldest reply, new records, or the end.
-        let Some((batch, sent_in, reply)) = in_flight.pop_front() else {
+        let Some((batch, sent_in, asked, reply)) = in_flight.pop_front() else {
             let held = held_since.is_some();
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return Stop::Shutdown,
@@ -276,8 +279,12 @@ async fn run_once(
                 *backoff = BACKOFF_FIRST;
                 // Settled before it counts as applied: whoever waits for it then sees the
                 // nodes with their remote identity.
-                core.settle(batch.first_seq, batch.seq, Some((&batch.op, done, sent_in)))
-                    .await;
+                core.settle(
+                    batch.first_seq,
+                    batch.seq,
+                    Some((&batch.op, done, sent_in, asked)),
+                )
+                .await;
                 applied(core, journal, batch.seq).await;
                 replay_done(replaying, batch.seq);
             }
@@ -408,7 +415,7 @@ async fn run_once(
                 tracing::debug!("the journal stream broke: {reason}");
                 interrupted.insert(batch.seq);
                 // Those behind it may have reached the agent too.
-                for (b, _, _) in in_flight.drain(..) {
+                for (b, _, _, _) in in_flight.drain(..) {
                     interrupted.insert(b.seq);
                 }
                 return Stop::Restart;

@@ -428,6 +428,19 @@ impl TreeState {
         self.nodes.get(&id).is_some_and(|n| n.heard > asked)
     }
 
+    /// Whether what a watcher event said about `id` after `asked` is at least as new as
+    /// `attr`, an answer about the same remote file asked for at `asked` that the remote gave
+    /// after changing it (a change's own reply): the event's change time is not earlier. The
+    /// event may have been read before the change was made (then its time is earlier) or
+    /// after, with a change of its own (a rename or a chmod there right after ours). A tie
+    /// (timestamps are as coarse as the kernel's clock tick) goes to the event, as for other
+    /// answers ([`TreeState::heard_after`]).
+    pub fn heard_newer(&self, id: u64, attr: &Attr, asked: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| {
+            n.heard > asked && n.remote == (attr.dev, attr.ino) && n.attr.ctime >= attr.ctime
+        })
+    }
+
     /// Names in directory `id` whose nodes a watcher event set after `asked`.
     pub fn children_heard_after(&self, id: u64, asked: u64) -> Vec<Vec<u8>> {
         self.nodes.get(&id).map_or_else(Vec::new, |n| {

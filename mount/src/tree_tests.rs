@@ -498,3 +498,49 @@ fn a_file_with_one_link_has_one_name() {
     assert_eq!(t.child(ROOT_ID, b"b"), Some(a));
     assert_eq!(t.child(ROOT_ID, b"c"), Some(a));
 }
+
+/// A change's reply about a file, asked for before a watcher event about that file was
+/// applied: the event wins unless the reply saw a later change time (the event was read
+/// before the change was made). CI: a hard link made here and renamed there at once showed
+/// the link's change time, not the rename's, for good.
+#[test]
+fn a_reply_older_than_an_event_does_not_undo_it() {
+    let t = complete();
+    let at = |ctime: i64, nlink: u64| Attr {
+        ctime: Timespec {
+            sec: ctime,
+            nsec: 0,
+        },
+        nlink,
+        ..attr(10, F)
+    };
+    let (f, _) = up(&t, ROOT_ID, "f", &at(100, 1));
+    let asked = t.lock().heard_seq();
+    assert!(
+        !t.lock().heard_newer(f, &at(101, 2), asked),
+        "nothing heard since"
+    );
+    // The rename there, heard while the link's reply was on its way.
+    {
+        let mut g = t.lock();
+        let stamp = g.hear();
+        g.update_attr(f, &at(103, 2), None, &mut Effects::default());
+        g.set_heard(f, stamp);
+    }
+    let g = t.lock();
+    assert!(g.heard_newer(f, &at(101, 2), asked), "the reply is older");
+    assert!(
+        g.heard_newer(f, &at(103, 2), asked),
+        "a tie goes to the event"
+    );
+    assert!(!g.heard_newer(f, &at(104, 2), asked), "the reply is newer");
+    assert!(
+        !g.heard_newer(f, &attr_on(DEV, 11, F), asked),
+        "another remote file"
+    );
+    let later = g.heard_seq();
+    assert!(
+        !g.heard_newer(f, &at(101, 2), later),
+        "asked after the event"
+    );
+}

@@ -122,8 +122,10 @@ impl std::fmt::Display for WireError {
 
 impl std::error::Error for WireError {}
 
-/// Seconds and nanoseconds since the epoch, as in `struct timespec`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+/// Seconds and nanoseconds since the epoch, as in `struct timespec` (ordered by time).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Timespec {
     pub sec: i64,
     pub nsec: u32,

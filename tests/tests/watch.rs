@@ -535,6 +535,7 @@ fn a_remote_change_right_after_a_local_one_of_the_same_name_is_seen_with_write_b
         until("the link", &|| m.backing.join(&l).exists());
         fs::remove_file(m.backing.join(&l)).unwrap();
         wait_same(&m, &[a.clone(), l.clone()], VISIBLE_BOUND).unwrap_or_else(|e| {
+            keep_logs(&m);
             panic!(
                 "round {i}: a link made here and removed there stays: {e}{}",
                 m.logs()
@@ -547,6 +548,7 @@ fn a_remote_change_right_after_a_local_one_of_the_same_name_is_seen_with_write_b
         until("the link", &|| m.backing.join(&l).exists());
         fs::rename(m.backing.join(&l), m.backing.join(&l2)).unwrap();
         wait_same(&m, &[a.clone(), l.clone(), l2.clone()], VISIBLE_BOUND).unwrap_or_else(|e| {
+            keep_logs(&m);
             panic!(
                 "round {i}: a link made here and renamed there is not followed: {e}{}",
                 m.logs()
@@ -562,6 +564,7 @@ fn a_remote_change_right_after_a_local_one_of_the_same_name_is_seen_with_write_b
         });
         fs::write(m.backing.join(&a), text(3000, 1300 + i)).unwrap();
         wait_same(&m, std::slice::from_ref(&a), VISIBLE_BOUND).unwrap_or_else(|e| {
+            keep_logs(&m);
             panic!(
                 "round {i}: a file written here and rewritten there stays stale: {e}{}",
                 m.logs()
