@@ -623,6 +623,7 @@ async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> 
     }
     let mut fx = Effects::default();
     if let Some((parent_path, name)) = path.split_last() {
+        let asked = core.heard_seq();
         let got = core
             .client()
             .call(Op::Lookup { path: path.clone() }, None)
@@ -642,11 +643,29 @@ async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> 
             {
                 return Ok(Rescanned::Overtaken);
             }
+            // A watcher event set the node while the answer was on its way: the event is
+            // newer (a file rewritten in the container while it was looked up: the lookup saw
+            // it emptied, the event the new bytes).
+            let heard = node.filter(|&id| t.heard_after(id, asked));
             match (got, parent) {
                 (Ok(Done::Attr(attr)), Some(parent))
                     if t.takes_changed_node(parent, name, &attr, since) =>
                 {
                     Some(Ok(Rescanned::Overtaken))
+                }
+                (Ok(Done::Attr(attr)), Some(_))
+                    if heard.is_some_and(|id| t.remote_of(id) == Some((attr.dev, attr.ino))) =>
+                {
+                    (!attr.is_dir()).then(|| Ok(Rescanned::Done(Vec::new())))
+                }
+                (Err(e), Some(_))
+                    if heard.is_some()
+                        && matches!(
+                            FsError::from(e.clone()).errno,
+                            libc::ENOENT | libc::ENOTDIR
+                        ) =>
+                {
+                    Some(Ok(Rescanned::Done(Vec::new())))
                 }
                 (Ok(Done::Attr(attr)), Some(parent)) => {
                     t.upsert(parent, name, &attr, None, false, &mut fx);
