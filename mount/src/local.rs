@@ -1986,22 +1986,22 @@ impl Core {
     /// of that remote version.
     pub(crate) async fn settle(&self, first: u64, seq: u64, reply: Option<(&Op, Done, u64, u64)>) {
         let Some(wb) = self.wb() else { return };
+        // The reply's attributes, with the watcher stamp when the batch was sent.
         let mut remote_attr = None;
-        // With no reply, every node's attributes are fetched (stamp taken before asking).
-        let mut asked = u64::MAX;
         if let Some((op, done, generation, sent)) = reply {
-            asked = sent;
             match done {
                 Done::Opened { handle, attr } => {
                     let client = self.client().clone();
                     tokio::spawn(async move {
                         let _ = client.call_in(generation, Op::Close { handle }, None).await;
                     });
-                    remote_attr = Some(attr);
+                    remote_attr = Some((attr, sent));
                 }
                 // The attributes of the node the operation made or changed (a rename or an
                 // unlink answers Ok).
-                Done::Attr(attr) if !matches!(op, Op::Rename { .. }) => remote_attr = Some(attr),
+                Done::Attr(attr) if !matches!(op, Op::Rename { .. }) => {
+                    remote_attr = Some((attr, sent));
+                }
                 _ => {}
             }
         }
@@ -2023,16 +2023,16 @@ impl Core {
             // The reply's attributes are those of the node the operation made or changed: one
             // made here (not on the remote yet) or the same remote node. Others (the parent
             // directories) are fetched.
-            let subject = remote_attr.as_ref().filter(|a| {
+            let subject = remote_attr.as_ref().filter(|(a, _)| {
                 self.tree()
                     .remote_of(id)
                     .is_some_and(|r| r.0 == LOCAL_DEV || r == (a.dev, a.ino))
             });
             match subject {
-                Some(attr) => {
+                Some((attr, asked)) => {
                     self.rebind_remote(id, attr);
                     if last {
-                        self.adopt(id, attr, seq, asked, &mut fx);
+                        self.adopt(id, attr, seq, *asked, &mut fx);
                     }
                 }
                 None if last => refresh.push(id),

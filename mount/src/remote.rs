@@ -647,38 +647,28 @@ async fn rescan_once(core: &Core, path: &RelPath) -> Result<Rescanned, FsError> 
             // newer (a file rewritten in the container while it was looked up: the lookup saw
             // it emptied, the event the new bytes).
             let heard = node.filter(|&id| t.heard_after(id, asked));
+            let gone = matches!(&got, Err(e)
+                if matches!(FsError::from(e.clone()).errno, libc::ENOENT | libc::ENOTDIR));
             match (got, parent) {
                 (Ok(Done::Attr(attr)), Some(parent))
                     if t.takes_changed_node(parent, name, &attr, since) =>
                 {
                     Some(Ok(Rescanned::Overtaken))
                 }
-                (Ok(Done::Attr(attr)), Some(_))
-                    if heard.is_some_and(|id| t.remote_of(id) == Some((attr.dev, attr.ino))) =>
-                {
-                    (!attr.is_dir()).then(|| Ok(Rescanned::Done(Vec::new())))
-                }
-                (Err(e), Some(_))
-                    if heard.is_some()
-                        && matches!(
-                            FsError::from(e.clone()).errno,
-                            libc::ENOENT | libc::ENOTDIR
-                        ) =>
-                {
-                    Some(Ok(Rescanned::Done(Vec::new())))
-                }
                 (Ok(Done::Attr(attr)), Some(parent)) => {
-                    t.upsert(parent, name, &attr, None, false, &mut fx);
+                    if heard.is_none_or(|id| t.remote_of(id) != Some((attr.dev, attr.ino))) {
+                        t.upsert(parent, name, &attr, None, false, &mut fx);
+                    }
                     (!attr.is_dir()).then(|| Ok(Rescanned::Done(Vec::new())))
                 }
-                (Err(e), Some(parent))
-                    if matches!(FsError::from(e.clone()).errno, libc::ENOENT | libc::ENOTDIR) =>
-                {
-                    let removing = t
-                        .child(parent, name)
-                        .map_or(0, |c| guard::subtree_size(&t, c));
-                    if guard_once(core, &t, removing) == Verdict::Apply {
-                        t.remove(parent, name, &mut fx);
+                (Err(_), Some(parent)) if gone => {
+                    if heard.is_none() {
+                        let removing = t
+                            .child(parent, name)
+                            .map_or(0, |c| guard::subtree_size(&t, c));
+                        if guard_once(core, &t, removing) == Verdict::Apply {
+                            t.remove(parent, name, &mut fx);
+                        }
                     }
                     Some(Ok(Rescanned::Done(Vec::new())))
                 }
