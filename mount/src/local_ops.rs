@@ -661,6 +661,9 @@ impl Core {
             Some((src, &remote, None)),
         );
         lo.remove(attr.ino);
+        // A change made here, as a rename through the remote is: listings and lookups asked
+        // before it leave the new name alone.
+        self.touch(&[parent, new_parent, src]);
         tracing::debug!(%to, "local-only file renamed to a synced name: sent");
         Ok(())
     }
@@ -744,7 +747,8 @@ impl Core {
             dst,
             Some((src, &local, symlink)),
         );
-        self.touch(&[parent]);
+        // The node is local-only now: touched, it would be looked up there.
+        self.touch(&[parent, new_parent]);
         tracing::debug!(%from, "synced file renamed to a local-only name: kept here, removed there");
         Ok(())
     }

@@ -169,6 +169,15 @@ pub struct TreeCounts {
     pub bytes: u64,
 }
 
+/// An id the kernel still holds after its node was renumbered.
+#[derive(Debug, Clone, Copy)]
+struct Alias {
+    /// The node it stands for now.
+    to: u64,
+    /// The kernel's references to the old id, dropped by `FORGET`.
+    nlookup: u64,
+}
+
 /// See the module documentation.
 #[derive(Debug)]
 pub struct Tree {
@@ -180,8 +189,10 @@ pub struct Tree {
 pub struct TreeState {
     nodes: HashMap<u64, Node>,
     by_remote: HashMap<(u64, u64), u64>,
-    /// Renumbered ids the kernel still holds -> their successors.
-    aliases: HashMap<u64, u64>,
+    /// Renumbered ids the kernel still holds ([`TreeState::renumber`]). They are no nodes:
+    /// every request naming one reaches the successor, even when it was renumbered while the
+    /// request was under way (only the kernel's reference count stays with the old id).
+    aliases: HashMap<u64, Alias>,
     root_dev: u64,
     next_synthetic: u64,
     /// Invalidations of changes the tree made by itself (renumbering a node when the id its
@@ -336,12 +347,14 @@ impl Tree {
 
     /// Nodes the kernel holds references to, the root included.
     pub fn kernel_len(&self) -> usize {
-        self.lock().nodes.values().filter(|n| n.nlookup > 0).count()
+        let t = self.lock();
+        t.nodes.values().filter(|n| n.nlookup > 0).count() + t.aliases.len()
     }
 }
 
 impl TreeState {
     fn node(&self, id: u64) -> Result<&Node, FsError> {
+        let id = self.live(id);
         self.nodes
             .get(&id)
             .ok_or_else(|| err!(libc::ESTALE, "node {id} is not known"))
@@ -353,34 +366,41 @@ impl TreeState {
     }
 
     pub fn symlink(&self, id: u64) -> Option<&[u8]> {
+        let id = self.live(id);
         self.nodes.get(&id).and_then(|n| n.symlink.as_deref())
     }
 
     pub fn contains(&self, id: u64) -> bool {
+        let id = self.live(id);
         self.nodes.contains_key(&id)
     }
 
     /// Whether node `id` is local-only ([`LOCAL_ONLY_DEV`]).
     pub fn is_local_only(&self, id: u64) -> bool {
+        let id = self.live(id);
         self.nodes
             .get(&id)
             .is_some_and(|n| n.remote.0 == LOCAL_ONLY_DEV)
     }
 
     pub fn is_dir(&self, id: u64) -> bool {
+        let id = self.live(id);
         self.nodes.get(&id).is_some_and(Node::is_dir)
     }
 
     pub fn is_complete(&self, id: u64) -> bool {
+        let id = self.live(id);
         self.nodes.get(&id).is_some_and(|n| n.complete)
     }
 
     pub fn is_stale(&self, id: u64) -> bool {
+        let id = self.live(id);
         self.nodes.get(&id).is_some_and(|n| n.stale)
     }
 
     /// The attributes of `id` may be outdated; the next reader fetches them again.
     pub fn mark_stale(&mut self, id: u64) {
+        let id = self.live(id);
         if let Some(n) = self.nodes.get_mut(&id) {
             n.stale = true;
         }
@@ -389,6 +409,7 @@ impl TreeState {
     /// A local change to `id` (sequence number `seq`): its attributes must be fetched again and
     /// remote listings older than `seq` must leave it alone.
     pub fn touch(&mut self, id: u64, seq: u64) {
+        let id = self.live(id);
         if let Some(n) = self.nodes.get_mut(&id) {
             n.stale = true;
             n.touched = n.touched.max(seq);
@@ -399,6 +420,7 @@ impl TreeState {
     /// (write-back): remote listings and events older than `seq` must leave it alone, but its
     /// attributes need not be fetched.
     pub fn mark_touched(&mut self, id: u64, seq: u64) {
+        let id = self.live(id);
         if let Some(n) = self.nodes.get_mut(&id) {
             n.touched = n.touched.max(seq);
         }
@@ -417,6 +439,7 @@ impl TreeState {
     }
 
     pub fn set_heard(&mut self, id: u64, stamp: u64) {
+        let id = self.live(id);
         if let Some(n) = self.nodes.get_mut(&id) {
             n.heard = n.heard.max(stamp);
         }
@@ -425,6 +448,7 @@ impl TreeState {
     /// Whether a watcher event set `id` after `asked` ([`TreeState::heard_seq`] when an answer
     /// about it was asked for): the event is newer than the answer.
     pub fn heard_after(&self, id: u64, asked: u64) -> bool {
+        let id = self.live(id);
         self.nodes.get(&id).is_some_and(|n| n.heard > asked)
     }
 
@@ -436,6 +460,7 @@ impl TreeState {
     /// (timestamps are as coarse as the kernel's clock tick) goes to the event, as for other
     /// answers ([`TreeState::heard_after`]).
     pub fn heard_newer(&self, id: u64, attr: &Attr, asked: u64) -> bool {
+        let id = self.live(id);
         self.nodes.get(&id).is_some_and(|n| {
             n.heard > asked && n.remote == (attr.dev, attr.ino) && n.attr.ctime >= attr.ctime
         })
@@ -443,6 +468,7 @@ impl TreeState {
 
     /// Names in directory `id` whose nodes a watcher event set after `asked`.
     pub fn children_heard_after(&self, id: u64, asked: u64) -> Vec<Vec<u8>> {
+        let id = self.live(id);
         self.nodes.get(&id).map_or_else(Vec::new, |n| {
             n.children
                 .iter()
@@ -454,11 +480,13 @@ impl TreeState {
 
     /// Sequence number of the last local change to `id` (0: none).
     pub fn touched(&self, id: u64) -> u64 {
+        let id = self.live(id);
         self.nodes.get(&id).map_or(0, |n| n.touched)
     }
 
     /// Marks directory `id` complete: its children are its whole listing from now on.
     pub fn set_complete(&mut self, id: u64, complete: bool) {
+        let id = self.live(id);
         if let Some(n) = self.nodes.get_mut(&id).filter(|n| n.is_dir()) {
             n.complete = complete;
         }
@@ -466,14 +494,17 @@ impl TreeState {
 
     /// Whether the kernel holds a reference to `id` (so invalidations for it matter).
     pub fn kernel_knows(&self, id: u64) -> bool {
+        let id = self.live(id);
         id == ROOT_ID || self.nodes.get(&id).is_some_and(|n| n.nlookup > 0)
     }
 
     pub fn is_open(&self, id: u64) -> bool {
+        let id = self.live(id);
         self.nodes.get(&id).is_some_and(|n| n.open > 0)
     }
 
     pub fn child(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        let parent = self.live(parent);
         self.nodes.get(&parent)?.children.get(name).copied()
     }
 
@@ -484,7 +515,10 @@ impl TreeState {
     }
 
     pub fn lookup_count(&self, id: u64) -> Option<u64> {
-        self.nodes.get(&id).map(|n| n.nlookup)
+        match self.nodes.get(&id) {
+            Some(n) => Some(n.nlookup),
+            None => self.aliases.get(&id).map(|a| a.nlookup),
+        }
     }
 
     /// The kernel dropped `n` references to `id`.
@@ -495,11 +529,17 @@ impl TreeState {
         if let Some(node) = self.nodes.get_mut(&id) {
             node.nlookup = node.nlookup.saturating_sub(n);
             self.maybe_drop(id);
+        } else if let Some(alias) = self.aliases.get_mut(&id) {
+            alias.nlookup = alias.nlookup.saturating_sub(n);
+            if alias.nlookup == 0 {
+                self.aliases.remove(&id);
+            }
         }
     }
 
     /// A file or directory was opened on `id`.
     pub fn opened(&mut self, id: u64) -> Result<(), FsError> {
+        let id = self.live(id);
         let node = self
             .nodes
             .get_mut(&id)
@@ -510,6 +550,7 @@ impl TreeState {
 
     /// The counterpart of [`TreeState::opened`].
     pub fn closed(&mut self, id: u64) {
+        let id = self.live(id);
         if let Some(node) = self.nodes.get_mut(&id) {
             node.open = node.open.saturating_sub(1);
             self.maybe_drop(id);
@@ -517,21 +558,25 @@ impl TreeState {
     }
 
     pub fn remote_of(&self, id: u64) -> Option<(u64, u64)> {
+        let id = self.live(id);
         self.nodes.get(&id).map(|n| n.remote)
     }
 
     /// Whether any name is known for `id` (the root always has its path).
     pub fn is_linked(&self, id: u64) -> bool {
+        let id = self.live(id);
         id == ROOT_ID || self.nodes.get(&id).is_some_and(|n| !n.links.is_empty())
     }
 
     /// The first name of `id`: its parent and the name there.
     pub fn parent_and_name(&self, id: u64) -> Option<(u64, Vec<u8>)> {
+        let id = self.live(id);
         self.nodes.get(&id).and_then(|n| n.links.first()).cloned()
     }
 
     /// Parent of `id` through its first link; the root is its own parent.
     pub fn parent_of(&self, id: u64) -> u64 {
+        let id = self.live(id);
         self.nodes
             .get(&id)
             .and_then(|n| n.links.first())
@@ -574,6 +619,7 @@ impl TreeState {
 
     /// The path of `id` beneath the root, through its first link at each step.
     pub fn path(&self, id: u64) -> Result<RelPath, FsError> {
+        let id = self.live(id);
         let mut names: Vec<&[u8]> = Vec::new();
         let mut cur = id;
         while cur != ROOT_ID {
@@ -607,6 +653,7 @@ impl TreeState {
 
     /// The children of directory `id`, in name order.
     pub fn listing(&self, id: u64) -> Vec<Listed> {
+        let id = self.live(id);
         let Some(dir) = self.nodes.get(&id) else {
             return Vec::new();
         };
@@ -622,6 +669,7 @@ impl TreeState {
 
     /// Names of the children of `id`.
     pub fn child_names(&self, id: u64) -> Vec<Vec<u8>> {
+        let id = self.live(id);
         self.nodes
             .get(&id)
             .map(|n| n.children.keys().cloned().collect())
@@ -656,6 +704,7 @@ impl TreeState {
         fresh: bool,
         fx: &mut Effects,
     ) -> u64 {
+        let parent = self.live(parent);
         let key = (attr.dev, attr.ino);
         if let Some(old) = self.child(parent, name) {
             let same = !fresh
@@ -713,6 +762,7 @@ impl TreeState {
         symlink: Option<Vec<u8>>,
         fx: &mut Effects,
     ) -> Change {
+        let id = self.live(id);
         let kernel_knows = self.kernel_knows(id);
         let Some(node) = self.nodes.get_mut(&id) else {
             return Change::None;
@@ -749,6 +799,7 @@ impl TreeState {
     /// write within the same clock tick as the last one, same size): its cached bytes may be
     /// stale all the same.
     pub fn content_may_have_changed(&mut self, id: u64, fx: &mut Effects) {
+        let id = self.live(id);
         let kernel_knows = self.kernel_knows(id);
         let Some(node) = self.nodes.get(&id) else {
             return;
@@ -768,6 +819,7 @@ impl TreeState {
     /// Removes the name `name` from `parent`; returns the node it named. A directory's whole
     /// subtree leaves the model (nodes the kernel still holds stay, without names).
     pub fn remove(&mut self, parent: u64, name: &[u8], fx: &mut Effects) -> Option<u64> {
+        let parent = self.live(parent);
         let id = self.child(parent, name)?;
         self.unlink_name(parent, name, false, fx);
         Some(id)
@@ -783,6 +835,7 @@ impl TreeState {
         exchange: bool,
         fx: &mut Effects,
     ) {
+        let (parent, new_parent) = (self.live(parent), self.live(new_parent));
         let from = (parent, name.to_vec());
         let to = (new_parent, new_name.to_vec());
         let src = self.child(parent, name);
@@ -841,6 +894,7 @@ impl TreeState {
 
     /// Drops the first link of `id`: the remote has another file under that name now.
     pub fn drop_first_link(&mut self, id: u64, fx: &mut Effects) {
+        let id = self.live(id);
         let Some(link) = self.nodes.get(&id).and_then(|n| n.links.first().cloned()) else {
             return;
         };
@@ -855,6 +909,7 @@ impl TreeState {
     /// Node `id`, made here, now exists remotely as `attr`: it takes that remote identity
     /// (its node id stays: the kernel knows it by that).
     pub fn rebind(&mut self, id: u64, attr: &Attr) {
+        let id = self.live(id);
         let key = (attr.dev, attr.ino);
         let Some(node) = self.nodes.get_mut(&id) else {
             return;
@@ -887,13 +942,8 @@ impl TreeState {
         {
             return None;
         }
-        let mut old = self.nodes.remove(&id)?;
-        let mut new = old.clone();
-        new.nlookup = 0;
-        new.open = 0;
-        old.links.clear();
-        old.children.clear();
-        old.complete = false;
+        let mut new = self.nodes.remove(&id)?;
+        let held = std::mem::take(&mut new.nlookup);
         for (parent, name) in &new.links {
             if let Some(p) = self.nodes.get_mut(parent) {
                 p.children.insert(name.clone(), ino);
@@ -916,11 +966,27 @@ impl TreeState {
         }
         self.nodes.insert(ino, new);
         self.by_remote.insert((dev, ino), ino);
-        if old.nlookup > 0 {
-            self.nodes.insert(id, old);
-            self.aliases.insert(id, ino);
+        if held > 0 {
+            self.aliases.insert(
+                id,
+                Alias {
+                    to: ino,
+                    nlookup: held,
+                },
+            );
         }
         Some(ino)
+    }
+
+    /// [`TreeState::canon`] for ids that are not nodes (cheap when nothing was renumbered).
+    /// Every method that takes an id from a request resolves it here, under the same lock
+    /// as its use: a request that resolved the id before a renumber still reaches the node.
+    fn live(&self, id: u64) -> u64 {
+        if self.aliases.is_empty() || self.nodes.contains_key(&id) {
+            id
+        } else {
+            self.canon(id)
+        }
     }
 
     /// The node an id stands for: itself, or for an id the kernel still holds after
@@ -929,7 +995,7 @@ impl TreeState {
         let mut cur = id;
         for _ in 0..16 {
             match self.aliases.get(&cur) {
-                Some(&next) => cur = next,
+                Some(a) => cur = a.to,
                 None => break,
             }
         }
@@ -940,6 +1006,7 @@ impl TreeState {
     /// listing of it).
     /// Local-only children stay: the remote never lists them.
     pub fn retain_children(&mut self, dir: u64, keep: &HashSet<Vec<u8>>, fx: &mut Effects) {
+        let dir = self.live(dir);
         for name in self.child_names(dir) {
             let local = self
                 .child(dir, &name)
@@ -1189,7 +1256,6 @@ impl TreeState {
             if self.by_remote.get(&node.remote) == Some(&id) {
                 self.by_remote.remove(&node.remote);
             }
-            self.aliases.remove(&id);
             freed.push(id);
         }
         // A node that got a synthetic id because its inode number was still taken (ext4

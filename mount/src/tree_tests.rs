@@ -477,6 +477,25 @@ fn a_directory_given_a_dead_files_number_takes_it_once_the_kernel_forgets_the_fi
         ),
         "{inval:?}"
     );
+    // A request that took the old id before the renumber reaches the node (a JetBrains save:
+    // the kernel forgot the old file while an open of the new one was under way).
+    let t2 = t.lock();
+    assert_eq!(t2.path(dir).unwrap().to_string(), "dist");
+    assert_eq!(t2.child(dir, b"bundle.js"), Some(child));
+    assert!(t2.is_complete(dir) == t2.is_complete(300));
+    drop(t2);
+    assert_eq!(
+        t.lookup_count(dir),
+        Some(1),
+        "the kernel's reference stays with the old id"
+    );
+    assert_eq!(t.lookup_count(300), Some(0));
+    t.lock().count_lookup(300);
+    t.forget(dir, 1);
+    assert_eq!(t.lookup_count(dir), None, "forgotten");
+    assert_eq!(t.canon(dir), dir);
+    assert_eq!(t.lookup_count(300), Some(1));
+    assert_eq!(t.child(ROOT_ID, b"dist"), Some(300));
 }
 
 #[test]

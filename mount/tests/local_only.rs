@@ -181,3 +181,33 @@ fn no_default_ignores_sends_everything() {
     fs::write(m.m(".x.swp"), "swap").unwrap();
     assert_eq!(fs::read(m.r(".x.swp")).unwrap(), b"swap");
 }
+
+#[test]
+fn jetbrains_saves_one_after_another_all_arrive() {
+    let Some(m) = mounted(RulesConfig::default(), |r| {
+        fs::write(r.join("app.js"), "v0\n").unwrap();
+    }) else {
+        return;
+    };
+    let name = "app.js";
+    for i in 1..=200 {
+        let data = format!("v{i}\n").repeat(i);
+        let tmp = m.m(&format!("{name}___jb_tmp___"));
+        let old = m.m(&format!("{name}___jb_old___"));
+        fs::write(&tmp, &data).unwrap();
+        fs::rename(m.m(name), &old).unwrap();
+        fs::rename(&tmp, m.m(name)).unwrap();
+        fs::remove_file(&old).unwrap();
+        assert_eq!(
+            fs::read_to_string(m.r(name)).unwrap(),
+            data,
+            "save {i} on the target"
+        );
+        assert_eq!(
+            fs::read_to_string(m.m(name)).unwrap(),
+            data,
+            "save {i} through the mount"
+        );
+    }
+    assert_eq!(names(m.mnt.path()), [name]);
+}
