@@ -502,7 +502,8 @@ impl MountHandle {
     }
 
     /// Compares the tree with the remote now and repairs what differs (changes already
-    /// received are applied first). Blocking; waits at most `timeout`.
+    /// received are applied first). Blocking; waits at most `timeout`, and returns once the
+    /// kernel has been told what changed (a read after it sees the repair).
     pub fn reconcile_now(&self, timeout: Duration) -> Result<reconcile::Outcome, FsError> {
         let Some(tx) = &self.commands_tx else {
             return Err(err!(
@@ -513,12 +514,15 @@ impl MountHandle {
         let (reply_tx, reply_rx) = std::sync::mpsc::channel();
         tx.try_send(remote::RemoteCommand::Reconcile(reply_tx))
             .map_err(|_| err!(libc::EBUSY, "a reconciliation is already waiting"))?;
-        reply_rx.recv_timeout(timeout).map_err(|_| {
+        let outcome = reply_rx.recv_timeout(timeout).map_err(|_| {
             err!(
                 libc::ETIMEDOUT,
                 "the reconciliation took longer than {timeout:?}"
             )
-        })?
+        })?;
+        // What it repaired is in the view once the kernel has dropped what it cached.
+        self.core.invalidator().drain(timeout);
+        outcome
     }
 
     /// The mass removal held by the guard ([`guard`]), if any.

@@ -32,6 +32,8 @@ use crate::error::FsError;
 use crate::journal::{Journal, JournalError};
 use crate::tree::{Effects, ROOT_ID, TreeState};
 
+mod crossing;
+
 /// `st_dev` of nodes made here and not yet on the remote (their `st_ino` is a counter).
 pub const LOCAL_DEV: u64 = u64::MAX;
 

@@ -33,7 +33,7 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> FsError + '_ {
     }
 }
 
-fn exdev(what: &str) -> FsError {
+pub(crate) fn exdev(what: &str) -> FsError {
     err!(
         libc::EXDEV,
         "{what} crosses between local-only and synced names (see `kmount why`)"
@@ -546,25 +546,13 @@ impl Core {
         dst: Option<u64>,
         becomes: Option<(u64, &Attr, Option<Vec<u8>>)>,
     ) {
-        let replaced = {
-            let mut t = self.tree.lock();
-            let replaced = dst
-                .filter(|&d| t.is_local_only(d))
-                .and_then(|d| t.attr(d).ok().cloned());
-            if let Some((src, attr, symlink)) = becomes {
-                t.rebind(src, attr);
-                t.update_attr(src, attr, symlink, &mut Effects::default());
-            }
-            t.rename(
-                parent,
-                name,
-                new_parent,
-                new_name,
-                false,
-                &mut Effects::default(),
-            );
-            replaced
-        };
+        let replaced = move_across(
+            &mut self.tree.lock(),
+            (parent, name),
+            (new_parent, new_name),
+            dst,
+            becomes,
+        );
         if let (Some(lo), Some(a)) = (self.lo(), replaced)
             && a.file_type() == libc::S_IFREG
         {
@@ -586,7 +574,9 @@ impl Core {
         dst: Option<u64>,
     ) -> Result<(), FsError> {
         if self.write_back.is_some() {
-            return Err(exdev("with --write-back, a rename"));
+            return self
+                .wb_lo_upload(caller, src, parent, name, new_parent, new_name)
+                .await;
         }
         let lo = self.lo().expect("local-only store");
         let attr = self.lo_attr(src)?;
@@ -703,7 +693,9 @@ impl Core {
         dst: Option<u64>,
     ) -> Result<(), FsError> {
         if self.write_back.is_some() {
-            return Err(exdev("with --write-back, a rename"));
+            return self
+                .wb_lo_download(caller, src, parent, name, new_parent, new_name)
+                .await;
         }
         let lo = self.lo().expect("local-only store");
         let from = self.tree.child_path(parent, name)?;
@@ -853,6 +845,32 @@ fn check_removable(t: &TreeState, id: u64, dir: bool) -> Result<(), FsError> {
         }
         _ => Ok(()),
     }
+}
+
+/// [`Core::lo_move`] in the tree: returns the attributes of a local-only file `dst` replaced.
+pub(crate) fn move_across(
+    t: &mut TreeState,
+    (parent, name): (u64, &[u8]),
+    (new_parent, new_name): (u64, &[u8]),
+    dst: Option<u64>,
+    becomes: Option<(u64, &Attr, Option<Vec<u8>>)>,
+) -> Option<Attr> {
+    let replaced = dst
+        .filter(|&d| t.is_local_only(d))
+        .and_then(|d| t.attr(d).ok().cloned());
+    if let Some((src, attr, symlink)) = becomes {
+        t.rebind(src, attr);
+        t.update_attr(src, attr, symlink, &mut Effects::default());
+    }
+    t.rename(
+        parent,
+        name,
+        new_parent,
+        new_name,
+        false,
+        &mut Effects::default(),
+    );
+    replaced
 }
 
 fn check_replace(t: &TreeState, src_dir: bool, dst: u64) -> Result<(), FsError> {

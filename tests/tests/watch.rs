@@ -1145,6 +1145,11 @@ fn nodemon_restarts_once_per_vim_save_with_write_back() {
 }
 
 #[test]
+fn nodemon_restarts_once_per_jetbrains_safe_write_with_write_back() {
+    nodemon_restarts_once_per_save(Save::JetBrains, &[WRITE_BACK]);
+}
+
+#[test]
 fn nodemon_restarts_once_per_atomic_rename_save_with_write_back() {
     nodemon_restarts_once_per_save(Save::AtomicRename, &[WRITE_BACK]);
 }
