@@ -40,6 +40,11 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 /// How long the records of a file still open for writing are held back, so that its new
 /// content reaches the target in one piece rather than as the part written so far.
 const HOLD_OPEN_FILE: Duration = Duration::from_secs(2);
+/// How long the removal of a file, last in the journal, waits for the file to be made again:
+/// an editor that saves by renames (vim: `x` -> `x~`, then a new `x`) removes the name there
+/// just before it writes the new file, and both then go as one replacement
+/// ([`crate::journal::coalesce`]), so the target never lacks the file in between.
+const HOLD_REMOVAL: Duration = Duration::from_millis(50);
 /// How often held records are looked at again.
 const HOLD_POLL: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -212,12 +217,12 @@ async fn run_once(
                 break;
             }
             let mut records: Vec<Record> = pending_records.drain(..).collect();
-            let hold = if *coalescing && !journal.has_waiters() {
+            let (hold, limit) = if *coalescing && !journal.has_waiters() {
                 held_tail(core, &records)
             } else {
-                0
+                (0, Duration::ZERO)
             };
-            if hold > 0 && held_since.is_none_or(|t| t.elapsed() < HOLD_OPEN_FILE) {
+            if hold > 0 && held_since.is_none_or(|t| t.elapsed() < limit) {
                 held_since.get_or_insert_with(std::time::Instant::now);
                 pending_records.extend(records.split_off(records.len() - hold));
             } else {
@@ -438,17 +443,23 @@ async fn run_once(
 /// Sends one batch: its operation under its first seq, then a no-op (`Ping`) under each
 /// later seq it covers (the agent takes seqs only one after the other). The reply is the
 /// operation's, once every seq of the batch is answered.
-/// How many records at the end of `records` to hold back: a run that makes or rewrites one
-/// file from its start (a `Create`, or a truncation to 0) and writes it, while that file is
-/// still open here. Sent now, the target would get the part written so far, closed, and then
-/// the rest: a watcher there would act on a half-written file.
-fn held_tail(core: &Core, records: &[Record]) -> usize {
+/// How many records at the end of `records` to hold back, and for how long at most (since the
+/// hold began): a run that makes or rewrites one file from its start (a `Create`, or a
+/// truncation to 0) and writes it, while that file is still open here ([`HOLD_OPEN_FILE`]).
+/// Sent now, the target would get the part written so far, closed, and then the rest: a
+/// watcher there would act on a half-written file. The removal of the file just before such
+/// a run is held with it, and a removal last of all for [`HOLD_REMOVAL`].
+fn held_tail(core: &Core, records: &[Record]) -> (usize, Duration) {
+    let none = (0, Duration::ZERO);
     let Some(last) = records.last() else {
-        return 0;
+        return none;
     };
+    if matches!(last.op, Op::Unlink { .. }) {
+        return (1, HOLD_REMOVAL);
+    }
     let paths = op_paths(&last.op);
     let [path] = paths.as_slice() else {
-        return 0;
+        return none;
     };
     let path = (*path).clone();
     let mut start = None;
@@ -470,11 +481,19 @@ fn held_tail(core: &Core, records: &[Record]) -> usize {
             _ => break,
         }
     }
-    let Some(start) = start else { return 0 };
+    let Some(mut start) = start else {
+        return none;
+    };
+    if start > 0
+        && records[start - 1].seq + 1 == records[start].seq
+        && matches!(&records[start - 1].op, Op::Unlink { path: p } if *p == path)
+    {
+        start -= 1;
+    }
     let t = core.tree().lock();
     match t.resolve(&path) {
-        Some(id) if t.is_open(id) => records.len() - start,
-        _ => 0,
+        Some(id) if t.is_open(id) => (records.len() - start, HOLD_OPEN_FILE),
+        _ => none,
     }
 }
 

@@ -1282,6 +1282,78 @@ fn remote_change_lines(m: &Mounted) -> Vec<String> {
     out
 }
 
+/// Editors that save by renames keep their temporary and backup names on this side
+/// (local-only), and with write-back the file's removal and its new version are sent as one
+/// step: a watcher in the target sees the file replaced once (one rename onto it), never
+/// removed first. JetBrains: `x___jb_tmp___`, `x` -> `x___jb_old___`, tmp -> `x`, unlink old;
+/// vim: `x` -> `x~`, write a new `x`, unlink `x~`.
+#[test]
+fn saves_by_rename_replace_the_file_in_one_step_with_write_back() {
+    let m = Mounted::with_args(
+        |b| fs::write(b.join("data.txt"), "v0\n").unwrap(),
+        &[],
+        &[WRITE_BACK],
+    );
+    assert_eq!(fs::read(m.m("data.txt")).unwrap(), b"v0\n");
+    type Save = fn(&Mounted, &[u8]);
+    let saves: [(&str, Save); 2] = [
+        ("jetbrains", |m, new| {
+            let (tmp, old) = (m.m("data.txt___jb_tmp___"), m.m("data.txt___jb_old___"));
+            fs::write(&tmp, new).unwrap();
+            fs::rename(m.m("data.txt"), &old).unwrap();
+            fs::rename(&tmp, m.m("data.txt")).unwrap();
+            fs::remove_file(&old).unwrap();
+        }),
+        ("vim", |m, new| {
+            let backup = m.m("data.txt~");
+            fs::rename(m.m("data.txt"), &backup).unwrap();
+            fs::write(m.m("data.txt"), new).unwrap();
+            fs::remove_file(&backup).unwrap();
+        }),
+    ];
+    for (n, (editor, save)) in saves.iter().enumerate() {
+        let ino = Inotify::new(&m.backing);
+        let new = format!("{editor} save {n}\n");
+        let t0 = Instant::now();
+        save(&m, new.as_bytes());
+        let events = ino.collect(Duration::from_secs(2));
+        let report = format!(
+            "{editor}: events in the backing dir:\n{}",
+            show(&events, t0)
+        );
+        println!("{report}");
+        assert_eq!(
+            fs::read_to_string(m.backing.join("data.txt")).unwrap(),
+            new,
+            "{report}"
+        );
+        let on = |bit: u32| {
+            events
+                .iter()
+                .filter(|e| e.name == "data.txt" && e.mask & bit != 0)
+                .count()
+        };
+        assert_eq!(on(libc::IN_DELETE | libc::IN_MOVED_FROM), 0, "{report}");
+        assert_eq!(on(libc::IN_MOVED_TO), 1, "{report}");
+        assert!(
+            events
+                .iter()
+                .all(|e| !e.name.contains("jb_") && !e.name.ends_with('~')),
+            "a local-only name reached the target\n{report}"
+        );
+    }
+    let names = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&m.mnt), ["data.txt"]);
+    assert_eq!(names(&m.backing), ["data.txt"]);
+}
+
 /// A save through the mount reaches the backing dir as one write (one open for writing, one
 /// close-write, nothing afterwards), and the agent does not report it back to the mount as a
 /// remote change (the daemon's debug log lists every remote change it applies; a remote write

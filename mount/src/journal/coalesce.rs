@@ -32,6 +32,8 @@
 //!   place reaches the target as one open, write and close: a watcher there never sees the
 //!   emptied file closed first. Should the file be gone from the target meanwhile, the save
 //!   makes it again instead of failing: the local save wins.
+//! - An `Unlink` of a path, then an atomic `PutFile` of it or a `Create` run as above: one
+//!   atomic `PutFile` (the name is replaced, never missing in between; see [`replace_run`]).
 //! - `WritePath`s to one path, each starting where the previous one ended: one `WritePath` of
 //!   at most [`MAX_MERGED_WRITE`] bytes.
 //! - Everything else is passed through as it is.
@@ -75,7 +77,10 @@ pub fn coalesce(records: &[Record]) -> Vec<Batch> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < records.len() {
-        if let Some((batch, next)) = put_file_run(records, i).or_else(|| save_run(records, i)) {
+        if let Some((batch, next)) = replace_run(records, i)
+            .or_else(|| put_file_run(records, i))
+            .or_else(|| save_run(records, i))
+        {
             out.push(batch);
             i = next;
         } else if let Some((batch, next)) = write_run(records, i) {
@@ -94,6 +99,16 @@ fn continues(records: &[Record], j: usize, start: usize) -> bool {
     j < records.len()
         && records[j].seq == records[j - 1].seq + 1
         && records[j].caller == records[start].caller
+}
+
+/// Whether `records[j]`, a write to the file that `records[start]` made or emptied, directly
+/// follows `records[j - 1]` and may run as the run's caller: its own, or none (a write through
+/// an open file is journaled without one, as the open allowed it; the run's caller made or
+/// emptied the file, so it may write it too).
+fn continues_write(records: &[Record], j: usize, start: usize) -> bool {
+    j < records.len()
+        && records[j].seq == records[j - 1].seq + 1
+        && (records[j].caller.is_none() || records[j].caller == records[start].caller)
 }
 
 /// A `SetAttr` of `path` that only changes mode and/or mtime: (mode, mtime).
@@ -131,7 +146,7 @@ struct Filled {
 fn filled(records: &[Record], i: usize, path: &kmount_proto::RelPath) -> Option<Filled> {
     let mut data: Vec<u8> = Vec::new();
     let mut j = i + 1;
-    while continues(records, j, i) {
+    while continues_write(records, j, i) {
         match &records[j].op {
             Op::WritePath {
                 path: p,
@@ -214,6 +229,35 @@ fn put_file_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
     let f = filled(records, i, path)?;
     let mode = f.mode.unwrap_or(mode & 0o7777);
     Some(put_batch(records, i, path, f, mode, false))
+}
+
+/// An `Unlink` directly followed by what makes the same path again from nothing (an atomic
+/// `PutFile`, or a `Create` run that merges into one `PutFile`): one atomic `PutFile`. The end
+/// is the same (a new file with those bytes and that mode under the name), but the target never
+/// lacks the name, so a watcher there sees the file replaced once, never removed first: an
+/// editor's save by renames (JetBrains: `x` -> `x___jb_old___`, `x___jb_tmp___` -> `x`; vim:
+/// `x` -> `x~`, then a new `x`), with the local-only names kept here.
+fn replace_run(records: &[Record], i: usize) -> Option<(Batch, usize)> {
+    let Op::Unlink { path } = &records[i].op else {
+        return None;
+    };
+    if !continues(records, i + 1, i) {
+        return None;
+    }
+    let (mut batch, next) = match &records[i + 1].op {
+        Op::PutFile {
+            path: p,
+            atomic: true,
+            ..
+        } if p == path => (Batch::single(&records[i + 1]), i + 2),
+        Op::Create { path: p, .. } if p == path => put_file_run(records, i + 1)?,
+        _ => return None,
+    };
+    if let Op::PutFile { atomic, .. } = &mut batch.op {
+        *atomic = true;
+    }
+    batch.first_seq = records[i].seq;
+    Some((batch, next))
 }
 
 /// The truncation to 0 that an `open(O_TRUNC)` journals, and what follows it.

@@ -301,6 +301,31 @@ fn different_callers_and_seq_gaps_split_runs() {
 }
 
 #[test]
+fn writes_without_a_caller_join_the_run_of_the_file_they_write() {
+    let who = |uid| {
+        Some(Caller {
+            uid,
+            gid: uid,
+            groups: vec![],
+        })
+    };
+    // With identity: the create as the caller, the writes through its open file without one.
+    let mut r = records(vec![
+        create("a", libc::O_EXCL, 0o644),
+        write("a", 0, b"1"),
+        write("a", 1, b"2"),
+        write("a", 2, b"3"),
+    ]);
+    r[0].caller = who(1000);
+    r[3].caller = who(1001);
+    let b = coalesce(&r);
+    assert_eq!(ranges(&b), vec![(100, 102), (103, 103)]);
+    assert_eq!(b[0].caller, who(1000));
+    assert_eq!(put_data(&b[0].op).0, b"12");
+    check_partition(&r, &b);
+}
+
+#[test]
 fn batches_partition_the_input_in_order() {
     let r = records(vec![
         create("a", libc::O_EXCL, 0o644),
@@ -326,7 +351,10 @@ fn check_partition(r: &[Record], b: &[Batch]) {
         // Every covered record is one of the input's, in order.
         while i < r.len() && r[i].seq <= batch.seq {
             assert!(r[i].seq >= batch.first_seq);
-            assert_eq!(r[i].caller, batch.caller);
+            // A write journaled without a caller joins its file's run.
+            if !matches!(r[i].op, Op::WritePath { .. }) || r[i].caller.is_some() {
+                assert_eq!(r[i].caller, batch.caller);
+            }
             i += 1;
         }
         next = r.get(i).map(|r| r.seq);
@@ -456,6 +484,33 @@ fn apply(root: &Path, op: &Op) -> Result<(), i32> {
                 set_times(&f, None, Some(SetTime::At(*t)))?;
             }
             Ok(())
+        }
+        Op::PutFile {
+            path,
+            data,
+            compressed,
+            mode,
+            mtime,
+            atomic: true,
+            keep_mode: false,
+        } => {
+            // As the agent does it: a new file beside it, renamed over it.
+            let data = if *compressed {
+                kmount_proto::tree::decompress(data, 1 << 30).map_err(|_| libc::EINVAL)?
+            } else {
+                data.clone()
+            };
+            let f = full(root, path);
+            let tmp = f.with_file_name(".put.tmp");
+            fs::write(&tmp, &data).map_err(errno)?;
+            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode & 0o7777)).map_err(errno)?;
+            if let Some(t) = mtime {
+                set_times(&tmp, None, Some(SetTime::At(*t)))?;
+            }
+            fs::rename(&tmp, &f).map_err(|e| {
+                let _ = fs::remove_file(&tmp);
+                errno(e)
+            })
         }
         Op::Rename { from, to, flags: 0 } => {
             fs::rename(full(root, from), full(root, to)).map_err(errno)
@@ -877,4 +932,51 @@ fn a_save_in_place_becomes_one_put_file_keeping_the_mode() {
     // A truncation alone stays one.
     let b = coalesce(&records(vec![trunc.clone(), chmod("f", 0o600)]));
     assert_eq!(ranges(&b), vec![(100, 100), (101, 101)]);
+}
+
+#[test]
+fn a_file_removed_and_made_again_is_replaced_in_one_step() {
+    let put = |atomic| Op::PutFile {
+        path: p("x"),
+        data: b"new".to_vec(),
+        compressed: false,
+        mode: 0o640,
+        mtime: None,
+        atomic,
+        keep_mode: false,
+    };
+    // JetBrains with write-back: `x` -> `x___jb_old___` (local-only), tmp -> `x`.
+    let b = coalesce(&records(vec![Op::Unlink { path: p("x") }, put(true)]));
+    assert_eq!(ranges(&b), vec![(100, 101)]);
+    assert_eq!(b[0].op, put(true));
+    // vim with write-back: `x` -> `x~` (local-only), then a new `x` written.
+    let b = coalesce(&records(vec![
+        Op::Unlink { path: p("x") },
+        create("x", libc::O_EXCL, 0o640),
+        write("x", 0, b"new"),
+    ]));
+    assert_eq!(ranges(&b), vec![(100, 102)]);
+    assert!(
+        matches!(&b[0].op, Op::PutFile { path, data, mode: 0o640, atomic: true, .. }
+            if path == &p("x") && data == b"new"),
+        "{:?}",
+        b[0].op
+    );
+    // Not merged: another path, an in-place PutFile, a Create without a write.
+    for next in [
+        Op::PutFile {
+            path: p("y"),
+            data: b"new".to_vec(),
+            compressed: false,
+            mode: 0o640,
+            mtime: None,
+            atomic: true,
+            keep_mode: false,
+        },
+        put(false),
+        create("x", libc::O_EXCL, 0o640),
+    ] {
+        let b = coalesce(&records(vec![Op::Unlink { path: p("x") }, next]));
+        assert_eq!(ranges(&b), vec![(100, 100), (101, 101)]);
+    }
 }
