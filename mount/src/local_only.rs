@@ -164,6 +164,10 @@ impl LocalOnly {
 
 /// Up to `len` bytes of `f` at `offset` (fewer only at the end of the file).
 pub fn read_at(f: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    // No bigger than what is there: a whole file is read by asking for the most one message
+    // holds (16 MiB), which would otherwise be allocated and zeroed every time.
+    let there = f.metadata()?.len().saturating_sub(offset);
+    let len = len.min(usize::try_from(there).unwrap_or(usize::MAX));
     let mut buf = vec![0; len];
     let mut got = 0;
     while got < len {

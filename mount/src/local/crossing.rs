@@ -143,6 +143,10 @@ impl Core {
         drop(order);
         lo.remove(old.ino);
         self.drop_replaced(replaced);
+        // The end of a save, as a close is for one written in place: durable now, and so on
+        // its way (the sender sees durable records only; left to the background commit, it
+        // would wait up to its interval).
+        wb.journal.commit()?;
         tracing::debug!(size, "local-only file renamed to a synced name: journaled");
         Ok(())
     }
