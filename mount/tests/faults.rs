@@ -1,7 +1,8 @@
 //! Never lose a byte, under faults: a write-heavy workload through a write-back mount while
 //! the stream to the agent is cut at random points (mid-frame as often as not; the agent is
 //! killed with each cut), then the served directory must equal what the local side accepted:
-//! no operation lost, duplicated or reordered.
+//! no operation lost, duplicated or reordered. Among the operations: editors' saves by renames
+//! through local-only names (JetBrains' safe write, vim's backup), which cross the boundary.
 //!
 //! `KMOUNT_FAULT_CUTS` (default 200) sets the number of cuts; `KMOUNT_FAULT_SEED` the seed.
 
@@ -63,7 +64,7 @@ fn apply(root: &Path, op: u64, rng: &mut Rng) -> Result<(), ErrorKind> {
     };
     let offset = rng.below(20_000);
     let p = root.join(name);
-    match op % 8 {
+    match op % 10 {
         0 | 1 => fs::write(&p, data(len, seed)).map_err(|e| e.kind()),
         2 => fs::OpenOptions::new()
             .write(true)
@@ -84,11 +85,32 @@ fn apply(root: &Path, op: u64, rng: &mut Rng) -> Result<(), ErrorKind> {
                 .and_then(|()| fs::rename(&tmp, &p))
                 .map_err(|e| e.kind())
         }
-        _ => fs::OpenOptions::new()
+        7 => fs::OpenOptions::new()
             .write(true)
             .open(&p)
             .and_then(|f| f.set_len(offset))
             .map_err(|e| e.kind()),
+        8 => {
+            // JetBrains' safe write: its temporary and backup names are local-only.
+            let tmp = root.join(format!("{name}___jb_tmp___"));
+            let old = root.join(format!("{name}___jb_old___"));
+            fs::write(&tmp, data(len, seed))
+                .and_then(|()| fs::rename(&p, &old))
+                .and_then(|()| fs::rename(&tmp, &p))
+                .and_then(|()| fs::remove_file(&old))
+                .map_err(|e| {
+                    let _ = fs::remove_file(&tmp);
+                    e.kind()
+                })
+        }
+        _ => {
+            // vim with a backup: the backup name is local-only.
+            let backup = root.join(format!("{name}~"));
+            fs::rename(&p, &backup)
+                .and_then(|()| fs::write(&p, data(len, seed)))
+                .and_then(|()| fs::remove_file(&backup))
+                .map_err(|e| e.kind())
+        }
     }
 }
 
