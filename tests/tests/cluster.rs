@@ -676,7 +676,8 @@ fn save_to_event_latency() {
     kexec(
         "kmount-node",
         &[],
-        "rm -rf /srv/app/* ; mkdir -p /srv/app/watched",
+        // Its own directory only: the nodemon test works beside it in /srv/app/nm.
+        "rm -rf /srv/app/watched ; mkdir -p /srv/app/watched",
     );
     let mut s = Scratch::new();
     s.mount(&[], "kmount-node:/srv/app");
@@ -818,6 +819,8 @@ fn nodemon_in_the_pod_restarts_once_per_save() {
             }
         }
     });
+    // Every line nodemon printed, for the failure message.
+    let printed = std::cell::RefCell::new(Vec::<String>::new());
     let starts_until = |want: &str, quiet: Duration| -> Vec<String> {
         let mut starts = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -833,6 +836,9 @@ fn nodemon_in_the_pod_restarts_once_per_save() {
                 "nodemon did not print 'started {want}' (starts so far: {starts:?})"
             );
             let line = lines_rx.recv_timeout(Duration::from_millis(100));
+            if let Ok(l) = &line {
+                printed.borrow_mut().push(l.clone());
+            }
             // A restart while the file was missing: the app fails and prints no start line.
             if line.as_ref().is_ok_and(|l| l.contains("app crashed")) {
                 starts.push("crashed".to_string());
@@ -877,7 +883,8 @@ fn nodemon_in_the_pod_restarts_once_per_save() {
         assert_eq!(
             starts_until(&v, Duration::from_secs(3)),
             [v.as_str()],
-            "save {i} ({how}) did not restart nodemon exactly once{}",
+            "save {i} ({how}) did not restart nodemon exactly once; nodemon printed:\n{}{}",
+            printed.borrow().join("\n"),
             s.logs()
         );
     }
