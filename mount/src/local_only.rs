@@ -145,6 +145,11 @@ impl LocalOnly {
         }
     }
 
+    /// The length of file `ino`.
+    pub fn len(&self, ino: u64) -> io::Result<u64> {
+        Ok(self.open(ino, 0)?.metadata()?.len())
+    }
+
     /// Sets the length of file `ino`.
     pub fn truncate(&self, ino: u64, size: u64) -> io::Result<()> {
         self.open(ino, 0)?.set_len(size)

@@ -464,7 +464,7 @@ fn apply(root: &Path, op: &Op) -> Result<(), i32> {
             compressed,
             mode,
             mtime,
-            atomic: false,
+            atomic,
             keep_mode,
         } => {
             let data = if *compressed {
@@ -473,6 +473,21 @@ fn apply(root: &Path, op: &Op) -> Result<(), i32> {
                 data.clone()
             };
             let f = full(root, path);
+            if *atomic {
+                // As the agent does it: a new file beside it, renamed over it.
+                assert!(!keep_mode);
+                let tmp = f.with_file_name(".put.tmp");
+                fs::write(&tmp, &data).map_err(errno)?;
+                fs::set_permissions(&tmp, fs::Permissions::from_mode(mode & 0o7777))
+                    .map_err(errno)?;
+                if let Some(t) = mtime {
+                    set_times(&tmp, None, Some(SetTime::At(*t)))?;
+                }
+                return fs::rename(&tmp, &f).map_err(|e| {
+                    let _ = fs::remove_file(&tmp);
+                    errno(e)
+                });
+            }
             let existed = f.symlink_metadata().is_ok();
             let h = open_new_or_existing(&f, libc::O_TRUNC, *mode)?;
             h.write_all_at(&data, 0).map_err(errno)?;
@@ -484,33 +499,6 @@ fn apply(root: &Path, op: &Op) -> Result<(), i32> {
                 set_times(&f, None, Some(SetTime::At(*t)))?;
             }
             Ok(())
-        }
-        Op::PutFile {
-            path,
-            data,
-            compressed,
-            mode,
-            mtime,
-            atomic: true,
-            keep_mode: false,
-        } => {
-            // As the agent does it: a new file beside it, renamed over it.
-            let data = if *compressed {
-                kmount_proto::tree::decompress(data, 1 << 30).map_err(|_| libc::EINVAL)?
-            } else {
-                data.clone()
-            };
-            let f = full(root, path);
-            let tmp = f.with_file_name(".put.tmp");
-            fs::write(&tmp, &data).map_err(errno)?;
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode & 0o7777)).map_err(errno)?;
-            if let Some(t) = mtime {
-                set_times(&tmp, None, Some(SetTime::At(*t)))?;
-            }
-            fs::rename(&tmp, &f).map_err(|e| {
-                let _ = fs::remove_file(&tmp);
-                errno(e)
-            })
         }
         Op::Rename { from, to, flags: 0 } => {
             fs::rename(full(root, from), full(root, to)).map_err(errno)

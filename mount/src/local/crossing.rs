@@ -44,19 +44,10 @@ impl Core {
         if old.file_type() != libc::S_IFREG {
             return Err(exdev("a rename of a directory, symlink or special file"));
         }
-        let mut pieces = Vec::new();
-        let mut size = 0u64;
-        loop {
-            let data = lo
-                .read_at(old.ino, size, MAX_PUT_FILE)
-                .map_err(|e| err!(libc::EIO, "reading the local-only file: {e}"))?;
-            if data.is_empty() {
-                break;
-            }
-            let n = data.len() as u64;
-            pieces.push((size, data));
-            size += n;
-        }
+        let store = |e: std::io::Error| err!(libc::EIO, "reading the local-only file: {e}");
+        let size = lo.len(old.ino).map_err(store)?;
+        // A piece at a time (one record's worth): a big file is never whole in memory.
+        let piece = |offset: u64| lo.read_at(old.ino, offset, MAX_PUT_FILE).map_err(store);
         let mode = old.mode & 0o7777;
         let mut attr = self.local_attr(libc::S_IFREG | mode, old.uid, old.gid, size, 0);
         attr.atime = old.atime;
@@ -69,11 +60,9 @@ impl Core {
         )?;
         // Kept until the remote has the file (adopted).
         entry.pin();
-        for (offset, data) in &pieces {
-            entry.write_local(*offset, data)?;
-        }
-        let replaced = if pieces.len() <= 1 {
-            let data = pieces.pop().map(|(_, d)| d).unwrap_or_default();
+        let replaced = if size <= MAX_PUT_FILE as u64 {
+            let data = piece(0)?;
+            entry.write_local(0, &data)?;
             self.change_in(&order, |t| {
                 let to = t.child_path(new_parent, new_name)?;
                 let replaced =
@@ -95,8 +84,15 @@ impl Core {
             // over it; then the times the file had (the writes moved them).
             let tmp_name = [b".", new_name, format!(".kmount-{:x}", attr.ino).as_bytes()].concat();
             let tmp = self.tree().child_path(new_parent, &tmp_name)?;
-            for (i, (offset, data)) in pieces.into_iter().enumerate() {
-                let op = if i == 0 {
+            let mut offset = 0;
+            while offset < size {
+                let data = piece(offset)?;
+                if data.is_empty() {
+                    break;
+                }
+                entry.write_local(offset, &data)?;
+                let n = data.len() as u64;
+                let op = if offset == 0 {
                     Op::PutFile {
                         path: tmp.clone(),
                         data,
@@ -114,6 +110,7 @@ impl Core {
                     }
                 };
                 self.change_in(&order, |_| Ok(((), Some(change(op, caller, Vec::new())))))?;
+                offset += n;
             }
             let replaced = self
                 .change_in(&order, |t| {
